@@ -1,0 +1,5 @@
+"""Entry point for ``python -m pooltrace``."""
+
+from pooltrace.cli import main
+
+main()

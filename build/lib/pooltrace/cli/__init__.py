@@ -1,0 +1,20 @@
+"""The ``pooltrace`` command line: a click group listing one module per verb."""
+
+from __future__ import annotations
+
+import click
+
+from pooltrace import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pooltrace")
+def cli() -> None:
+    """Find Windows kernel pool leaks down to the call stack, from .etl traces, on any OS.
+
+    Exit codes: 0 ok, 1 a check failed, 2 bad input or usage.
+    """
+
+
+def main() -> None:
+    cli(prog_name="pooltrace")

@@ -1,0 +1,1 @@
+"""Reading (and, for fixtures, writing) Windows .etl trace files without any Windows API."""
