@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 FIXED_TYPES = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "i32": "i", "guid": "16s"}
 VARIABLE_TYPES = {"utf16z", "ansiz", "sid", "rest"}
@@ -100,9 +101,18 @@ class Definitions:
         return value >> 29, value & 0x1FFFFFFF
 
 
+def provider_text(name: str) -> str:
+    """Text of a file in providers/: installed as the package ``pooltrace.providers``, or read from the
+    source checkout (where ``providers/`` sits beside the ``pooltrace`` package)."""
+    try:
+        return resources.files("pooltrace.providers").joinpath(name).read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        return (Path(__file__).resolve().parent.parent / "providers" / name).read_text(encoding="utf-8")
+
+
 @cache
 def definitions() -> Definitions:
-    text = resources.files("pooltrace.providers").joinpath("kernel.toml").read_text(encoding="utf-8")
+    text = provider_text("kernel.toml")
     data = tomllib.loads(text)
     return Definitions(
         guids={k: uuid.UUID(v) for k, v in data["guids"].items()},
