@@ -1,0 +1,188 @@
+"""The buffer layer of an .etl file: index every WMI_BUFFER_HEADER, decompress, and plan the reading
+order that merges the per-CPU streams by time.
+
+An .etl file is the logger's buffers back to back (etl-format.md §1.1). Each buffer is stepped over by
+its own BufferSize (relogged files have a small header buffer; compressed buffers are packed with no
+alignment), its data ends at Offset (§1.2), and it belongs to one CPU whose records never go back in
+time (§1.7). Reading buffers in order of their first record's timestamp, CPU by CPU in SequenceNumber
+order, lets the reader release events in global time order while holding at most about one buffer per
+CPU.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyfwnt
+
+BUFFER_HEADER_SIZE = 0x48
+_HDR = struct.Struct("<IIIIqQQHHIIHH")  # BufferSize .. BufferType (0x00..0x38)
+
+FLAG_EVENTS_LOST = 0x0002
+FLAG_BUFFER_LOST = 0x0004
+FLAG_COMPRESSED = 0x0040
+PROCESSOR_INDEX_MASK = 0x07FF
+MAX_BUFFER_DATA = 64 * 1024 * 1024  # sanity bound for a decompressed buffer
+
+# RtlDecompressBuffer formats in the low 16 bits of State (etl-format.md §1.2, §1.8).
+DECOMPRESSORS = {
+    2: ("LZNT1", pyfwnt.lznt1_decompress),
+    3: ("LZXpress", pyfwnt.lzxpress_decompress),
+    4: ("LZXpress-Huffman", pyfwnt.lzxpress_huffman_decompress),
+}
+
+# Timestamp offset of the first record by header type (etl-format.md §1.3), to peek a buffer's start.
+_TS_OFFSET = {0x01: 16, 0x02: 16, 0x03: 16, 0x04: 16, 0x10: 8, 0x11: 8,
+              0x0A: 16, 0x14: 16, 0x0B: 16, 0x15: 16, 0x12: 16, 0x13: 16}
+
+
+@dataclass
+class BufferIndex:
+    """One row per buffer, in file order."""
+
+    offset: np.ndarray  # int64 file offset
+    size: np.ndarray  # on-disk BufferSize
+    filled: np.ndarray  # Offset field: header + data bytes once decompressed
+    cpu: np.ndarray
+    seq: np.ndarray  # SequenceNumber
+    flags: np.ndarray  # BufferFlag
+    state: np.ndarray
+    first_ts: np.ndarray  # raw timestamp of the first record, int64; min int64 when unknown
+    warnings: list[str] = field(default_factory=list)
+    trailing_bytes: int = 0
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+
+class BufferSource:
+    """Random access to the decompressed data areas of a file's buffers."""
+
+    def __init__(self, data: bytes | memoryview, index: BufferIndex):
+        self.data = data
+        self.index = index
+
+    def area(self, i: int) -> bytes:
+        """Data area of buffer i (records, without the 0x48-byte header), decompressed.
+        Raises ValueError when the buffer cannot be decoded."""
+        off = int(self.index.offset[i])
+        size = int(self.index.size[i])
+        filled = int(self.index.filled[i])
+        if self.index.flags[i] & FLAG_COMPRESSED:
+            return decompress(self.data[off + BUFFER_HEADER_SIZE: off + size], filled - BUFFER_HEADER_SIZE,
+                              int(self.index.state[i]))
+        return bytes(self.data[off + BUFFER_HEADER_SIZE: off + filled])
+
+
+def decompress(comp: bytes | memoryview, out_size: int, state: int) -> bytes:
+    fmt = state & 0xFFFF
+    if fmt not in DECOMPRESSORS:
+        raise ValueError(f"unknown compression format {fmt} in buffer State")
+    name, func = DECOMPRESSORS[fmt]
+    try:
+        out = func(bytes(comp), out_size)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{name} data is corrupt ({exc})") from None
+    if len(out) != out_size:
+        raise ValueError(f"{name} data decompressed to {len(out)} bytes, expected {out_size}")
+    return out
+
+
+def _first_ts(head: bytes) -> int | None:
+    if len(head) < 24 or head[0:4] == b"\xff\xff\xff\xff":
+        return None
+    off = _TS_OFFSET.get(head[2])
+    if off is None or head[3] & 0xC0 != 0xC0:
+        return None
+    return struct.unpack_from("<q", head, off)[0]
+
+
+def scan_buffers(data: bytes | memoryview) -> BufferIndex:
+    """Walk the file buffer by buffer. Stops (with a warning) at a header that cannot be stepped over;
+    a buffer running past the end of the file is dropped with a warning (truncated file)."""
+    n = len(data)
+    rows = []
+    warnings: list[str] = []
+    off = 0
+    trailing = 0
+    unknown_ts = np.iinfo(np.int64).min
+    while off + BUFFER_HEADER_SIZE <= n:
+        (bsize, _saved, _cur, _ref, _ts, seq, _clk, proc, _lid, state, filled, flags,
+         _btype) = _HDR.unpack_from(data, off)
+        if bsize == 0 or bsize == 0xFFFFFFFF:
+            rest = bytes(data[off:off + 4096])
+            if rest.strip(b"\x00") == b"" or rest.strip(b"\xff") == b"":
+                trailing = n - off  # preallocated / unused space after the last buffer
+                break
+        if bsize < BUFFER_HEADER_SIZE:
+            warnings.append(f"corrupt buffer header at offset 0x{off:x} (BufferSize {bsize}); "
+                            f"stopped reading there, {n - off} bytes skipped")
+            break
+        if off + bsize > n:
+            warnings.append(f"file truncated inside buffer {len(rows)} at offset 0x{off:x} "
+                            f"({n - off} of {bsize} bytes present); that buffer was skipped")
+            break
+        compressed = bool(flags & FLAG_COMPRESSED)
+        if filled < BUFFER_HEADER_SIZE or (not compressed and filled > bsize) or filled > MAX_BUFFER_DATA:
+            warnings.append(f"buffer {len(rows)} at offset 0x{off:x} has an impossible fill size {filled}; skipped")
+            rows.append((off, bsize, BUFFER_HEADER_SIZE, proc & PROCESSOR_INDEX_MASK, seq, flags, state,
+                         unknown_ts))
+            off += bsize
+            continue
+        if compressed:
+            try:
+                head = decompress(data[off + BUFFER_HEADER_SIZE: off + bsize], min(32, filled - 0x48), state)
+            except ValueError:
+                head = b""
+        else:
+            head = bytes(data[off + BUFFER_HEADER_SIZE: off + min(filled, BUFFER_HEADER_SIZE + 32)])
+        ts = _first_ts(head)
+        rows.append((off, bsize, filled, proc & PROCESSOR_INDEX_MASK, seq, flags, state,
+                     unknown_ts if ts is None else ts))
+        off += bsize
+    if off < n and not trailing and not warnings:
+        warnings.append(f"{n - off} bytes after the last buffer ignored")
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 8
+    return BufferIndex(
+        offset=np.array(cols[0], dtype=np.int64), size=np.array(cols[1], dtype=np.int64),
+        filled=np.array(cols[2], dtype=np.int64), cpu=np.array(cols[3], dtype=np.int64),
+        seq=np.array(cols[4], dtype=np.uint64), flags=np.array(cols[5], dtype=np.int64),
+        state=np.array(cols[6], dtype=np.int64), first_ts=np.array(cols[7], dtype=np.int64),
+        warnings=warnings, trailing_bytes=trailing,
+    )
+
+
+def reading_order(index: BufferIndex, skip: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Order in which to read the data buffers (all but the first `skip`): a k-way merge of the
+    per-CPU queues (each in SequenceNumber order) by first timestamp.
+
+    Returns (order, watermark): watermark[k] is the smallest first timestamp among buffers read after
+    order[k] — every event still to come is at or after it (per-CPU streams never go back in time).
+    """
+    ids = np.arange(skip, len(index))
+    queues: dict[int, list[int]] = {}
+    for i in ids[np.lexsort((ids, index.seq[ids], index.cpu[ids]))]:
+        queues.setdefault(int(index.cpu[i]), []).append(int(i))
+    heads = [(int(index.first_ts[q[0]]), cpu, 0) for cpu, q in queues.items()]
+    heapq.heapify(heads)
+    order = []
+    while heads:
+        _ts, cpu, pos = heapq.heappop(heads)
+        q = queues[cpu]
+        order.append(q[pos])
+        if pos + 1 < len(q):
+            heapq.heappush(heads, (int(index.first_ts[q[pos + 1]]), cpu, pos + 1))
+    order_arr = np.array(order, dtype=np.int64)
+    # Watermark after reading order[k] = min first_ts over the buffers not yet read = the min over the
+    # per-CPU heads, which the merge order makes the next buffer's first_ts... except that a later
+    # CPU's head may be smaller when first_ts is unknown; a suffix minimum covers every case.
+    fts = index.first_ts[order_arr] if len(order_arr) else np.zeros(0, dtype=np.int64)
+    suffix_min = np.minimum.accumulate(fts[::-1])[::-1] if len(fts) else fts
+    watermark = np.empty(len(order_arr), dtype=np.int64)
+    if len(order_arr):
+        watermark[:-1] = suffix_min[1:]
+        watermark[-1] = np.iinfo(np.int64).max
+    return order_arr, watermark

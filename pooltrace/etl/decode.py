@@ -1,0 +1,302 @@
+"""Kernel event decoders: turn the records of a chunk into typed Arrow tables.
+
+Pool and StackWalk events, which make up nearly all of a pool trace, are decoded column-wise with
+numpy from the layouts in providers/kernel.toml. The rare events (images, processes, threads,
+KernelTraceControl, header extension) are decoded one by one with ``struct`` from the same layouts.
+Records with no decoder are skipped, never guessed; records too short for their layout are counted.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pooltrace.definitions import FIXED_TYPES, Layout, definitions
+from pooltrace.etl.records import CLASSIC, Chunk, Records
+
+MAX_FRAMES = 192  # ETW_STACK_SW_ARRAY_SIZE (etl-format.md §2.2)
+
+D = definitions()
+H = D.hooks
+POOL_HOOKS = np.array(D.layout_hooks("pool") + D.layout_hooks("pool_session"))
+SESSION_HOOKS = np.array(D.layout_hooks("pool_session"))
+STACK_HOOK = H["Stack"]
+KEY_REF_HOOKS = np.array(D.layout_hooks("stack_key_ref"))
+KEY_DEF_HOOKS = np.array(D.layout_hooks("stack_key_def"))
+RARE_LAYOUTS = {h: name for name in ("image", "process", "thread", "header_extension", "kernel_base")
+                for h in D.layout_hooks(name)}
+KTC_GUID = D.guids["KernelTraceControl"]
+KTC_GUID_HALVES = np.frombuffer(KTC_GUID.bytes_le, dtype="<u8")
+KTC_LAYOUTS = {D.ktc_opcodes[op]: name for name in ("ktc_image_id", "ktc_rsds")
+               for op in D.layout_specs[name]["ktc_opcodes"]}
+
+_U = {1: ("data", np.uint8), 2: ("u16", np.uint16), 4: ("u32", np.uint32), 8: ("u64", np.uint64)}
+
+
+def gather(chunk: Chunk, offsets: np.ndarray, size: int) -> np.ndarray:
+    """Little-endian unsigned integers of `size` bytes at byte `offsets` of the chunk."""
+    view, dtype = _U[size]
+    if len(offsets) == 0:
+        return np.zeros(0, dtype=dtype)
+    if size == 1 or not (offsets % size).any():
+        return getattr(chunk, view)[offsets // size].astype(dtype, copy=False)
+    out = np.zeros(len(offsets), dtype=np.uint64)
+    for k in range(size):  # unaligned: assemble byte by byte
+        out |= chunk.data[offsets + k].astype(np.uint64) << np.uint64(8 * k)
+    return out.astype(dtype)
+
+
+def _field(chunk: Chunk, base: np.ndarray, layout: Layout, name: str) -> np.ndarray:
+    f = layout.field(name)
+    size = layout.pointer_size if f.type == "ptr" else f.size
+    return gather(chunk, base + f.offset, size)
+
+
+def _common(recs: Records, idx: np.ndarray, seq0: int) -> dict[str, np.ndarray]:
+    return {"ts": recs.ts[idx], "cpu": recs.cpu[idx].astype(np.uint16), "seq": seq0 + idx}
+
+
+def _frames(chunk: Chunk, start: np.ndarray, count: np.ndarray, ptr: int) -> pa.ListArray:
+    offsets = np.zeros(len(count) + 1, dtype=np.int32)
+    np.cumsum(count, out=offsets[1:])
+    total = int(offsets[-1])
+    within = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1].astype(np.int64), count)
+    addr = np.repeat(start, count) + within * ptr
+    values = gather(chunk, addr, ptr).astype(np.uint64, copy=False)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+@dataclass
+class Decoded:
+    """Typed tables of one chunk (rows in chunk order) and what could not be decoded."""
+
+    tables: dict[str, pa.Table]
+    malformed: Counter = field(default_factory=Counter)
+
+
+def _per_pointer_size(recs: Records, mask: np.ndarray):
+    for ptr in (8, 4):
+        idx = np.flatnonzero(mask & (recs.pointer_size == ptr))
+        if len(idx):
+            yield ptr, idx
+
+
+def _concat(parts: list[dict]) -> dict[str, np.ndarray] | None:
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return {k: (pa.concat_arrays([p[k] for p in parts]) if isinstance(parts[0][k], pa.Array)
+                else np.concatenate([p[k] for p in parts])) for k in parts[0]}
+
+
+def decode_pool(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> pa.Table | None:
+    parts = []
+    for ptr, idx in _per_pointer_size(recs, np.isin(recs.hook, POOL_HOOKS)):
+        session = np.isin(recs.hook[idx], SESSION_HOOKS)
+        need = np.where(session, D.layout("pool_session", ptr).fixed_size, D.layout("pool", ptr).fixed_size)
+        short = recs.payload_len[idx] < need
+        if short.any():
+            malformed["pool"] += int(short.sum())
+            idx, session = idx[~short], session[~short]
+        lay = D.layout("pool_session", ptr)
+        base = recs.payload[idx]
+        col = _common(recs, idx, seq0)
+        col["hook"] = recs.hook[idx].astype(np.uint16)
+        for name in ("pool_type", "tag", "size", "entry"):
+            col[name] = _field(chunk, base, lay, name).astype(np.uint32 if name in ("pool_type", "tag") else
+                                                              np.uint64)
+        sid_off = base + lay.field("session_id").offset
+        sid = gather(chunk, np.where(session, sid_off, base), 4)
+        col["session_id"] = pa.array(sid, mask=~session, type=pa.uint32())
+        col["tid"] = recs.tid[idx]
+        col["pid"] = recs.pid[idx]
+        parts.append(col)
+    col = _concat(parts)
+    return None if col is None else pa.table(col)
+
+
+def decode_stacks(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> pa.Table | None:
+    parts = []
+    for ptr, idx in _per_pointer_size(recs, recs.hook == STACK_HOOK):
+        lay = D.layout("stack", ptr)
+        n = (recs.payload_len[idx] - lay.fixed_size) // ptr
+        bad = (n < 1) | (n > MAX_FRAMES)
+        if bad.any():
+            malformed["stack"] += int(bad.sum())
+            idx, n = idx[~bad], n[~bad]
+        base = recs.payload[idx]
+        col = _common(recs, idx, seq0)
+        col["event_ts"] = _field(chunk, base, lay, "event_ts").view(np.int64)
+        col["pid"] = _field(chunk, base, lay, "pid")
+        col["tid"] = _field(chunk, base, lay, "tid")
+        col["frames"] = _frames(chunk, base + lay.fixed_size, n, ptr)
+        parts.append(col)
+    col = _concat(parts)
+    return None if col is None else pa.table(col)
+
+
+def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> pa.Table | None:
+    parts = []
+    for ptr, idx in _per_pointer_size(recs, np.isin(recs.hook, KEY_REF_HOOKS)):
+        lay = D.layout("stack_key_ref", ptr)
+        short = recs.payload_len[idx] < lay.fixed_size
+        if short.any():
+            malformed["stack_key_ref"] += int(short.sum())
+            idx = idx[~short]
+        base = recs.payload[idx]
+        col = _common(recs, idx, seq0)
+        col["event_ts"] = _field(chunk, base, lay, "event_ts").view(np.int64)
+        col["pid"] = _field(chunk, base, lay, "pid")
+        col["tid"] = _field(chunk, base, lay, "tid")
+        col["key"] = _field(chunk, base, lay, "key").astype(np.uint64)
+        col["user"] = recs.hook[idx] == H["StackKeyUser"]
+        parts.append(col)
+    col = _concat(parts)
+    return None if col is None else pa.table(col)
+
+
+def decode_key_defs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> pa.Table | None:
+    parts = []
+    for ptr, idx in _per_pointer_size(recs, np.isin(recs.hook, KEY_DEF_HOOKS)):
+        lay = D.layout("stack_key_def", ptr)
+        n = (recs.payload_len[idx] - lay.fixed_size) // ptr
+        bad = (n < 1) | (n > MAX_FRAMES)
+        if bad.any():
+            malformed["stack_key_def"] += int(bad.sum())
+            idx, n = idx[~bad], n[~bad]
+        base = recs.payload[idx]
+        col = _common(recs, idx, seq0)
+        col["hook"] = recs.hook[idx].astype(np.uint16)
+        col["key"] = _field(chunk, base, lay, "key").astype(np.uint64)
+        col["frames"] = _frames(chunk, base + lay.fixed_size, n, ptr)
+        parts.append(col)
+    col = _concat(parts)
+    return None if col is None else pa.table(col)
+
+
+# ---- rare events: one struct unpack per record -------------------------------------------------
+
+def _sid(buf: bytes, pos: int, end: int, ptr: int) -> tuple[str | None, int]:
+    if pos + 4 > end:
+        raise ValueError
+    if struct.unpack_from("<I", buf, pos)[0] == 0:
+        return None, pos + 4
+    sid = pos + 2 * ptr  # TOKEN_USER {PSID, Attributes} precedes the SID (etl-format.md §2.4)
+    if sid + 8 > end:
+        raise ValueError
+    count = buf[sid + 1]
+    sid_end = sid + 8 + 4 * count
+    if sid_end > end:
+        raise ValueError
+    authority = int.from_bytes(buf[sid + 2:sid + 8], "big")
+    subs = struct.unpack_from(f"<{count}I", buf, sid + 8)
+    return "-".join(["S", str(buf[sid]), str(authority), *map(str, subs)]), sid_end
+
+
+def _string(buf: bytes, pos: int, end: int, wide: bool) -> tuple[str, int]:
+    if wide:
+        p = pos
+        while p + 1 < end and (buf[p] or buf[p + 1]):
+            p += 2
+        return buf[pos:p].decode("utf-16-le", errors="replace"), min(p + 2, end)
+    p = buf.find(b"\x00", pos, end)
+    p = end if p < 0 else p
+    return buf[pos:p].decode("utf-8", errors="replace"), min(p + 1, end)
+
+
+def decode_fields(spec_fields: list, ptr: int, buf: bytes, pos: int, end: int,
+                  skip: tuple[str, ...] = ()) -> dict:
+    """Decode a layout's fields in order from buf[pos:end]. A trailing field that is not there (an
+    older event version) is None; a fixed field cut short raises ValueError."""
+    out: dict = {}
+    for name, typ in spec_fields:
+        if name in skip:
+            continue
+        if pos >= end:
+            out[name] = None
+            continue
+        if typ == "utf16z" or typ == "ansiz":
+            out[name], pos = _string(buf, pos, end, typ == "utf16z")
+        elif typ == "sid":
+            out[name], pos = _sid(buf, pos, end, ptr)
+        elif typ == "guid":
+            if pos + 16 > end:
+                raise ValueError
+            out[name] = str(uuid.UUID(bytes_le=bytes(buf[pos:pos + 16])))
+            pos += 16
+        else:
+            code = ("Q" if ptr == 8 else "I") if typ == "ptr" else FIXED_TYPES[typ]
+            size = struct.calcsize("<" + code)
+            if pos + size > end:
+                raise ValueError
+            out[name] = struct.unpack_from("<" + code, buf, pos)[0]
+            pos += size
+    return out
+
+
+def decode_rare(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    kernel = np.flatnonzero(np.isin(recs.hook, list(RARE_LAYOUTS)))
+    classic = np.isin(recs.htype, CLASSIC)
+    ktc = np.flatnonzero(classic & (recs.guid[:, 0] == KTC_GUID_HALVES[0]) & (recs.guid[:, 1] == KTC_GUID_HALVES[1]))
+    if not len(kernel) and not len(ktc):
+        return rows
+    raw = chunk.data  # indexing a numpy array per byte is slow: work on a bytes copy of the needed span
+    buf = raw.tobytes()
+    for i in kernel.tolist():
+        name = RARE_LAYOUTS[int(recs.hook[i])]
+        _decode_one(name, buf, recs, i, seq0, rows, malformed)
+    for i in ktc.tolist():
+        name = KTC_LAYOUTS.get(int(recs.opcode[i]))
+        if name:
+            _decode_one(name, buf, recs, i, seq0, rows, malformed)
+    return rows
+
+
+def _decode_one(name: str, buf: bytes, recs: Records, i: int, seq0: int, rows: dict, malformed: Counter) -> None:
+    ptr = int(recs.pointer_size[i])
+    pos = int(recs.payload[i])
+    end = pos + int(recs.payload_len[i])
+    skip = ("flags",) if name == "process" and recs.version[i] < 4 else ()  # v3 has no Flags (ref §5.3)
+    try:
+        row = decode_fields(D.layout_specs[name]["fields"], ptr, buf, pos, end, skip)
+    except ValueError:
+        malformed[name] += 1
+        return
+    row.update(ts=int(recs.ts[i]), cpu=int(recs.cpu[i]), seq=seq0 + i, hook=int(recs.hook[i]),
+               opcode=int(recs.opcode[i]), version=int(recs.version[i]),
+               header_pid=int(recs.pid[i]), header_tid=int(recs.tid[i]))
+    rows.setdefault(name, []).append(row)
+
+
+_ARROW_TYPES = {"u8": pa.uint8(), "u16": pa.uint16(), "u32": pa.uint32(), "u64": pa.uint64(), "i32": pa.int32(),
+                "ptr": pa.uint64(), "guid": pa.string(), "utf16z": pa.string(), "ansiz": pa.string(),
+                "sid": pa.string()}
+_COMMON_SCHEMA = [("ts", pa.int64()), ("cpu", pa.uint16()), ("seq", pa.int64()), ("hook", pa.int32()),
+                  ("opcode", pa.int32()), ("version", pa.int32()), ("header_pid", pa.uint32()),
+                  ("header_tid", pa.uint32())]
+
+
+def rare_schema(name: str) -> pa.Schema:
+    """Arrow schema of a rare-event table: the layout's fields, then the record header's."""
+    fields = [(n, _ARROW_TYPES[t]) for n, t in D.layout_specs[name]["fields"]]
+    return pa.schema(fields + _COMMON_SCHEMA)
+
+
+def decode_chunk(chunk: Chunk, recs: Records, seq0: int) -> Decoded:
+    malformed: Counter = Counter()
+    tables: dict[str, pa.Table] = {}
+    for name, func in (("pool", decode_pool), ("stacks", decode_stacks), ("key_refs", decode_key_refs),
+                       ("key_defs", decode_key_defs)):
+        t = func(chunk, recs, seq0, malformed)
+        if t is not None and t.num_rows:
+            tables[name] = t
+    for name, rows in decode_rare(chunk, recs, seq0, malformed).items():
+        tables[name] = pa.Table.from_pylist(rows, schema=rare_schema(name))
+    return Decoded(tables, malformed)

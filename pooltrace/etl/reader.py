@@ -1,0 +1,244 @@
+"""EtlReader: the one path from an .etl file to decoded kernel events.
+
+Opens the file (memory-mapped), parses the logfile header, indexes the buffers, then streams chunks
+of buffers in per-CPU merge order, decodes them (records.py, decode.py) and releases the typed tables
+in global time order: rows sorted by (raw timestamp, CPU, read sequence). Memory stays at about one
+buffer per CPU plus the rows waiting for the time watermark.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pooltrace.errors import TraceError
+from pooltrace.etl.buffers import (
+    FLAG_BUFFER_LOST,
+    FLAG_COMPRESSED,
+    FLAG_EVENTS_LOST,
+    BufferSource,
+    reading_order,
+    scan_buffers,
+)
+from pooltrace.etl.decode import decode_chunk
+from pooltrace.etl.logfile import LogfileHeader
+from pooltrace.etl.records import (
+    CLASSIC,
+    EVENT,
+    HEADER_TYPE_NAMES,
+    MESSAGE,
+    SYSTEM_LIKE,
+    Chunk,
+    decode_headers,
+)
+
+MAX_WARNINGS = 50
+SORT_KEYS = [("ts", "ascending"), ("cpu", "ascending"), ("seq", "ascending")]
+
+
+@dataclass
+class ReadStats:
+    """What the reader saw, skipped and lost. Filled in while batches are read."""
+
+    file_size: int = 0
+    buffers: int = 0
+    compressed_buffers: int = 0
+    buffers_flagged_events_lost: int = 0
+    buffers_flagged_buffer_lost: int = 0
+    buffers_skipped: int = 0
+    bytes_skipped: int = 0
+    records: int = 0
+    by_header_type: Counter = field(default_factory=Counter)  # header type name -> records
+    by_hook: Counter = field(default_factory=Counter)  # kernel HookId -> records
+    by_classic: Counter = field(default_factory=Counter)  # (class GUID, opcode) -> records
+    by_provider: Counter = field(default_factory=Counter)  # EVENT_HEADER provider GUID -> records
+    malformed: Counter = field(default_factory=Counter)  # decoder name -> records too short / inconsistent
+    time_inversions: int = 0  # released rows earlier than rows released before them (should stay 0)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, msg: str) -> None:
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(msg)
+        elif len(self.warnings) == MAX_WARNINGS:
+            self.warnings.append("further warnings suppressed")
+
+
+@dataclass
+class Batch:
+    """Decoded events released together, each table sorted by (ts, cpu, seq). Table names: pool,
+    stacks, key_refs, key_defs, image, process, thread, header_extension, kernel_base, ktc_image_id,
+    ktc_rsds. A name is absent when the batch has no such event."""
+
+    tables: dict[str, pa.Table]
+
+    def get(self, name: str) -> pa.Table | None:
+        return self.tables.get(name)
+
+
+def _guid_str(lo: int, hi: int) -> str:
+    return str(uuid.UUID(bytes_le=int(lo).to_bytes(8, "little") + int(hi).to_bytes(8, "little")))
+
+
+class EtlReader:
+    """Read a Windows .etl file. Raises TraceError (one line) when the file is not a readable trace."""
+
+    def __init__(self, path: str | os.PathLike, chunk_bytes: int = 8 << 20):
+        self.path = Path(path)
+        self.chunk_bytes = chunk_bytes
+        try:
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise TraceError(f"{path}: cannot open: {exc.strerror}") from None
+        size = os.fstat(self._fh.fileno()).st_size
+        if size == 0:
+            self.close()
+            raise TraceError(f"{path}: empty file, not an .etl trace")
+        self._data = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.stats = ReadStats(file_size=size)
+        self.index = scan_buffers(self._data)
+        self.source = BufferSource(self._data, self.index)
+        self.header = self._read_header()
+        for w in self.index.warnings:
+            self.stats.warn(w)
+
+    def close(self) -> None:
+        if getattr(self, "_data", None) is not None:
+            self._data.close()
+            self._data = None
+        self._fh.close()
+
+    def __enter__(self) -> EtlReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _read_header(self) -> LogfileHeader:
+        name = self.path
+        if len(self.index) == 0:
+            raise TraceError(f"{name}: not an .etl trace (no buffer header; file is {self.stats.file_size} bytes)")
+        try:
+            area = self.source.area(0)
+        except ValueError as exc:
+            raise TraceError(f"{name}: not an .etl trace (first buffer unreadable: {exc})") from None
+        chunk = Chunk([area], [int(self.index.cpu[0])])
+        recs, _, _ = decode_headers(chunk)
+        if not len(recs) or recs.htype[0] not in SYSTEM_LIKE or recs.hook[0] != 0:
+            raise TraceError(f"{name}: not an .etl trace (the first buffer does not start with a logfile header)")
+        pos, plen = int(recs.payload[0]), int(recs.payload_len[0])
+        try:
+            hdr = LogfileHeader.parse(chunk.data[pos:pos + plen].tobytes(), int(recs.ts[0]),
+                                      int(recs.pointer_size[0]))
+        except ValueError as exc:
+            raise TraceError(f"{name}: not an .etl trace ({exc})") from None
+        if hdr.pointer_size not in (4, 8):
+            raise TraceError(f"{name}: unsupported pointer size {hdr.pointer_size}")
+        return hdr
+
+    # -- streaming -------------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[Batch]:
+        """Decoded events in global time order, a batch at a time. Single pass; stats fill as it goes."""
+        idx = self.index
+        st = self.stats
+        st.buffers = len(idx)
+        st.compressed_buffers = int((idx.flags & FLAG_COMPRESSED).astype(bool).sum())
+        st.buffers_flagged_events_lost = int((idx.flags & FLAG_EVENTS_LOST).astype(bool).sum())
+        st.buffers_flagged_buffer_lost = int((idx.flags & FLAG_BUFFER_LOST).astype(bool).sum())
+        order, watermark = reading_order(idx, skip=1)
+        first_wm = int(idx.first_ts[order].min()) if len(order) else np.iinfo(np.int64).max
+        plan: list[tuple[list[int], int]] = [([0], first_wm)]
+        group: list[int] = []
+        acc = 0
+        for k, b in enumerate(order.tolist()):
+            group.append(b)
+            acc += int(idx.filled[b])
+            if acc >= self.chunk_bytes or k == len(order) - 1:
+                plan.append((group, int(watermark[k])))
+                group, acc = [], 0
+        pending: dict[str, list[pa.Table]] = {}
+        seq0 = 0
+        last_ts = np.iinfo(np.int64).min
+        for buffers, wm in plan:
+            decoded, n = self._decode(buffers, seq0)
+            seq0 += n
+            for name, t in decoded.items():
+                pending.setdefault(name, []).append(t)
+            out: dict[str, pa.Table] = {}
+            for name in list(pending):
+                if not pending[name]:
+                    continue
+                t = pa.concat_tables(pending[name]) if len(pending[name]) > 1 else pending[name][0]
+                ready = pc.less(t["ts"], pa.scalar(wm, pa.int64()))
+                now = t.filter(ready)
+                rest = t.filter(pc.invert(ready))
+                pending[name] = [rest] if rest.num_rows else []
+                if now.num_rows:
+                    now = now.sort_by(SORT_KEYS)
+                    out[name] = now
+            if out:
+                lo = min(int(t["ts"][0].as_py()) for t in out.values())
+                if lo < last_ts:
+                    st.time_inversions += 1
+                last_ts = max(int(t["ts"][-1].as_py()) for t in out.values())
+                yield Batch(out)
+        rest = {n: pa.concat_tables(ts).sort_by(SORT_KEYS) for n, ts in pending.items() if ts}
+        if rest:
+            yield Batch(rest)
+
+    def _decode(self, buffers: list[int], seq0: int) -> tuple[dict[str, pa.Table], int]:
+        st = self.stats
+        areas, cpus = [], []
+        for b in buffers:
+            try:
+                areas.append(self.source.area(b))
+                cpus.append(int(self.index.cpu[b]))
+            except ValueError as exc:
+                st.buffers_skipped += 1
+                st.bytes_skipped += int(self.index.size[b])
+                st.warn(f"buffer {b} at offset 0x{int(self.index.offset[b]):x} skipped: {exc}")
+        if not areas:
+            return {}, 0
+        chunk = Chunk(areas, cpus)
+        recs, problems, dropped = decode_headers(chunk)
+        for k, nbytes, reason in problems:
+            st.bytes_skipped += nbytes
+            st.warn(f"buffer {buffers[k]} (cpu {cpus[k]}): {reason}; last {nbytes} bytes skipped")
+        if dropped:
+            st.malformed["record header"] += dropped
+        self._count(recs)
+        dec = decode_chunk(chunk, recs, seq0)
+        st.malformed.update(dec.malformed)
+        return dec.tables, len(recs)
+
+    def _count(self, recs) -> None:
+        st = self.stats
+        st.records += len(recs)
+        types, counts = np.unique(recs.htype, return_counts=True)
+        for t, c in zip(types.tolist(), counts.tolist(), strict=True):
+            st.by_header_type[HEADER_TYPE_NAMES.get(t, f"0x{t:02x}")] += c
+        hooks = recs.hook[recs.hook >= 0]
+        if len(hooks):
+            h, c = np.unique(hooks, return_counts=True)
+            st.by_hook.update(dict(zip(h.tolist(), c.tolist(), strict=True)))
+        classic = np.isin(recs.htype, CLASSIC)
+        if classic.any():
+            keys = np.column_stack([recs.guid[classic], recs.opcode[classic].astype(np.uint64)])
+            u, c = np.unique(keys, axis=0, return_counts=True)
+            for (lo, hi, op), n in zip(u.tolist(), c.tolist(), strict=True):
+                st.by_classic[(_guid_str(lo, hi), int(op))] += n
+        event = np.isin(recs.htype, EVENT)
+        if event.any():
+            u, c = np.unique(recs.guid[event], axis=0, return_counts=True)
+            for (lo, hi), n in zip(u.tolist(), c.tolist(), strict=True):
+                st.by_provider[_guid_str(lo, hi)] += n
+        _ = MESSAGE

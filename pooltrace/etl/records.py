@@ -1,0 +1,213 @@
+"""Record layer: find every record in a chunk of decompressed buffers and decode the record headers,
+vectorized over the chunk.
+
+Records are 8-byte aligned (etl-format.md §1.3), so the chunk is viewed as 8-byte slots. For every slot
+numpy computes where the next record would start if a record started there; a short Python loop then
+follows that chain from each buffer's first slot. Everything else (header type, hook id, timestamp,
+thread/process, payload position) is gathered with numpy, so no Python object is made per record.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from dataclasses import dataclass
+
+import numpy as np
+
+# Header types (etl-format.md §1.3).
+SYSTEM32, SYSTEM64, COMPACT32, COMPACT64 = 0x01, 0x02, 0x03, 0x04
+PERFINFO32, PERFINFO64 = 0x10, 0x11
+EVENT32, EVENT64 = 0x12, 0x13
+FULL32, FULL64 = 0x0A, 0x14
+INSTANCE32, INSTANCE64 = 0x0B, 0x15
+MESSAGE = 0xFE  # pseudo type for WPP TRACE_MESSAGE records (marker flags 0x90..)
+
+HEADER_TYPE_NAMES = {
+    SYSTEM32: "SYSTEM32", SYSTEM64: "SYSTEM64", COMPACT32: "COMPACT32", COMPACT64: "COMPACT64",
+    PERFINFO32: "PERFINFO32", PERFINFO64: "PERFINFO64", EVENT32: "EVENT_HEADER32", EVENT64: "EVENT_HEADER64",
+    FULL32: "FULL_HEADER32", FULL64: "FULL_HEADER64", INSTANCE32: "INSTANCE32", INSTANCE64: "INSTANCE64",
+    MESSAGE: "MESSAGE",
+}
+
+_HEADER_LEN = {SYSTEM32: 0x20, SYSTEM64: 0x20, COMPACT32: 0x18, COMPACT64: 0x18, PERFINFO32: 0x10,
+               PERFINFO64: 0x10, EVENT32: 0x50, EVENT64: 0x50, FULL32: 0x30, FULL64: 0x30,
+               INSTANCE32: 0x48, INSTANCE64: 0x48}
+_POINTER64 = {SYSTEM64, COMPACT64, PERFINFO64, EVENT64, FULL64, INSTANCE64}
+SYSTEM_LIKE = (SYSTEM32, SYSTEM64, COMPACT32, COMPACT64, PERFINFO32, PERFINFO64)
+CLASSIC = (FULL32, FULL64, INSTANCE32, INSTANCE64)
+EVENT = (EVENT32, EVENT64)
+
+HEADER_LEN_LUT = np.zeros(256, dtype=np.int64)
+SYSLIKE_LUT = np.zeros(256, dtype=bool)
+PTR_LUT = np.zeros(256, dtype=np.int64)
+HAS_TID_LUT = np.zeros(256, dtype=bool)
+for _t, _n in _HEADER_LEN.items():
+    HEADER_LEN_LUT[_t] = _n
+    PTR_LUT[_t] = 8 if _t in _POINTER64 else 4
+    HAS_TID_LUT[_t] = _t not in (PERFINFO32, PERFINFO64)
+SYSLIKE_LUT[list(SYSTEM_LIKE)] = True
+
+END = np.int64(2**62)  # next-slot value of a 0xFFFFFFFF end-of-buffer marker
+BAD = np.int64(2**62 + 1)  # next-slot value of a slot that cannot start a record
+NO_ID = 0xFFFFFFFF
+
+_EXT_ITEM = struct.Struct("<HHHH")
+
+
+@dataclass
+class Records:
+    """Decoded record headers of one chunk, one entry per record, in chunk (per-CPU time) order."""
+
+    pos: np.ndarray  # byte offset of the record in the chunk
+    htype: np.ndarray  # header type (uint8 values)
+    size: np.ndarray  # record Size (without padding)
+    hook: np.ndarray  # HookId for SYSTEM/COMPACT/PERFINFO records, -1 otherwise
+    version: np.ndarray  # event version: marker version bits without the PMC/PEBS flags; classic/EVENT version
+    ts: np.ndarray  # raw timestamp, int64
+    tid: np.ndarray  # uint32, NO_ID when the header has none
+    pid: np.ndarray
+    pointer_size: np.ndarray  # 4 or 8, from the header type
+    payload: np.ndarray  # byte offset of the payload in the chunk
+    payload_len: np.ndarray
+    cpu: np.ndarray
+    opcode: np.ndarray  # classic Class.Type / EVENT_DESCRIPTOR.Opcode, -1 for kernel records
+    guid: np.ndarray  # (n, 2) uint64 halves of the provider/class GUID (little-endian bytes), 0 for kernel
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+
+class Chunk:
+    """Decompressed data areas of several buffers, each starting on an 8-byte boundary."""
+
+    def __init__(self, areas: list[bytes], cpus: list[int]):
+        parts = []
+        starts = []
+        pos = 0
+        for a in areas:
+            starts.append(pos)
+            pad = -len(a) % 8
+            parts.append(a)
+            if pad:
+                parts.append(b"\x00" * pad)
+            pos += len(a) + pad
+        parts.append(b"\x00" * 0x60)  # slack so fixed-size header reads never run off the end
+        self.data = np.frombuffer(b"".join(parts), dtype=np.uint8)
+        self.starts = np.array(starts, dtype=np.int64)
+        self.ends = np.array([s + len(a) for s, a in zip(starts, areas, strict=True)], dtype=np.int64)
+        self.cpus = np.array(cpus, dtype=np.int64)
+        self.u16 = self.data.view("<u2")
+        self.u32 = self.data.view("<u4")
+        self.u64 = self.data.view("<u8")
+
+
+def _next_slots(chunk: Chunk) -> np.ndarray:
+    """For every 8-byte slot: the slot where the next record starts if one starts here, END or BAD."""
+    b = chunk.data.reshape(-1, 8)
+    w = chunk.u16.reshape(-1, 4)
+    htype = b[:, 2]
+    flags = b[:, 3]
+    syslike = SYSLIKE_LUT[htype]
+    size = np.where(syslike, w[:, 2], w[:, 0]).astype(np.int64)
+    hlen = HEADER_LEN_LUT[htype]
+    ok = ((flags & 0xC0) == 0xC0) & (hlen > 0) & (size >= hlen)
+    message = ((flags & 0xD0) == 0x90) & (w[:, 0] >= 8)  # TRACE_HEADER_FLAG | TRACE_MESSAGE: size in low word
+    size = np.where(message, w[:, 0], size)
+    nxt = np.arange(len(b), dtype=np.int64) + ((size + 7) >> 3)
+    nxt = np.where(ok | message, nxt, BAD)
+    end = (w[:, 0] == 0xFFFF) & (w[:, 1] == 0xFFFF)
+    return np.where(end, END, nxt)
+
+
+def walk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str]]]:
+    """Slots of every record, the index of the buffer (within the chunk) each belongs to, and the
+    problems met: (buffer number in chunk, bytes skipped, reason)."""
+    nxt = _next_slots(chunk)
+    nx = memoryview(nxt)
+    out = array("q")
+    app = out.append
+    counts = []
+    problems = []
+    for k, (s8, e8) in enumerate(zip(chunk.starts.tolist(), chunk.ends.tolist(), strict=True)):
+        p = s8 >> 3
+        e = (e8 + 7) >> 3
+        n0 = len(out)
+        while p < e:
+            q = nx[p]
+            if q > e:
+                break
+            app(p)
+            p = q
+        else:
+            q = None
+        counts.append(len(out) - n0)
+        if p < e and q != END:
+            reason = "record header not valid" if q == BAD else "record runs past the buffer's filled end"
+            problems.append((k, (e - p) * 8, reason))
+    slots = np.frombuffer(out, dtype=np.int64) if len(out) else np.zeros(0, dtype=np.int64)
+    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    return slots, owner, problems
+
+
+def decode_headers(chunk: Chunk) -> tuple[Records, list[tuple[int, int, str]], int]:
+    """Decode every record header of the chunk. Returns the records, the walk problems and the number
+    of records dropped because their header and payload sizes disagree."""
+    slots, owner, problems = walk(chunk)
+    pos = slots * 8
+    b = chunk.data
+    htype = b[pos + 2].astype(np.int64)
+    syslike = SYSLIKE_LUT[htype]
+    w0 = chunk.u16[slots * 4]
+    size = np.where(syslike, chunk.u16[slots * 4 + 2], w0).astype(np.int64)
+    message = (b[pos + 3] & 0xD0) == 0x90
+    htype = np.where(message, MESSAGE, htype)
+    size = np.where(message, w0, size)
+    hook = np.where(syslike, chunk.u16[slots * 4 + 3].astype(np.int64), -1)
+    # PMC counters (bits 8-10, 8 bytes each) and a PEBS index (bit 15) sit between header and payload.
+    ext = np.where(syslike, ((w0 >> 8) & 7).astype(np.int64) + ((w0 >> 15) & 1), 0)
+    version = np.where(syslike, w0 & 0x78FF, 0).astype(np.int64)
+    hlen = HEADER_LEN_LUT[htype] + 8 * ext
+    ts_slot = np.where((htype == PERFINFO32) | (htype == PERFINFO64), 1, 2)
+    ts = chunk.u64[slots + ts_slot].view(np.int64)
+    has_tid = HAS_TID_LUT[htype] & ~message
+    tid = np.where(has_tid, chunk.u32[slots * 2 + 2], NO_ID).astype(np.uint32)
+    pid = np.where(has_tid, chunk.u32[slots * 2 + 3], NO_ID).astype(np.uint32)
+    classic = np.isin(htype, CLASSIC)
+    event = np.isin(htype, EVENT)
+    opcode = np.where(classic, b[pos + 4], np.where(event, b[pos + 0x2D], -1)).astype(np.int64)
+    version = np.where(classic, chunk.u16[slots * 4 + 3], np.where(event, b[pos + 0x2A], version))
+    g = classic | event
+    guid = np.zeros((len(slots), 2), dtype=np.uint64)
+    guid[g, 0] = chunk.u64[slots[g] + 3]
+    guid[g, 1] = chunk.u64[slots[g] + 4]
+    # EVENT_HEADER extended data items (etl-format.md §1.4): follow the Linkage bit to the user data.
+    if event.any():
+        flags16 = chunk.u16[slots * 4 + 2]  # EVENT_HEADER.Flags at +4
+        raw = chunk.data
+        for i in np.flatnonzero(event & (flags16 & 1).astype(bool)).tolist():
+            p = int(pos[i]) + 0x50
+            end = int(pos[i]) + int(size[i])
+            while p + 8 <= end:
+                isize, _etype, link, _dsize = _EXT_ITEM.unpack_from(raw, p)
+                if isize < 8:
+                    p = end + 1  # malformed: dropped below
+                    break
+                p += isize
+                if not link & 1:
+                    break
+            hlen[i] = p - int(pos[i])
+    plen = size - hlen
+    good = (plen >= 0) | message
+    dropped = int((~good).sum())
+    if dropped:
+        keep = np.flatnonzero(good)
+        pos, htype, size, hook, version, ts, tid, pid, hlen, plen, opcode, guid, owner, message = (
+            a[keep] for a in (pos, htype, size, hook, version, ts, tid, pid, hlen, plen, opcode, guid, owner,
+                              message))
+    recs = Records(
+        pos=pos, htype=htype, size=size, hook=hook, version=version.astype(np.int64), ts=ts, tid=tid, pid=pid,
+        pointer_size=PTR_LUT[htype], payload=pos + hlen, payload_len=np.where(message, 0, plen),
+        cpu=chunk.cpus[owner], opcode=opcode, guid=guid,
+    )
+    return recs, problems, dropped
