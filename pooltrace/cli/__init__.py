@@ -16,5 +16,10 @@ def cli() -> None:
     """
 
 
+from pooltrace.cli.info import info  # noqa: E402 - commands register after the group exists
+
+cli.add_command(info)
+
+
 def main() -> None:
     cli(prog_name="pooltrace")

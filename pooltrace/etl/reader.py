@@ -12,7 +12,7 @@ import mmap
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,6 @@ from pooltrace.etl.records import (
     CLASSIC,
     EVENT,
     HEADER_TYPE_NAMES,
-    MESSAGE,
     SYSTEM_LIKE,
     Chunk,
     decode_headers,
@@ -62,6 +61,8 @@ class ReadStats:
     by_classic: Counter = field(default_factory=Counter)  # (class GUID, opcode) -> records
     by_provider: Counter = field(default_factory=Counter)  # EVENT_HEADER provider GUID -> records
     malformed: Counter = field(default_factory=Counter)  # decoder name -> records too short / inconsistent
+    first_ts: int | None = None  # raw timestamps of the earliest and latest record
+    last_ts: int | None = None
     time_inversions: int = 0  # released rows earlier than rows released before them (should stay 0)
     warnings: list[str] = field(default_factory=list)
 
@@ -146,8 +147,9 @@ class EtlReader:
 
     # -- streaming -------------------------------------------------------------------------------
 
-    def batches(self) -> Iterator[Batch]:
-        """Decoded events in global time order, a batch at a time. Single pass; stats fill as it goes."""
+    def batches(self, progress: Callable[[int, int], None] | None = None) -> Iterator[Batch]:
+        """Decoded events in global time order, a batch at a time. Single pass; stats fill as it goes.
+        `progress(done, total)` is called with buffers read so far after every chunk."""
         idx = self.index
         st = self.stats
         st.buffers = len(idx)
@@ -168,8 +170,12 @@ class EtlReader:
         pending: dict[str, list[pa.Table]] = {}
         seq0 = 0
         last_ts = np.iinfo(np.int64).min
+        done = 0
         for buffers, wm in plan:
             decoded, n = self._decode(buffers, seq0)
+            done += len(buffers)
+            if progress is not None:
+                progress(done, len(idx))
             seq0 += n
             for name, t in decoded.items():
                 pending.setdefault(name, []).append(t)
@@ -223,6 +229,10 @@ class EtlReader:
     def _count(self, recs) -> None:
         st = self.stats
         st.records += len(recs)
+        if len(recs):
+            lo, hi = int(recs.ts.min()), int(recs.ts.max())
+            st.first_ts = lo if st.first_ts is None else min(st.first_ts, lo)
+            st.last_ts = hi if st.last_ts is None else max(st.last_ts, hi)
         types, counts = np.unique(recs.htype, return_counts=True)
         for t, c in zip(types.tolist(), counts.tolist(), strict=True):
             st.by_header_type[HEADER_TYPE_NAMES.get(t, f"0x{t:02x}")] += c
@@ -241,4 +251,3 @@ class EtlReader:
             u, c = np.unique(recs.guid[event], axis=0, return_counts=True)
             for (lo, hi), n in zip(u.tolist(), c.tolist(), strict=True):
                 st.by_provider[_guid_str(lo, hi)] += n
-        _ = MESSAGE

@@ -175,7 +175,7 @@ def decode_headers(chunk: Chunk) -> tuple[Records, list[tuple[int, int, str]], i
     pid = np.where(has_tid, chunk.u32[slots * 2 + 3], NO_ID).astype(np.uint32)
     classic = np.isin(htype, CLASSIC)
     event = np.isin(htype, EVENT)
-    opcode = np.where(classic, b[pos + 4], np.where(event, b[pos + 0x2D], -1)).astype(np.int64)
+    opcode = np.where(classic, b[pos + 4].astype(np.int64), np.where(event, b[pos + 0x2D].astype(np.int64), -1))
     version = np.where(classic, chunk.u16[slots * 4 + 3], np.where(event, b[pos + 0x2A], version))
     g = classic | event
     guid = np.zeros((len(slots), 2), dtype=np.uint64)

@@ -1,0 +1,80 @@
+"""``pooltrace info TRACE.etl``: what a trace holds and whether it can show pool leaks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pooltrace.cli.common import progress_bar, quiet_option, user_errors
+from pooltrace.traceinfo import summarize
+
+
+@click.command()
+@click.argument("trace", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@quiet_option
+@user_errors
+def info(trace: Path, fmt: str, quiet: bool) -> None:
+    """OS build, CPUs, clock, duration, events by kind, losses, pool tracing/stack status, and a verdict."""
+    with progress_bar(trace, quiet, "reading") as progress:
+        summary = summarize(trace, progress)
+    if fmt == "json":
+        click.echo(json.dumps(summary.data, indent=2))
+        return
+    render_text(summary.data, Console(highlight=False, width=100))
+
+
+def _yes_no(value) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
+
+
+def render_text(d: dict, console: Console) -> None:
+    secs = d["duration_ns"] / 1e9 if d["duration_ns"] is not None else None
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    rows = [
+        ("trace", f"{d['file']} ({d['file_size']:,} bytes)"),
+        ("OS", f"Windows {d['os']['version']} build {d['os']['build']}, {d['pointer_size'] * 8}-bit, "
+               f"{d['cpus']} CPUs"),
+        ("logger", f"{d['logger']} (mode {d['log_file_mode']}{', compressed' if d['compressed'] else ''})"),
+        ("clock", f"{d['clock']['type']}, {d['clock']['ticks_per_second'] or '?'} ticks/s"),
+        ("start", f"{d['start_time'] or '?'}  (boot {d['boot_time'] or '?'})"),
+        ("duration", f"{secs:.3f} s" if secs is not None else "no timed events"),
+        ("records", f"{d['records']:,} in {d['buffers']:,} buffers"),
+    ]
+    for k, v in rows:
+        head.add_row(k, v)
+    console.print(head)
+    ev = Table(title="events by kind", title_justify="left", show_edge=False)
+    ev.add_column("kind")
+    ev.add_column("count", justify="right")
+    for k, v in d["events"].items():
+        if v:
+            ev.add_row(k.replace("_", " "), f"{v:,}")
+    if ev.row_count:
+        console.print(ev)
+    lost = d["lost"]
+    console.print(f"[bold]lost[/]  events {lost['events_lost']:,}, buffers {lost['buffers_lost']:,} (logger); "
+                  f"buffers flagged events-lost {lost['buffers_flagged_events_lost']:,}, buffer-lost "
+                  f"{lost['buffers_flagged_buffer_lost']:,}; unreadable buffers {lost['buffers_skipped']:,}, "
+                  f"bytes skipped {lost['bytes_skipped']:,}")
+    if lost["malformed_records"]:
+        console.print("[bold]malformed records[/]  " + ", ".join(f"{k} {v:,}" for k, v in
+                                                                 lost["malformed_records"].items()))
+    p = d["pool"]
+    stack_txt = _yes_no(p["stacks_enabled"])
+    if p["events_with_stack"] is not None:
+        stack_txt += f" ({p['events_with_stack']:.1%} of {p['events_checked_for_stack']:,} pool events checked)"
+    console.print(f"[bold]pool[/]  tracing enabled: {_yes_no(p['tracing_enabled'])}; pool events: {p['events']:,}; "
+                  f"stacks: {stack_txt}; tags: {p['distinct_tags']:,}")
+    if p["tag_filter"]:
+        console.print(f"[bold]tag filter[/]  pool events carry only {', '.join(p['tag_filter'])} "
+                      "(consistent with a kernel pool-tag filter)")
+    for w in d["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}", markup=True)
+    console.print(f"[bold]verdict[/]  {d['verdict']}")
