@@ -102,22 +102,35 @@ class Chunk:
         self.u64 = self.data.view("<u8")
 
 
+def _marker_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per value of a record's second u16 (header type | flags << 8): where its size is and the smallest
+    valid size. Kind 0 invalid, 1 size at +4 (SYSTEM/COMPACT/PERFINFO), 2 size at +0 (other headers),
+    3 WPP message (size at +0), 4 the 0xFFFF end-of-buffer marker."""
+    w1 = np.arange(65536)
+    htype, flags = w1 & 0xFF, w1 >> 8
+    hlen = HEADER_LEN_LUT[htype]
+    kind = np.where(((flags & 0xC0) == 0xC0) & (hlen > 0), np.where(SYSLIKE_LUT[htype], 1, 2), 0)
+    message = (flags & 0xD0) == 0x90
+    kind = np.where(message, 3, kind)
+    hlen = np.where(message, 8, hlen)
+    kind[0xFFFF] = 4
+    return kind.astype(np.uint8), hlen.astype(np.uint16)
+
+
+MARKER_KIND, MARKER_MIN_SIZE = _marker_tables()
+
+
 def _next_slots(chunk: Chunk) -> np.ndarray:
     """For every 8-byte slot: the slot where the next record starts if one starts here, END or BAD."""
-    b = chunk.data.reshape(-1, 8)
     w = chunk.u16.reshape(-1, 4)
-    htype = b[:, 2]
-    flags = b[:, 3]
-    syslike = SYSLIKE_LUT[htype]
-    size = np.where(syslike, w[:, 2], w[:, 0]).astype(np.int64)
-    hlen = HEADER_LEN_LUT[htype]
-    ok = ((flags & 0xC0) == 0xC0) & (hlen > 0) & (size >= hlen)
-    message = ((flags & 0xD0) == 0x90) & (w[:, 0] >= 8)  # TRACE_HEADER_FLAG | TRACE_MESSAGE: size in low word
-    size = np.where(message, w[:, 0], size)
-    nxt = np.arange(len(b), dtype=np.int64) + ((size + 7) >> 3)
-    nxt = np.where(ok | message, nxt, BAD)
-    end = (w[:, 0] == 0xFFFF) & (w[:, 1] == 0xFFFF)
-    return np.where(end, END, nxt)
+    w1 = w[:, 1]
+    kind = MARKER_KIND[w1]
+    size = np.where(kind == 1, w[:, 2], w[:, 0])
+    nxt = np.arange(len(w), dtype=np.int64)
+    nxt += (size.astype(np.int64) + 7) >> 3
+    nxt[(kind == 0) | (size < MARKER_MIN_SIZE[w1])] = BAD
+    nxt[kind == 4] = END
+    return nxt
 
 
 def walk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str]]]:
