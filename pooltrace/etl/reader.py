@@ -89,6 +89,14 @@ def _guid_str(lo: int, hi: int) -> str:
     return str(uuid.UUID(bytes_le=int(lo).to_bytes(8, "little") + int(hi).to_bytes(8, "little")))
 
 
+def _starts_like_etl(data) -> bool:
+    """The first buffer (never compressed) starts with the SYSTEM-header record of hook 0 (etl-format.md §1.5)."""
+    if len(data) < 0x48 + 0x20:
+        return False
+    marker = bytes(data[0x48:0x50])
+    return marker[2] in (1, 2) and marker[3] == 0xC0 and marker[6:8] == b"\x00\x00"
+
+
 class EtlReader:
     """Read a Windows .etl file. Raises TraceError (one line) when the file is not a readable trace."""
 
@@ -105,11 +113,18 @@ class EtlReader:
             raise TraceError(f"{path}: empty file, not an .etl trace")
         self._data = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         self.stats = ReadStats(file_size=size)
+        if not _starts_like_etl(self._data):
+            self.close()
+            raise TraceError(f"{path}: not an .etl trace (no logfile header record at offset 0x48)")
         self.index = scan_buffers(self._data)
         self.source = BufferSource(self._data, self.index)
         self.header = self._read_header()
         for w in self.index.warnings:
             self.stats.warn(w)
+        circular = self.header.log_file_mode & 0x2  # EVENT_TRACE_FILE_MODE_CIRCULAR
+        if not circular and self.header.buffers_written > len(self.index):
+            self.stats.warn(f"the logfile header says {self.header.buffers_written} buffers were written but the "
+                            f"file holds {len(self.index)}: the file is truncated")
 
     def close(self) -> None:
         if getattr(self, "_data", None) is not None:
@@ -126,7 +141,8 @@ class EtlReader:
     def _read_header(self) -> LogfileHeader:
         name = self.path
         if len(self.index) == 0:
-            raise TraceError(f"{name}: not an .etl trace (no buffer header; file is {self.stats.file_size} bytes)")
+            why = self.index.warnings[0] if self.index.warnings else f"file is {self.stats.file_size} bytes"
+            raise TraceError(f"{name}: cannot read the trace: no complete buffer ({why})")
         try:
             area = self.source.area(0)
         except ValueError as exc:
