@@ -1,0 +1,205 @@
+"""Realistic synthetic pool-leak scenarios written as byte-exact .etl files (through etl.writer), with
+their ground truth. Used by the shipped sample traces (traces/generate.py), the tests and the
+benchmarks.
+
+The "classic" scenario: a driver (leaky.sys) allocates tag ``Leak`` at two call sites; one of them never
+frees (the leak), the other frees after a while. Around it, normal kernel traffic with the tags ``Irp ``,
+``MmSt``, ``File``, ``Ntfr`` and session-pool ``Gh05`` allocations, which are freed (a few stay
+outstanding at the end, as in any real trace). Image, process and thread rundown name every module.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pooltrace.etl.writer import TraceWriter
+
+HOOK = {"alloc": 0x0E20, "alloc_session": 0x0E21, "free": 0x0E22, "free_session": 0x0E23}
+NONPAGED_NX, PAGED = 0x200, 0x1
+PERF_FREQ = 10_000_000
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    base: int
+    size: int
+    path: str
+    pdb: str
+    guid: uuid.UUID
+    age: int = 1
+    timedatestamp: int = 0x5F3E1A2B
+    pid: int = 0
+
+
+def kernel_modules(shift: int = 0) -> dict[str, Module]:
+    """Kernel images; `shift` moves every base (a different boot / ASLR layout)."""
+    k = 0xFFFFF80412000000 + shift
+    return {
+        "nt": Module("ntoskrnl.exe", k, 0x1046000, r"\SystemRoot\system32\ntoskrnl.exe", "ntkrnlmp.pdb",
+                     uuid.UUID("3844dbb9-2017-4967-be7a-a4a2c20430fa")),
+        "hal": Module("hal.dll", k + 0x2000000, 0x6F000, r"\SystemRoot\system32\hal.dll", "hal.pdb",
+                      uuid.UUID("0b1d4c1e-6d67-4b59-9d9e-7c4a0d53a8b1")),
+        "ntfs": Module("Ntfs.sys", k + 0x3000000, 0x2F9000, r"\SystemRoot\System32\Drivers\Ntfs.sys", "ntfs.pdb",
+                       uuid.UUID("f5a3b0f6-2c4c-4b0f-8b5e-5d1c7e3f2a11")),
+        "leaky": Module("leaky.sys", k + 0x7A40000, 0x8000, r"\??\C:\drivers\leaky.sys", "leaky.pdb",
+                        uuid.UUID("6c5a0b8e-9f1d-4e1b-a7c2-3d4e5f607182"), age=2),
+        "w32k": Module("win32kbase.sys", 0xFFFFF96000000000 + shift, 0x2A0000,
+                       r"\SystemRoot\System32\win32kbase.sys", "win32kbase.pdb",
+                       uuid.UUID("a1b2c3d4-e5f6-4711-8899-aabbccddeeff")),
+    }
+
+
+# Call sites as (module key, rva) frames, innermost first; the first frame is inside ntoskrnl's allocator.
+NT_ALLOC = ("nt", 0x3A41F2)  # ExAllocatePoolWithTag+0x52
+SYSCALL_TAIL = [("nt", 0x40C235), ("nt", 0x6A1F08), ("nt", 0x6A0B54), ("nt", 0x41D5B5)]
+
+
+def _sites() -> dict[str, dict]:
+    return {
+        "leak": {"tag": "Leak", "pool": NONPAGED_NX, "size": 0x100,
+                 "frames": [NT_ALLOC, ("leaky", 0x1127), ("leaky", 0x1310), ("nt", 0x2E6D85)] + SYSCALL_TAIL},
+        "leak_ok": {"tag": "Leak", "pool": NONPAGED_NX, "size": 0x60,
+                    "frames": [NT_ALLOC, ("leaky", 0x1450), ("leaky", 0x1318), ("nt", 0x2E6D85)] + SYSCALL_TAIL},
+        "new_leak": {"tag": "Lea2", "pool": PAGED, "size": 0x40,
+                     "frames": [NT_ALLOC, ("leaky", 0x15A0), ("leaky", 0x1320), ("nt", 0x2E6D85)] + SYSCALL_TAIL},
+        "irp": {"tag": "Irp ", "pool": NONPAGED_NX, "size": 0x118,
+                "frames": [NT_ALLOC, ("nt", 0x2F1A40), ("ntfs", 0x1B3C0), ("nt", 0x2E6D85)] + SYSCALL_TAIL},
+        "mmst": {"tag": "MmSt", "pool": PAGED, "size": 0x1F0,
+                 "frames": [NT_ALLOC, ("nt", 0x7A1C64), ("nt", 0x7A0F12), ("nt", 0x6B3A10)] + SYSCALL_TAIL},
+        "file": {"tag": "File", "pool": NONPAGED_NX, "size": 0xD8,
+                 "frames": [NT_ALLOC, ("nt", 0x6F2A18), ("nt", 0x6F1C0A), ("ntfs", 0x10A4C)] + SYSCALL_TAIL},
+        "ntfr": {"tag": "Ntfr", "pool": PAGED, "size": 0x2000,
+                 "frames": [NT_ALLOC, ("ntfs", 0x2A7C1), ("ntfs", 0x28E10), ("nt", 0x2E6D85)]},
+        "gh05": {"tag": "Gh05", "pool": PAGED | 0x20, "size": 0x80, "session": 1,
+                 "frames": [NT_ALLOC, ("w32k", 0x2C1F0), ("w32k", 0x2B0A4)] + SYSCALL_TAIL},
+    }
+
+
+@dataclass
+class Truth:
+    """What a scenario planted: per call site allocation, free and outstanding counts and bytes."""
+
+    allocs: Counter = field(default_factory=Counter)
+    frees: Counter = field(default_factory=Counter)
+    outstanding: Counter = field(default_factory=Counter)
+    outstanding_bytes: Counter = field(default_factory=Counter)
+    stacks: int = 0
+    records: int = 0
+
+    def as_dict(self) -> dict:
+        return {"allocs": dict(self.allocs), "frees": dict(self.frees), "outstanding": dict(self.outstanding),
+                "outstanding_bytes": dict(self.outstanding_bytes), "stacks": self.stacks, "records": self.records}
+
+
+USER_IMAGE = Module("leakapp.exe", 0x7FF6A1B20000, 0x24000, r"\Device\HarddiskVolume3\tools\leakapp.exe",
+                    "leakapp.pdb", uuid.UUID("11223344-5566-4778-899a-abbccddeeff0"), pid=4242)
+USER_FRAMES = [0x7FFE1C8CD0C4, USER_IMAGE.base + 0x1A2B, USER_IMAGE.base + 0x2C3D, 0x7FFE1B4E7034]
+
+
+def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1, cpus: int = 2,
+                 pointer_size: int = 8, compressed: bool = False, seed: int = 1, shift: int = 0,
+                 duration_s: float = 10.0, with_user_stacks: bool = True) -> tuple[TraceWriter, Truth]:
+    """The classic case. `fixed` makes the leaking site free its blocks; `new_leak` plants a second leak
+    (tag Lea2); `scale` multiplies the event volume; `shift` moves kernel module bases (ASLR)."""
+    if pointer_size != 8:
+        raise ValueError("the classic scenario is an x64 trace; see tests for x86 traces")
+    rng = random.Random(seed)
+    mods = kernel_modules(shift)
+    sites = _sites()
+    start = 1_000_000_000
+    w = TraceWriter(pointer_size=8, cpus=cpus, compressed=compressed, perf_freq=PERF_FREQ, start_qpc=start,
+                    os_build=19045, logger_name="pooltrace", logfile_name=r"C:\traces\sample-leak.etl")
+    truth = Truth()
+    # rundown at the start: images (kernel, then the app), processes, threads
+    ts = start + 10
+    for m in list(mods.values()) + [USER_IMAGE]:
+        w.image(0, ts, 0x1403, m.base, m.size, m.pid, m.path, checksum=m.size ^ 0x5A5A, timedatestamp=m.timedatestamp)
+        ts += 1
+    w.process(0, ts, 0x0303, 4, 0, "System", "")
+    w.process(0, ts + 1, 0x0303, 4242, 1000, "leakapp.exe", r'"C:\tools\leakapp.exe" --ioctl 0x222003 --loop',
+              session_id=1)
+    threads = {4: [8, 12, 16], 4242: [5100, 5104]}
+    for pid, tids in threads.items():
+        for tid in tids:
+            w.thread(0, ts + 2, 0x0503, pid, tid, name="worker" if pid == 4 else None)
+    end = start + int(duration_s * PERF_FREQ)
+    # allocation plan: (site, count)
+    plan = {"leak": 500, "leak_ok": 300, "irp": 2000, "mmst": 800, "file": 1200, "ntfr": 150, "gh05": 200}
+    if new_leak:
+        plan["new_leak"] = 250
+    plan = {k: v * scale for k, v in plan.items()}
+    live: dict[int, tuple] = {}
+    free_addrs: list[int] = []
+    next_addr = [0xFFFFA28000000000]
+    events = []
+    for site, n in plan.items():
+        for _ in range(n):
+            events.append((rng.randrange(start + 1000, end - PERF_FREQ // 2), site))
+    events.sort()
+    pending_frees: list[tuple[int, int, str]] = []  # (free ts, addr, site)
+    never_freed = {"leak"} if not fixed else set()
+    if new_leak:
+        never_freed.add("new_leak")
+
+    def alloc_addr(size: int) -> int:
+        if free_addrs and rng.random() < 0.7:
+            return free_addrs.pop(rng.randrange(len(free_addrs)))
+        a = next_addr[0]
+        next_addr[0] += (size + 0x1F) & ~0xF
+        return a
+
+    def flush_frees(until: int) -> None:
+        while pending_frees and pending_frees[0][0] <= until:
+            fts, addr, site = heapq.heappop(pending_frees)
+            s = sites[site]
+            cpu = rng.randrange(cpus)
+            hook = HOOK["free_session"] if "session" in s else HOOK["free"]
+            w.pool(cpu, fts, hook, s["pool"], s["tag"], s["size"], addr, s.get("session"))
+            truth.frees[site] += 1
+            live.pop(addr, None)
+            free_addrs.append(addr)
+
+    last = start
+    for ets, site in events:
+        ets = max(ets, last + 1)  # distinct timestamps per event keep the ground truth simple
+        last = ets
+        flush_frees(ets - 1)
+        s = sites[site]
+        cpu = rng.randrange(cpus)
+        addr = alloc_addr(s["size"])
+        pid = 4242 if site in ("leak", "leak_ok", "new_leak", "gh05") else 4
+        tid = rng.choice(threads[pid])
+        hook = HOOK["alloc_session"] if "session" in s else HOOK["alloc"]
+        w.pool(cpu, ets, hook, s["pool"], s["tag"], s["size"], addr, s.get("session"))
+        frames = [mods[m].base + rva for m, rva in s["frames"]]
+        w.stack(cpu, ets, ets, pid, tid, frames)
+        truth.stacks += 1
+        if with_user_stacks and pid == 4242 and rng.random() < 0.5:
+            w.stack(cpu, ets + rng.randrange(5, 4000), ets, pid, tid, USER_FRAMES)
+            truth.stacks += 1
+        truth.allocs[site] += 1
+        live[addr] = (site,)
+        lifetime_free = site not in never_freed and rng.random() > 0.02  # 2 % of normal traffic outlives the trace
+        if lifetime_free:
+            fts = ets + rng.randrange(100, PERF_FREQ // 4)
+            if fts < end:
+                heapq.heappush(pending_frees, (fts, addr, site))
+                continue
+        # stays outstanding: remember it so its address is not reused
+    flush_frees(end)
+    for (site,) in live.values():
+        truth.outstanding[site] += 1
+        truth.outstanding_bytes[site] += sites[site]["size"]
+    # rundown at the end
+    ts = end + 100
+    for m in list(mods.values()) + [USER_IMAGE]:
+        w.image(1 % cpus, ts, 0x1404, m.base, m.size, m.pid, m.path, checksum=m.size ^ 0x5A5A,
+                timedatestamp=m.timedatestamp)
+        ts += 1
+    truth.records = w.record_count
+    return w, truth
