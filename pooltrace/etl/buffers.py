@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyfwnt
+from dissect.util.compression import lzxpress
 
 BUFFER_HEADER_SIZE = 0x48
 _HDR = struct.Struct("<IIIIqQQHHIIHH")  # BufferSize .. BufferType (0x00..0x38)
@@ -85,7 +86,14 @@ def decompress(comp: bytes | memoryview, out_size: int, state: int) -> bytes:
     try:
         out = func(bytes(comp), out_size)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{name} data is corrupt ({exc})") from None
+        if fmt != 3:
+            raise ValueError(f"{name} data is corrupt ({exc})") from None
+        # libfwnt refuses LZXpress matches longer than 32771 bytes, which MS-XCA allows; the pure-Python
+        # decoder of dissect.util handles them (rare: only for buffers libfwnt rejects).
+        try:
+            out = lzxpress.decompress(bytes(comp))[:out_size]
+        except Exception:  # noqa: BLE001 - any failure of the fallback means corrupt data
+            raise ValueError(f"{name} data is corrupt ({exc})") from None
     if len(out) != out_size:
         raise ValueError(f"{name} data decompressed to {len(out)} bytes, expected {out_size}")
     return out
