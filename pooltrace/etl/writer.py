@@ -229,6 +229,7 @@ class TraceWriter:
         self.clock_type = clock_type
         self.start_qpc = start_qpc
         self.start_filetime = start_filetime
+        self.cpu_speed_mhz = cpu_speed_mhz
         if boot_filetime is None:
             boot_filetime = start_filetime - self._ticks_to_100ns(start_qpc)
         self.boot_filetime = _check_int("boot_filetime", boot_filetime, 64, signed=True)
@@ -239,7 +240,6 @@ class TraceWriter:
         self.logfile_name = logfile_name
         self.events_lost = events_lost
         self.buffers_lost = buffers_lost
-        self.cpu_speed_mhz = cpu_speed_mhz
         if log_file_mode is None:
             log_file_mode = LOG_FILE_MODE_SEQUENTIAL | (LOG_FILE_MODE_COMPRESSED_RELOG if compressed else 0)
         self.log_file_mode = _check_int("log_file_mode", log_file_mode, 32)
