@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from pooltrace.etl import decode
+from pooltrace.etl.columns import Columns
 from pooltrace.etl.records import Chunk, decode_headers, walk
 
 
@@ -51,11 +52,16 @@ def chunk_of(*records: bytes, cpu=0, tail=b"") -> Chunk:
     return Chunk([b"".join(pad8(r) for r in records) + tail], [cpu])
 
 
+def as_arrow(dec):
+    dec.tables = {k: (v.to_arrow() if isinstance(v, Columns) else v) for k, v in dec.tables.items()}
+    return dec
+
+
 def decoded(*records: bytes, cpu=0):
     ch = chunk_of(*records, cpu=cpu)
     recs, problems, dropped = decode_headers(ch)
     assert not problems and not dropped
-    return decode.decode_chunk(ch, recs, 100), recs
+    return as_arrow(decode.decode_chunk(ch, recs, 100)), recs
 
 
 def test_pool_alloc_perfinfo64():
@@ -219,7 +225,7 @@ def test_wpp_message_record_is_stepped_over():
     ch = chunk_of(msg, good)
     recs, problems, _ = decode_headers(ch)
     assert not problems and len(recs) == 2 and recs.hook[1] == 0x0E20
-    assert decode.decode_chunk(ch, recs, 0).tables["pool"].num_rows == 1
+    assert len(decode.decode_chunk(ch, recs, 0).tables["pool"]) == 1
 
 
 @pytest.mark.parametrize("size", [1, 2, 4, 8])

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pooltrace.definitions import FIXED_TYPES, Layout, definitions
+from pooltrace.etl.columns import Columns
 from pooltrace.etl.records import CLASSIC, Chunk, Records
 
 MAX_FRAMES = 192  # ETW_STACK_SW_ARRAY_SIZE (etl-format.md §2.2)
@@ -61,21 +62,21 @@ def _common(recs: Records, idx: np.ndarray, seq0: int) -> dict[str, np.ndarray]:
     return {"ts": recs.ts[idx], "cpu": recs.cpu[idx].astype(np.uint16), "seq": seq0 + idx}
 
 
-def _frames(chunk: Chunk, start: np.ndarray, count: np.ndarray, ptr: int) -> pa.ListArray:
-    offsets = np.zeros(len(count) + 1, dtype=np.int32)
+def _frames(chunk: Chunk, start: np.ndarray, count: np.ndarray, ptr: int) -> tuple[np.ndarray, np.ndarray]:
+    """Variable-length frame arrays as (offsets, values)."""
+    offsets = np.zeros(len(count) + 1, dtype=np.int64)
     np.cumsum(count, out=offsets[1:])
     total = int(offsets[-1])
-    within = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1].astype(np.int64), count)
+    within = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], count)
     addr = np.repeat(start, count) + within * ptr
-    values = gather(chunk, addr, ptr).astype(np.uint64, copy=False)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return offsets, gather(chunk, addr, ptr).astype(np.uint64, copy=False)
 
 
 @dataclass
 class Decoded:
     """Typed tables of one chunk (rows in chunk order) and what could not be decoded."""
 
-    tables: dict[str, pa.Table]
+    tables: dict[str, pa.Table | Columns]
     malformed: Counter = field(default_factory=Counter)
 
 
@@ -86,17 +87,19 @@ def _per_pointer_size(recs: Records, mask: np.ndarray):
             yield ptr, idx
 
 
-def _concat(parts: list[dict]) -> dict[str, np.ndarray] | None:
+def _columns(parts: list[dict], valid: list[dict] | None = None, lists: str | None = None) -> Columns | None:
+    """Per-pointer-size parts of one decoder into one Columns (a `lists` entry holds (offsets, values))."""
     if not parts:
         return None
-    if len(parts) == 1:
-        return parts[0]
-    return {k: (pa.concat_arrays([p[k] for p in parts]) if isinstance(parts[0][k], pa.Array)
-                else np.concatenate([p[k] for p in parts])) for k in parts[0]}
+    cols = []
+    for k, p in enumerate(parts):
+        plain = {n: v for n, v in p.items() if n != lists}
+        cols.append(Columns(plain, valid[k] if valid else {}, {lists: p[lists]} if lists else {}))
+    return Columns.concat(cols)
 
 
-def decode_pool(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> pa.Table | None:
-    parts = []
+def decode_pool(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
+    parts, valid = [], []
     for ptr, idx in _per_pointer_size(recs, np.isin(recs.hook, POOL_HOOKS)):
         session = np.isin(recs.hook[idx], SESSION_HOOKS)
         need = np.where(session, D.layout("pool_session", ptr).fixed_size, D.layout("pool", ptr).fixed_size)
@@ -113,15 +116,15 @@ def decode_pool(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> p
                                                               np.uint64)
         sid_off = base + lay.field("session_id").offset
         sid = gather(chunk, np.where(session, sid_off, base), 4)
-        col["session_id"] = pa.array(sid, mask=~session, type=pa.uint32())
+        col["session_id"] = sid.astype(np.uint32)
         col["tid"] = recs.tid[idx]
         col["pid"] = recs.pid[idx]
         parts.append(col)
-    col = _concat(parts)
-    return None if col is None else pa.table(col)
+        valid.append({"session_id": session})
+    return _columns(parts, valid)
 
 
-def decode_stacks(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> pa.Table | None:
+def decode_stacks(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
     for ptr, idx in _per_pointer_size(recs, recs.hook == STACK_HOOK):
         lay = D.layout("stack", ptr)
@@ -137,11 +140,10 @@ def decode_stacks(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) ->
         col["tid"] = _field(chunk, base, lay, "tid")
         col["frames"] = _frames(chunk, base + lay.fixed_size, n, ptr)
         parts.append(col)
-    col = _concat(parts)
-    return None if col is None else pa.table(col)
+    return _columns(parts, lists="frames")
 
 
-def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> pa.Table | None:
+def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
     for ptr, idx in _per_pointer_size(recs, np.isin(recs.hook, KEY_REF_HOOKS)):
         lay = D.layout("stack_key_ref", ptr)
@@ -157,11 +159,10 @@ def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) 
         col["key"] = _field(chunk, base, lay, "key").astype(np.uint64)
         col["user"] = recs.hook[idx] == H["StackKeyUser"]
         parts.append(col)
-    col = _concat(parts)
-    return None if col is None else pa.table(col)
+    return _columns(parts, lists=None)
 
 
-def decode_key_defs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> pa.Table | None:
+def decode_key_defs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
     for ptr, idx in _per_pointer_size(recs, np.isin(recs.hook, KEY_DEF_HOOKS)):
         lay = D.layout("stack_key_def", ptr)
@@ -176,8 +177,7 @@ def decode_key_defs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) 
         col["key"] = _field(chunk, base, lay, "key").astype(np.uint64)
         col["frames"] = _frames(chunk, base + lay.fixed_size, n, ptr)
         parts.append(col)
-    col = _concat(parts)
-    return None if col is None else pa.table(col)
+    return _columns(parts, lists="frames")
 
 
 # ---- rare events: one struct unpack per record -------------------------------------------------
@@ -295,7 +295,7 @@ def decode_chunk(chunk: Chunk, recs: Records, seq0: int) -> Decoded:
     for name, func in (("pool", decode_pool), ("stacks", decode_stacks), ("key_refs", decode_key_refs),
                        ("key_defs", decode_key_defs)):
         t = func(chunk, recs, seq0, malformed)
-        if t is not None and t.num_rows:
+        if t is not None and len(t):
             tables[name] = t
     for name, rows in decode_rare(chunk, recs, seq0, malformed).items():
         tables[name] = pa.Table.from_pylist(rows, schema=rare_schema(name))

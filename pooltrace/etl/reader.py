@@ -29,6 +29,7 @@ from pooltrace.etl.buffers import (
     reading_order,
     scan_buffers,
 )
+from pooltrace.etl.columns import Columns
 from pooltrace.etl.decode import decode_chunk
 from pooltrace.etl.logfile import LogfileHeader
 from pooltrace.etl.records import (
@@ -83,6 +84,33 @@ class Batch:
 
     def get(self, name: str) -> pa.Table | None:
         return self.tables.get(name)
+
+
+def _split(parts: list, wm: int, everything: bool = False):
+    """Rows released at watermark `wm` (ts < wm, sorted by ts, cpu, seq, as Arrow) and the rest."""
+    if isinstance(parts[0], Columns):
+        t = Columns.concat(parts)
+        ts = t.cols["ts"]
+        if everything or (len(ts) and ts.max() < wm):
+            ready, rest = np.arange(len(ts)), None
+        else:
+            mask = ts < wm
+            ready = np.flatnonzero(mask)
+            rest = t.take(np.flatnonzero(~mask)) if len(ready) < len(ts) else None
+        if not len(ready):
+            return None, t
+        sub = t.take(ready) if len(ready) < len(ts) else t
+        order = sub.sort_order()
+        if (np.diff(order) < 0).any():
+            sub = sub.take(order)
+        return sub.to_arrow(), rest
+    t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    if everything:
+        return t.sort_by(SORT_KEYS), None
+    ready = pc.less(t["ts"], pa.scalar(wm, pa.int64()))
+    now = t.filter(ready)
+    rest = t.filter(pc.invert(ready))
+    return (now.sort_by(SORT_KEYS) if now.num_rows else None), (rest if rest.num_rows else None)
 
 
 def _guid_str(lo: int, hi: int) -> str:
@@ -183,37 +211,36 @@ class EtlReader:
             if acc >= self.chunk_bytes or k == len(order) - 1:
                 plan.append((group, int(watermark[k])))
                 group, acc = [], 0
-        pending: dict[str, list[pa.Table]] = {}
+        pending: dict[str, list] = {}
         seq0 = 0
         last_ts = np.iinfo(np.int64).min
         done = 0
         for buffers, wm in plan:
             decoded, n = self._decode(buffers, seq0)
+            seq0 += n
             done += len(buffers)
             if progress is not None:
                 progress(done, len(idx))
-            seq0 += n
             for name, t in decoded.items():
                 pending.setdefault(name, []).append(t)
-            out: dict[str, pa.Table] = {}
-            for name in list(pending):
-                if not pending[name]:
-                    continue
-                t = pa.concat_tables(pending[name]) if len(pending[name]) > 1 else pending[name][0]
-                ready = pc.less(t["ts"], pa.scalar(wm, pa.int64()))
-                now = t.filter(ready)
-                rest = t.filter(pc.invert(ready))
-                pending[name] = [rest] if rest.num_rows else []
-                if now.num_rows:
-                    now = now.sort_by(SORT_KEYS)
-                    out[name] = now
+            out = {}
+            for name, parts in pending.items():
+                if parts:
+                    now, rest = _split(parts, wm)
+                    pending[name] = [rest] if rest is not None else []
+                    if now is not None:
+                        out[name] = now
             if out:
                 lo = min(int(t["ts"][0].as_py()) for t in out.values())
                 if lo < last_ts:
                     st.time_inversions += 1
                 last_ts = max(int(t["ts"][-1].as_py()) for t in out.values())
                 yield Batch(out)
-        rest = {n: pa.concat_tables(ts).sort_by(SORT_KEYS) for n, ts in pending.items() if ts}
+        rest = {}
+        for name, parts in pending.items():
+            if parts:
+                now, _ = _split(parts, np.iinfo(np.int64).max, everything=True)
+                rest[name] = now
         if rest:
             yield Batch(rest)
 

@@ -1,0 +1,74 @@
+"""Reader throughput and memory on a generated x64 pool trace with stacks.
+
+    python benchmarks/bench_reader.py [--events 1000000] [--compressed] [--keep]
+
+Generates the classic-leak scenario scaled to about --events records (pool alloc/free + stacks + rundown),
+then, in a fresh subprocess, reads it with EtlReader (every buffer decoded into typed tables, in time
+order) and reports records/s and peak RSS. Not a test: run it by hand and quote the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[2])
+from pooltrace.etl.reader import EtlReader
+t0 = time.perf_counter()
+rows = {}
+with EtlReader(sys.argv[1]) as r:
+    for b in r.batches():
+        for n, t in b.tables.items():
+            rows[n] = rows.get(n, 0) + t.num_rows
+    records = r.stats.records
+t = time.perf_counter() - t0
+print(json.dumps({"seconds": t, "records": records, "rows": rows,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--compressed", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the generated trace in benchmarks/out/")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    from pooltrace.synthetic import classic_leak
+
+    scale = max(1, round(args.events / 15_400))
+    t0 = time.perf_counter()
+    writer, truth = classic_leak(scale=scale, cpus=2, compressed=args.compressed, duration_s=60.0)
+    data = writer.to_bytes()
+    gen = time.perf_counter() - t0
+    out_dir = ROOT / "benchmarks" / "out" if args.keep else Path(tempfile.mkdtemp())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench-{truth.records}{'-c' if args.compressed else ''}.etl"
+    path.write_bytes(data)
+    print(f"generated {truth.records:,} records, {len(data) / 1e6:.1f} MB in {gen:.1f} s -> {path}")
+    runs = []
+    for _ in range(args.repeat):
+        res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(ROOT)], capture_output=True, text=True,
+                             check=True)
+        runs.append(json.loads(res.stdout))
+    best = min(runs, key=lambda r: r["seconds"])
+    print(f"reader: {best['records']:,} records in {best['seconds']:.2f} s = "
+          f"{best['records'] / best['seconds'] / 1e6:.2f} M records/s "
+          f"({len(data) / best['seconds'] / 1e6:.0f} MB/s); peak RSS {best['peak_rss_mb']:.0f} MB; rows {best['rows']}")
+    if not args.keep:
+        os.remove(path)
+
+
+if __name__ == "__main__":
+    main()
