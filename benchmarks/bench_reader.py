@@ -22,19 +22,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from pooltrace.etl.reader import EtlReader
 t0 = time.perf_counter()
 rows = {}
-with EtlReader(sys.argv[1]) as r:
+with EtlReader(sys.argv[1], chunk_bytes=int(sys.argv[3]) << 20) as r:
     for b in r.batches():
         for n, t in b.tables.items():
             rows[n] = rows.get(n, 0) + t.num_rows
     records = r.stats.records
 t = time.perf_counter() - t0
-print(json.dumps({"seconds": t, "records": records, "rows": rows,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: this process's own peak (ru_maxrss survives exec and would include the parent's)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"seconds": t, "records": records, "rows": rows, "peak_rss_mb": int(hwm) / 1024}))
 """
 
 
@@ -44,28 +45,36 @@ def main() -> None:
     ap.add_argument("--compressed", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the generated trace in benchmarks/out/")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--chunk-mb", type=int, default=4, help="reader chunk size")
+    ap.add_argument("--trace", help="read this trace instead of generating one")
     args = ap.parse_args()
     from pooltrace.synthetic import classic_leak
 
-    scale = max(1, round(args.events / 15_400))
-    t0 = time.perf_counter()
-    writer, truth = classic_leak(scale=scale, cpus=2, compressed=args.compressed, duration_s=60.0)
-    data = writer.to_bytes()
-    gen = time.perf_counter() - t0
-    out_dir = ROOT / "benchmarks" / "out" if args.keep else Path(tempfile.mkdtemp())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"bench-{truth.records}{'-c' if args.compressed else ''}.etl"
-    path.write_bytes(data)
-    print(f"generated {truth.records:,} records, {len(data) / 1e6:.1f} MB in {gen:.1f} s -> {path}")
+    if args.trace:
+        path = Path(args.trace)
+        size = path.stat().st_size
+        args.keep = True
+    else:
+        scale = max(1, round(args.events / 15_400))
+        t0 = time.perf_counter()
+        writer, truth = classic_leak(scale=scale, cpus=2, compressed=args.compressed, duration_s=60.0)
+        data = writer.to_bytes()
+        gen = time.perf_counter() - t0
+        out_dir = ROOT / "benchmarks" / "out" if args.keep else Path(tempfile.mkdtemp())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"bench-{truth.records}{'-c' if args.compressed else ''}.etl"
+        path.write_bytes(data)
+        size = len(data)
+        print(f"generated {truth.records:,} records, {size / 1e6:.1f} MB in {gen:.1f} s -> {path}")
     runs = []
     for _ in range(args.repeat):
-        res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(ROOT)], capture_output=True, text=True,
-                             check=True)
+        res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(ROOT), str(args.chunk_mb)],
+                             capture_output=True, text=True, check=True)
         runs.append(json.loads(res.stdout))
     best = min(runs, key=lambda r: r["seconds"])
     print(f"reader: {best['records']:,} records in {best['seconds']:.2f} s = "
           f"{best['records'] / best['seconds'] / 1e6:.2f} M records/s "
-          f"({len(data) / best['seconds'] / 1e6:.0f} MB/s); peak RSS {best['peak_rss_mb']:.0f} MB; rows {best['rows']}")
+          f"({size / best['seconds'] / 1e6:.0f} MB/s); peak RSS {best['peak_rss_mb']:.0f} MB; rows {best['rows']}")
     if not args.keep:
         os.remove(path)
 

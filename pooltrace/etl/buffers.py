@@ -12,6 +12,7 @@ CPU.
 from __future__ import annotations
 
 import heapq
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -57,6 +58,22 @@ class BufferIndex:
 
     def __len__(self) -> int:
         return len(self.offset)
+
+
+class FileBytes:
+    """A file read by slices with pread: unlike mmap, what has been read does not stay in the process's
+    resident memory, so memory stays proportional to the chunk being decoded, not to the file."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, item: slice) -> bytes:
+        start, stop, _ = item.indices(self.size)
+        return os.pread(self.fd, max(0, stop - start), start)
 
 
 class BufferSource:
@@ -118,8 +135,9 @@ def scan_buffers(data: bytes | memoryview) -> BufferIndex:
     trailing = 0
     unknown_ts = np.iinfo(np.int64).min
     while off + BUFFER_HEADER_SIZE <= n:
+        head_bytes = data[off:off + BUFFER_HEADER_SIZE + 32]
         (bsize, _saved, _cur, _ref, _ts, seq, _clk, proc, _lid, state, filled, flags,
-         _btype) = _HDR.unpack_from(data, off)
+         _btype) = _HDR.unpack_from(head_bytes, 0)
         if bsize == 0 or bsize == 0xFFFFFFFF:
             rest = bytes(data[off:off + 4096])
             if rest.strip(b"\x00") == b"" or rest.strip(b"\xff") == b"":
@@ -146,7 +164,7 @@ def scan_buffers(data: bytes | memoryview) -> BufferIndex:
             except ValueError:
                 head = b""
         else:
-            head = bytes(data[off + BUFFER_HEADER_SIZE: off + min(filled, BUFFER_HEADER_SIZE + 32)])
+            head = bytes(head_bytes[BUFFER_HEADER_SIZE:min(filled, BUFFER_HEADER_SIZE + 32)])
         ts = _first_ts(head)
         rows.append((off, bsize, filled, proc & PROCESSOR_INDEX_MASK, seq, flags, state,
                      unknown_ts if ts is None else ts))

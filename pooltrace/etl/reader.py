@@ -1,6 +1,6 @@
 """EtlReader: the one path from an .etl file to decoded kernel events.
 
-Opens the file (memory-mapped), parses the logfile header, indexes the buffers, then streams chunks
+Opens the file, parses the logfile header, indexes the buffers, then streams chunks
 of buffers in per-CPU merge order, decodes them (records.py, decode.py) and releases the typed tables
 in global time order: rows sorted by (raw timestamp, CPU, read sequence). Memory stays at about one
 buffer per CPU plus the rows waiting for the time watermark.
@@ -8,7 +8,6 @@ buffer per CPU plus the rows waiting for the time watermark.
 
 from __future__ import annotations
 
-import mmap
 import os
 import uuid
 from collections import Counter
@@ -26,6 +25,7 @@ from pooltrace.etl.buffers import (
     FLAG_COMPRESSED,
     FLAG_EVENTS_LOST,
     BufferSource,
+    FileBytes,
     reading_order,
     scan_buffers,
 )
@@ -128,7 +128,7 @@ def _starts_like_etl(data) -> bool:
 class EtlReader:
     """Read a Windows .etl file. Raises TraceError (one line) when the file is not a readable trace."""
 
-    def __init__(self, path: str | os.PathLike, chunk_bytes: int = 8 << 20):
+    def __init__(self, path: str | os.PathLike, chunk_bytes: int = 4 << 20):
         self.path = Path(path)
         self.chunk_bytes = chunk_bytes
         try:
@@ -139,7 +139,7 @@ class EtlReader:
         if size == 0:
             self.close()
             raise TraceError(f"{path}: empty file, not an .etl trace")
-        self._data = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._data = FileBytes(self._fh.fileno(), size)
         self.stats = ReadStats(file_size=size)
         if not _starts_like_etl(self._data):
             self.close()
@@ -155,9 +155,7 @@ class EtlReader:
                             f"file holds {len(self.index)}: the file is truncated")
 
     def close(self) -> None:
-        if getattr(self, "_data", None) is not None:
-            self._data.close()
-            self._data = None
+        self._data = None
         self._fh.close()
 
     def __enter__(self) -> EtlReader:
