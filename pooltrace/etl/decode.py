@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pooltrace.definitions import FIXED_TYPES, Layout, definitions
 from pooltrace.etl.columns import Columns
-from pooltrace.etl.records import CLASSIC, Chunk, Records
+from pooltrace.etl.records import IS_CLASSIC, Chunk, Records
 
 MAX_FRAMES = 192  # ETW_STACK_SW_ARRAY_SIZE (etl-format.md §2.2)
 
@@ -35,6 +35,24 @@ KTC_GUID = D.guids["KernelTraceControl"]
 KTC_GUID_HALVES = np.frombuffer(KTC_GUID.bytes_le, dtype="<u8")
 KTC_LAYOUTS = {D.ktc_opcodes[op]: name for name in ("ktc_image_id", "ktc_rsds")
                for op in D.layout_specs[name]["ktc_opcodes"]}
+
+def _hook_set(hooks) -> np.ndarray:
+    """A 64K lookup table: membership of a HookId (records without one carry -1, i.e. 0xFFFF here)."""
+    lut = np.zeros(65536, dtype=bool)
+    lut[np.asarray(list(hooks), dtype=np.int64)] = True
+    return lut
+
+
+IS_POOL = _hook_set(POOL_HOOKS.tolist())
+IS_SESSION = _hook_set(SESSION_HOOKS.tolist())
+IS_KEY_REF = _hook_set(KEY_REF_HOOKS.tolist())
+IS_KEY_DEF = _hook_set(KEY_DEF_HOOKS.tolist())
+IS_RARE = _hook_set(RARE_LAYOUTS)
+
+
+def in_set(lut: np.ndarray, hooks: np.ndarray) -> np.ndarray:
+    return lut[hooks & 0xFFFF]
+
 
 _U = {1: ("data", np.uint8), 2: ("u16", np.uint16), 4: ("u32", np.uint32), 8: ("u64", np.uint64)}
 
@@ -100,8 +118,8 @@ def _columns(parts: list[dict], valid: list[dict] | None = None, lists: str | No
 
 def decode_pool(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts, valid = [], []
-    for ptr, idx in _per_pointer_size(recs, np.isin(recs.hook, POOL_HOOKS)):
-        session = np.isin(recs.hook[idx], SESSION_HOOKS)
+    for ptr, idx in _per_pointer_size(recs, in_set(IS_POOL, recs.hook)):
+        session = in_set(IS_SESSION, recs.hook[idx])
         need = np.where(session, D.layout("pool_session", ptr).fixed_size, D.layout("pool", ptr).fixed_size)
         short = recs.payload_len[idx] < need
         if short.any():
@@ -145,7 +163,7 @@ def decode_stacks(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) ->
 
 def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
-    for ptr, idx in _per_pointer_size(recs, np.isin(recs.hook, KEY_REF_HOOKS)):
+    for ptr, idx in _per_pointer_size(recs, in_set(IS_KEY_REF, recs.hook)):
         lay = D.layout("stack_key_ref", ptr)
         short = recs.payload_len[idx] < lay.fixed_size
         if short.any():
@@ -164,7 +182,7 @@ def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) 
 
 def decode_key_defs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
-    for ptr, idx in _per_pointer_size(recs, np.isin(recs.hook, KEY_DEF_HOOKS)):
+    for ptr, idx in _per_pointer_size(recs, in_set(IS_KEY_DEF, recs.hook)):
         lay = D.layout("stack_key_def", ptr)
         n = (recs.payload_len[idx] - lay.fixed_size) // ptr
         bad = (n < 1) | (n > MAX_FRAMES)
@@ -242,8 +260,8 @@ def decode_fields(spec_fields: list, ptr: int, buf: bytes, pos: int, end: int,
 
 def decode_rare(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
-    kernel = np.flatnonzero(np.isin(recs.hook, list(RARE_LAYOUTS)))
-    classic = np.isin(recs.htype, CLASSIC)
+    kernel = np.flatnonzero(in_set(IS_RARE, recs.hook))
+    classic = IS_CLASSIC[recs.htype]
     ktc = np.flatnonzero(classic & (recs.guid[:, 0] == KTC_GUID_HALVES[0]) & (recs.guid[:, 1] == KTC_GUID_HALVES[1]))
     if not len(kernel) and not len(ktc):
         return rows

@@ -33,9 +33,9 @@ from pooltrace.etl.columns import Columns
 from pooltrace.etl.decode import decode_chunk
 from pooltrace.etl.logfile import LogfileHeader
 from pooltrace.etl.records import (
-    CLASSIC,
-    EVENT,
     HEADER_TYPE_NAMES,
+    IS_CLASSIC,
+    IS_EVENT,
     SYSTEM_LIKE,
     Chunk,
     decode_headers,
@@ -281,13 +281,13 @@ class EtlReader:
         if len(hooks):
             h, c = np.unique(hooks, return_counts=True)
             st.by_hook.update(dict(zip(h.tolist(), c.tolist(), strict=True)))
-        classic = np.isin(recs.htype, CLASSIC)
+        classic = IS_CLASSIC[recs.htype]
         if classic.any():
             keys = np.column_stack([recs.guid[classic], recs.opcode[classic].astype(np.uint64)])
             u, c = np.unique(keys, axis=0, return_counts=True)
             for (lo, hi, op), n in zip(u.tolist(), c.tolist(), strict=True):
                 st.by_classic[(_guid_str(lo, hi), int(op))] += n
-        event = np.isin(recs.htype, EVENT)
+        event = IS_EVENT[recs.htype]
         if event.any():
             u, c = np.unique(recs.guid[event], axis=0, return_counts=True)
             for (lo, hi), n in zip(u.tolist(), c.tolist(), strict=True):

@@ -47,6 +47,10 @@ for _t, _n in _HEADER_LEN.items():
     PTR_LUT[_t] = 8 if _t in _POINTER64 else 4
     HAS_TID_LUT[_t] = _t not in (PERFINFO32, PERFINFO64)
 SYSLIKE_LUT[list(SYSTEM_LIKE)] = True
+IS_CLASSIC = np.zeros(256, dtype=bool)
+IS_CLASSIC[list(CLASSIC)] = True
+IS_EVENT = np.zeros(256, dtype=bool)
+IS_EVENT[list(EVENT)] = True
 
 END = np.int64(2**62)  # next-slot value of a 0xFFFFFFFF end-of-buffer marker
 BAD = np.int64(2**62 + 1)  # next-slot value of a slot that cannot start a record
@@ -232,8 +236,8 @@ def decode_headers(chunk: Chunk) -> tuple[Records, list[tuple[int, int, str]], i
     has_tid = HAS_TID_LUT[htype] & ~message
     tid = np.where(has_tid, chunk.u32[slots * 2 + 2], NO_ID).astype(np.uint32)
     pid = np.where(has_tid, chunk.u32[slots * 2 + 3], NO_ID).astype(np.uint32)
-    classic = np.isin(htype, CLASSIC)
-    event = np.isin(htype, EVENT)
+    classic = IS_CLASSIC[htype]
+    event = IS_EVENT[htype]
     opcode = np.where(classic, b[pos + 4].astype(np.int64), np.where(event, b[pos + 0x2D].astype(np.int64), -1))
     version = np.where(classic, chunk.u16[slots * 4 + 3], np.where(event, b[pos + 0x2A], version))
     g = classic | event
