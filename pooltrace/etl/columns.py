@@ -18,7 +18,7 @@ class Columns:
     lists: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # name -> (offsets, values)
 
     def __len__(self) -> int:
-        return len(self.cols["ts"])
+        return len(next(iter(self.cols.values()))) if self.cols else 0
 
     def take(self, idx: np.ndarray) -> Columns:
         lists = {}

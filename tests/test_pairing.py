@@ -1,0 +1,124 @@
+"""Pairing invariants, property-tested on generated event streams against a direct statement of the
+rules (one event at a time, a dict of open allocations)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pooltrace.etl.columns import Columns
+from pooltrace.pairing import (
+    CLOSED_FREE,
+    CLOSED_LOST_FREE,
+    FREE_WITHOUT_ALLOC,
+    NO_TS,
+    OUTSTANDING,
+    Pairer,
+    PoolEvents,
+)
+
+# (is_alloc, namespace, address) — few addresses and namespaces so that keys collide a lot
+event = st.tuples(st.booleans(), st.sampled_from([0, 0, 0, 1, 2]), st.integers(0, 6))
+
+
+def make_events(evs, ts0=0) -> PoolEvents:
+    n = len(evs)
+    return PoolEvents(
+        ts=np.arange(ts0, ts0 + n, dtype=np.int64), alloc=np.array([e[0] for e in evs], dtype=bool),
+        namespace=np.array([e[1] for e in evs], dtype=np.int64),
+        address=np.array([0xFFFF800000000000 + 16 * e[2] for e in evs], dtype=np.uint64),
+        tag=np.full(n, 0x6B61654C, dtype=np.uint32), pool_type=np.zeros(n, dtype=np.uint32),
+        size=np.arange(1, n + 1, dtype=np.uint64) + ts0, session_id=np.array([max(e[1] - 1, 0) for e in evs],
+                                                                            dtype=np.uint32),
+        cpu=np.zeros(n, dtype=np.uint16), pid=np.zeros(n, dtype=np.uint32), tid=np.zeros(n, dtype=np.uint32),
+        stack=np.arange(ts0, ts0 + n, dtype=np.int64))
+
+
+def reference(evs):
+    """The rules, one event at a time: (alloc time, free time, kind) rows, -1 for a missing time."""
+    open_: dict = {}
+    rows = []
+    for t, (is_alloc, ns, addr) in enumerate(evs):
+        key = (ns, addr)
+        if is_alloc:
+            if key in open_:
+                rows.append((open_.pop(key), t, CLOSED_LOST_FREE))
+            open_[key] = t
+        elif key in open_:
+            rows.append((open_.pop(key), t, CLOSED_FREE))
+        else:
+            rows.append((-1, t, FREE_WITHOUT_ALLOC))
+    rows += [(t, -1, OUTSTANDING) for t in open_.values()]
+    return sorted(rows)
+
+
+def run(evs, cuts):
+    p = Pairer()
+    out = []
+    bounds = [0, *sorted({c % (len(evs) + 1) for c in cuts}), len(evs)]
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        if hi > lo:
+            out.append(p.feed(make_events(evs[lo:hi], ts0=lo)))
+    out.append(p.finish())
+    rows = Columns.concat([o for o in out if len(o)]) if any(len(o) for o in out) else None
+    return p, rows
+
+
+def as_tuples(rows):
+    if rows is None:
+        return []
+    c = rows.cols
+    return sorted(((-1 if a == NO_TS else a), (-1 if f == NO_TS else f), k)
+                  for a, f, k in zip(c["alloc_ts"].tolist(), c["free_ts"].tolist(), c["kind"].tolist(),
+                                     strict=True))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(event, max_size=60), st.lists(st.integers(0, 60), max_size=4))
+def test_pairing_follows_the_rules_however_batched(evs, cuts):
+    p, rows = run(evs, cuts)
+    assert as_tuples(rows) == reference(evs)
+    s = p.stats
+    allocs = sum(e[0] for e in evs)
+    assert s.allocs == allocs and s.frees == len(evs) - allocs
+    # every allocation appears exactly once: outstanding + freed + lost_free = allocs
+    assert s.outstanding + s.freed + s.lost_free == allocs
+    # a free closes at most one allocation
+    assert s.freed + s.free_without_alloc == s.frees
+    if rows is not None:
+        c = rows.cols
+        alloc_times = c["alloc_ts"][c["alloc_ts"] != NO_TS]
+        assert len(np.unique(alloc_times)) == len(alloc_times) == allocs
+        # nothing outstanding has a free; every closed row was freed after it was allocated
+        out = c["kind"] == OUTSTANDING
+        assert (c["free_ts"][out] == NO_TS).all()
+        closed = (c["kind"] == CLOSED_FREE) | (c["kind"] == CLOSED_LOST_FREE)
+        assert (c["free_ts"][closed] > c["alloc_ts"][closed]).all()
+        # attributes travel with their allocation: size and stack were set from the alloc event's time
+        has_alloc = c["alloc_ts"] != NO_TS
+        assert (c["size"][has_alloc] == c["alloc_ts"][has_alloc] + 1).all()
+        assert (c["alloc_stack"][has_alloc] == c["alloc_ts"][has_alloc]).all()
+        freed = c["kind"] == CLOSED_FREE
+        assert (c["free_stack"][freed] == c["free_ts"][freed]).all()
+
+
+def test_session_namespaces_do_not_mix():
+    # same address allocated in session 1 and session 2 and in non-session pool, freed in reverse order
+    evs = [(True, 1, 3), (True, 2, 3), (True, 0, 3), (False, 0, 3), (False, 2, 3), (False, 1, 3)]
+    p, rows = run(evs, [])
+    assert p.stats.freed == 3 and p.stats.lost_free == 0 and p.stats.free_without_alloc == 0
+    got = {(a, f) for a, f, _ in as_tuples(rows)}
+    assert got == {(0, 5), (1, 4), (2, 3)}
+
+
+def test_attributes_and_stacks_travel_with_rows():
+    evs = [(True, 0, 1), (True, 0, 2), (False, 0, 1), (True, 0, 1)]
+    p, rows = run(evs, [1, 3])
+    c = rows.cols
+    by_alloc = {a: i for i, a in enumerate(c["alloc_ts"].tolist())}
+    freed = by_alloc[0]
+    assert c["free_ts"][freed] == 2 and c["alloc_stack"][freed] == 0 and c["free_stack"][freed] == 2
+    assert c["size"][freed] == 1 and c["kind"][freed] == CLOSED_FREE
+    assert c["kind"][by_alloc[3]] == OUTSTANDING and c["kind"][by_alloc[1]] == OUTSTANDING
+    assert p.stats.outstanding_bytes == 2 + 4
