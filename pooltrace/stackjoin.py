@@ -1,0 +1,354 @@
+"""Stack attachment: give every pool event its call stack.
+
+A StackWalk event (or a stack-key reference) belongs to the event on the **same CPU with the same
+timestamp** (its EventTimeStamp; etl-format.md §2.2 — the timestamp alone mis-pairs on real traces).
+A kernel part and a user part may arrive separately, the user part when the thread returns to user mode,
+sometimes much later and on another CPU: a part that matches no event on its CPU is matched by
+(thread, timestamp) to an event whose thread is known. The final stack is kernel frames then user
+frames. Pool events with a PERFINFO header have no thread or process: they take those of their stack.
+
+Events are held back for a window of trace time (default 2 s) so that late parts can still arrive;
+released events stay in time order. Fragments are deduplicated by a 128-bit hash of their frames; a
+stack is the pair (kernel fragment, user fragment), numbered in order of first use. Stack-key
+references become placeholders (key, generation) resolved when the key's definition arrives
+(stackkeys.py states the rule), so nothing waits for a definition logged at the end of the trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pooltrace.etl.columns import Columns
+from pooltrace.pairing import NO_STACK
+
+NO_ID = 0xFFFFFFFF
+PLACEHOLDER = 1 << 40  # fragment ids at or above this are stack-key placeholders
+CPU_BITS = 12  # ETW processor index < 2048
+M1, M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * M2
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_segments(values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes of every segment values[offsets[i]:offsets[i+1]] (order-sensitive)."""
+    counts = np.diff(offsets)
+    if not len(counts):
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    pos = (np.arange(len(values), dtype=np.int64) - np.repeat(offsets[:-1], counts)).astype(np.uint64)
+    v = values.astype(np.uint64)
+    h = []
+    for seed in (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD1B54A32D192ED03)):
+        x = _mix(v ^ (pos * seed + seed))
+        s = np.add.reduceat(x, offsets[:-1]) if len(x) else np.zeros(len(counts), np.uint64)
+        s = np.where(counts > 0, s, np.uint64(0))
+        h.append(_mix(s ^ (counts.astype(np.uint64) * seed)))
+    return h[0], h[1]
+
+
+class FragmentStore:
+    """Distinct frame sequences (stack fragments), by id."""
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[int, int], int] = {}
+        self._frames: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def add(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Ids of the segments, creating new ones for frame sequences not seen before."""
+        h1, h2 = hash_segments(values, offsets)
+        pairs = np.stack([h1, h2], axis=1)
+        uniq, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+        ids = np.empty(len(uniq), dtype=np.int64)
+        for k, (a, b) in enumerate(uniq.tolist()):
+            i = self._ids.get((a, b))
+            if i is None:
+                i = self._ids[(a, b)] = len(self._frames)
+                j = int(first[k])
+                self._frames.append(values[offsets[j]:offsets[j + 1]].copy())
+            ids[k] = i
+        return ids[inverse.reshape(-1)]
+
+    def frames(self, frag: int) -> np.ndarray:
+        return self._frames[frag]
+
+
+class KeyPlaceholders:
+    """Stack-key references as (key, generation) placeholders: generation g of a key resolves to the
+    g-th definition of that key (0-based, time order) — the earliest definition at or after the ref."""
+
+    def __init__(self, fragments: FragmentStore) -> None:
+        self.fragments = fragments
+        self._defs: dict[int, list[int]] = {}  # key -> fragment ids of its definitions, in time order
+        self._ph: dict[tuple[int, int], int] = {}  # (key, generation) -> placeholder index
+        self._ph_list: list[tuple[int, int]] = []
+
+    def feed(self, refs: pa.Table | None, defs: pa.Table | None) -> np.ndarray:
+        """Placeholder fragment ids for the refs (same batch's defs considered first)."""
+        if defs is not None and defs.num_rows:
+            frames = defs["frames"].combine_chunks()
+            offsets = frames.offsets.to_numpy().astype(np.int64)
+            values = frames.values.to_numpy()
+            offsets = offsets - offsets[0]
+            frag = self.fragments.add(values, offsets)
+            dkey = defs["key"].to_numpy()
+            dts = defs["ts"].to_numpy()
+        else:
+            dkey = np.zeros(0, np.uint64)
+            dts = np.zeros(0, np.int64)
+            frag = np.zeros(0, np.int64)
+        if refs is None or not refs.num_rows:
+            for k, f in zip(dkey.tolist(), frag.tolist(), strict=True):
+                self._defs.setdefault(k, []).append(f)
+            return np.zeros(0, dtype=np.int64)
+        rkey = refs["key"].to_numpy()
+        rts = refs["ts"].to_numpy()
+        # generation = definitions of the key before this batch + those in the batch strictly earlier
+        gen = np.array([len(self._defs.get(k, ())) for k in rkey.tolist()], dtype=np.int64)
+        if len(dkey):
+            order = np.lexsort((dts, dkey))
+            sk, sts = dkey[order], dts[order]
+            lo = np.searchsorted(sk, rkey, side="left")
+            hi = np.searchsorted(sk, rkey, side="right")
+            for i in np.flatnonzero(hi > lo).tolist():  # refs whose key is also defined in this batch
+                gen[i] += int(np.searchsorted(sts[lo[i]:hi[i]], rts[i], side="left"))
+            for k, f in zip(sk.tolist(), frag[order].tolist(), strict=True):
+                self._defs.setdefault(k, []).append(f)
+        out = np.empty(len(rkey), dtype=np.int64)
+        for i, pair in enumerate(zip(rkey.tolist(), gen.tolist(), strict=True)):
+            j = self._ph.get(pair)
+            if j is None:
+                j = self._ph[pair] = len(self._ph_list)
+                self._ph_list.append(pair)
+            out[i] = PLACEHOLDER + j
+        return out
+
+    def resolve(self, frag: int) -> int | None:
+        """The fragment a placeholder stands for, None while its definition has not been seen."""
+        if frag < PLACEHOLDER:
+            return frag
+        key, gen = self._ph_list[frag - PLACEHOLDER]
+        defs = self._defs.get(key, [])
+        return defs[gen] if gen < len(defs) else None
+
+
+@dataclass
+class JoinStats:
+    stack_events: int = 0  # Stack events and stack-key references seen
+    attached: int = 0
+    attached_by_thread: int = 0  # parts matched by (thread, timestamp) on another CPU
+    unattached: int = 0  # stack parts that match no pool event
+    extra_parts: int = 0  # a second kernel (or user) part for the same event, ignored
+    unresolved_keys: int = 0  # set by StackTable.finish
+
+
+class StackTable:
+    """Stacks = distinct (kernel fragment, user fragment) pairs, numbered in order of first use."""
+
+    def __init__(self, fragments: FragmentStore, keys: KeyPlaceholders) -> None:
+        self.fragments = fragments
+        self.keys = keys
+        self._ids: dict[tuple[int, int], int] = {}
+        self.pairs: list[tuple[int, int]] = []
+
+    def ids(self, kfrag: np.ndarray, ufrag: np.ndarray) -> np.ndarray:
+        has = (kfrag >= 0) | (ufrag >= 0)
+        out = np.full(len(kfrag), NO_STACK, dtype=np.int64)
+        if not has.any():
+            return out
+        pairs = np.stack([kfrag[has], ufrag[has]], axis=1)
+        uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
+        ids = np.empty(len(uniq), dtype=np.int64)
+        for k, (a, b) in enumerate(uniq.tolist()):
+            i = self._ids.get((a, b))
+            if i is None:
+                i = self._ids[(a, b)] = len(self.pairs)
+                self.pairs.append((a, b))
+            ids[k] = i
+        out[has] = ids[inverse.reshape(-1)]
+        return out
+
+    def frames(self) -> tuple[list[np.ndarray], int]:
+        """Frames of every stack id (kernel part then user part) and how many stacks have a stack-key
+        part whose definition never arrived (those keep only the parts that resolved)."""
+        out, unresolved = [], 0
+        empty = np.zeros(0, dtype=np.uint64)
+        for a, b in self.pairs:
+            parts = []
+            for f in (a, b):
+                if f < 0:
+                    continue
+                r = self.keys.resolve(f)
+                if r is None:
+                    unresolved += 1
+                    continue
+                parts.append(self.fragments.frames(r))
+            out.append(np.concatenate(parts) if parts else empty)
+        return out, unresolved
+
+
+class StackJoiner:
+    """Feed it the reader's batches; it releases pool events (time order) with stack ids, W late."""
+
+    def __init__(self, start_ticks: int, window_ticks: int, pointer_size: int) -> None:
+        self.base = start_ticks
+        self.window = window_ticks
+        self.user_limit = np.uint64(0x0000800000000000 if pointer_size == 8 else 0x80000000)
+        self.fragments = FragmentStore()
+        self.keys = KeyPlaceholders(self.fragments)
+        self.stacks = StackTable(self.fragments, self.keys)
+        self.stats = JoinStats()
+        self._pool: list[pa.Table] = []
+        self._frag: list[Columns] = []  # pending parts: owner cpu/ts, tid, pid, frag id, user flag, seq
+
+    def feed(self, batch, watermark: int | None) -> pa.Table | None:
+        """Add one batch; return the pool events that can no longer receive a stack part."""
+        pool = batch.get("pool")
+        if pool is not None:
+            self._pool.append(pool)
+        self._add_parts(batch)
+        if watermark is None:
+            return None
+        return self._release(watermark - self.window)
+
+    def finish(self) -> pa.Table | None:
+        return self._release(None)
+
+    def _add_parts(self, batch) -> None:
+        stacks = batch.get("stacks")
+        refs = batch.get("key_refs")
+        defs = batch.get("key_defs")
+        parts = []
+        if stacks is not None and stacks.num_rows:
+            frames = stacks["frames"].combine_chunks()
+            offsets = frames.offsets.to_numpy().astype(np.int64)
+            offsets = offsets - offsets[0]
+            values = frames.values.to_numpy()
+            frag = self.fragments.add(values, offsets)
+            first = values[offsets[:-1]]
+            parts.append(self._parts(stacks, frag, first < self.user_limit))
+        ph = self.keys.feed(refs, defs)
+        if refs is not None and refs.num_rows:
+            parts.append(self._parts(refs, ph, refs["user"].to_numpy(zero_copy_only=False)))
+        for p in parts:
+            self.stats.stack_events += len(p)
+            self._frag.append(p)
+
+    @staticmethod
+    def _parts(t: pa.Table, frag: np.ndarray, user: np.ndarray) -> Columns:
+        return Columns({"cpu": t["cpu"].to_numpy(), "event_ts": t["event_ts"].to_numpy(),
+                        "tid": t["tid"].to_numpy(), "pid": t["pid"].to_numpy(), "frag": frag,
+                        "user": user.astype(bool), "seq": t["seq"].to_numpy()})
+
+    def _key(self, ts: np.ndarray, cpu: np.ndarray) -> np.ndarray:
+        return ((ts - self.base) << CPU_BITS) | cpu.astype(np.int64)
+
+    def _release(self, limit: int | None) -> pa.Table | None:
+        if not self._pool:
+            self._drop_parts(limit)
+            return None
+        pool = pa.concat_tables(self._pool) if len(self._pool) > 1 else self._pool[0]
+        ts = pool["ts"].to_numpy()
+        n_ready = len(ts) if limit is None else int(np.searchsorted(ts, limit, side="left"))
+        if n_ready == 0:
+            self._pool = [pool]
+            self._drop_parts(limit)
+            return None
+        ready, rest = pool.slice(0, n_ready), pool.slice(n_ready)
+        self._pool = [rest] if rest.num_rows else []
+        parts = Columns.concat(self._frag) if self._frag else None
+        out = self._attach(ready, parts, limit)
+        return out
+
+    def _drop_parts(self, limit: int | None) -> None:
+        if not self._frag:
+            return
+        parts = Columns.concat(self._frag)
+        if limit is None:
+            self.stats.unattached += len(parts)
+            self._frag = []
+            return
+        old = parts.cols["event_ts"] < limit
+        self.stats.unattached += int(old.sum())
+        self._frag = [parts.take(np.flatnonzero(~old))] if (~old).any() else []
+
+    def _attach(self, ready: pa.Table, parts: Columns | None, limit: int | None) -> pa.Table:
+        n = ready.num_rows
+        ts = ready["ts"].to_numpy()
+        cpu = ready["cpu"].to_numpy()
+        tid = ready["tid"].to_numpy().copy()
+        pid = ready["pid"].to_numpy().copy()
+        kfrag = np.full(n, -1, dtype=np.int64)
+        ufrag = np.full(n, -1, dtype=np.int64)
+        if parts is not None and len(parts):
+            pts = parts.cols["event_ts"]
+            mine = np.ones(len(pts), dtype=bool) if limit is None else pts < limit
+            cand = parts.take(np.flatnonzero(mine))
+            keep = parts.take(np.flatnonzero(~mine)) if (~mine).any() else None
+            self._frag = [keep] if keep is not None else []
+            # same CPU, same timestamp (sort parts by arrival so the first part wins)
+            ekey = self._key(ts, cpu)
+            order = np.argsort(ekey, kind="stable")
+            skey = ekey[order]
+            c = cand.cols
+            pkey = self._key(c["event_ts"], c["cpu"])
+            at = np.searchsorted(skey, pkey)
+            hit = (at < n) & (skey[np.minimum(at, n - 1)] == pkey)
+            owner = np.where(hit, order[np.minimum(at, n - 1)], -1)
+            self._apply(owner, c, kfrag, ufrag, tid, pid)
+            # parts on another CPU: by (thread, timestamp) against events whose thread is now known
+            left = np.flatnonzero(owner < 0)
+            if len(left):
+                ev_idx = np.flatnonzero(tid != NO_ID)
+                if len(ev_idx):
+                    order2 = np.lexsort((tid[ev_idx], ts[ev_idx]))
+                    e_ts, e_tid = ts[ev_idx][order2], tid[ev_idx][order2]
+                    p_ts, p_tid = c["event_ts"][left], c["tid"][left]
+                    lo = np.searchsorted(e_ts, p_ts, side="left")
+                    hi = np.searchsorted(e_ts, p_ts, side="right")
+                    owner2 = np.full(len(left), -1, dtype=np.int64)
+                    for j in np.flatnonzero(hi > lo).tolist():  # few: late parts on another CPU
+                        m = np.flatnonzero(e_tid[lo[j]:hi[j]] == p_tid[j])
+                        if len(m):
+                            owner2[j] = ev_idx[order2[lo[j] + m[0]]]
+                    sub = Columns({k: v[left] for k, v in c.items()})
+                    before = int((owner2 >= 0).sum())
+                    self._apply(owner2, sub.cols, kfrag, ufrag, tid, pid)
+                    self.stats.attached_by_thread += before
+                    owner[left] = owner2
+            self.stats.attached += int((owner >= 0).sum())
+            self.stats.unattached += int((owner < 0).sum())
+        stack = self.stacks.ids(kfrag, ufrag)
+        out = ready
+        for name, arr in (("tid", tid), ("pid", pid)):
+            out = out.set_column(out.schema.get_field_index(name), name, pa.array(arr, pa.uint32()))
+        return out.append_column("stack", pa.array(stack, pa.int64()))
+
+    def _apply(self, owner, c, kfrag, ufrag, tid, pid) -> None:
+        """Give each owner its first kernel part and first user part (parts are in arrival order)."""
+        got = np.flatnonzero(owner >= 0)
+        if not len(got):
+            return
+        got = got[np.argsort(c["seq"][got], kind="stable")]
+        for user, target in ((False, kfrag), (True, ufrag)):
+            sel = got[c["user"][got] == user]
+            own = owner[sel]
+            uniq, first = np.unique(own, return_index=True)
+            free = target[uniq] < 0
+            target[uniq[free]] = c["frag"][sel[first[free]]]
+            self.stats.extra_parts += int(len(sel) - free.sum())
+        # thread and process of PERFINFO events come from their stack
+        own = owner[got]
+        missing = tid[own] == NO_ID
+        tid[own[missing]] = c["tid"][got[missing]]
+        pid[own[missing]] = c["pid"][got[missing]]
