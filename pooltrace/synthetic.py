@@ -90,10 +90,23 @@ class Truth:
     outstanding_bytes: Counter = field(default_factory=Counter)
     stacks: int = 0
     records: int = 0
+    lost_free: int = 0
+    free_without_alloc: int = 0
 
     def as_dict(self) -> dict:
         return {"allocs": dict(self.allocs), "frees": dict(self.frees), "outstanding": dict(self.outstanding),
-                "outstanding_bytes": dict(self.outstanding_bytes), "stacks": self.stacks, "records": self.records}
+                "outstanding_bytes": dict(self.outstanding_bytes), "stacks": self.stacks, "records": self.records,
+                "lost_free": self.lost_free, "free_without_alloc": self.free_without_alloc}
+
+    def expected_pair(self) -> dict:
+        """The pairing diagnostics `pooltrace pair` must report for this scenario."""
+        allocs = sum(self.allocs.values())
+        return {"allocs": allocs, "frees": sum(self.frees.values()) + self.free_without_alloc,
+                "outstanding": {"count": sum(self.outstanding.values()),
+                                "bytes": sum(self.outstanding_bytes.values())},
+                "lost_free": self.lost_free, "free_without_alloc": self.free_without_alloc,
+                "allocations_with_stack": allocs, "allocations_without_stack": 0,
+                "stack_events_attached": self.stacks, "stack_events_with_no_owner": 0}
 
 
 USER_IMAGE = Module("leakapp.exe", 0x7FF6A1B20000, 0x24000, r"\Device\HarddiskVolume3\tools\leakapp.exe",
@@ -103,9 +116,13 @@ USER_FRAMES = [0x7FFE1C8CD0C4, USER_IMAGE.base + 0x1A2B, USER_IMAGE.base + 0x2C3
 
 def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1, cpus: int = 2,
                  pointer_size: int = 8, compressed: bool = False, seed: int = 1, shift: int = 0,
-                 duration_s: float = 10.0, with_user_stacks: bool = True) -> tuple[TraceWriter, Truth]:
+                 duration_s: float = 10.0, with_user_stacks: bool = True, debug_ids: bool | None = None,
+                 lost_frees: int = 3, frees_before: int = 40) -> tuple[TraceWriter, Truth]:
     """The classic case. `fixed` makes the leaking site free its blocks; `new_leak` plants a second leak
-    (tag Lea2); `scale` multiplies the event volume; `shift` moves kernel module bases (ASLR)."""
+    (tag Lea2); `scale` multiplies the event volume; `shift` moves kernel module bases (ASLR).
+    `debug_ids` (default: when compressed, i.e. a merged trace) adds KernelTraceControl ImageId and
+    DbgID_RSDS records; `lost_frees` free events are dropped (counted in the header's EventsLost) and
+    their addresses reused; `frees_before` frees hit blocks allocated before the trace."""
     if pointer_size != 8:
         raise ValueError("the classic scenario is an x64 trace; see tests for x86 traces")
     rng = random.Random(seed)
@@ -113,11 +130,17 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
     sites = _sites()
     start = 1_000_000_000
     w = TraceWriter(pointer_size=8, cpus=cpus, compressed=compressed, perf_freq=PERF_FREQ, start_qpc=start,
-                    os_build=19045, logger_name="pooltrace", logfile_name=r"C:\traces\sample-leak.etl")
+                    os_build=19045, logger_name="pooltrace", logfile_name=r"C:\traces\sample-leak.etl",
+                    events_lost=lost_frees)
+    if debug_ids is None:
+        debug_ids = compressed
     truth = Truth()
     # rundown at the start: images (kernel, then the app), processes, threads
     ts = start + 10
     for m in list(mods.values()) + [USER_IMAGE]:
+        if debug_ids:  # merged traces: same timestamp as the image event (etl-format.md §2.5)
+            w.ktc_image_id(0, ts, m.base, m.size, m.pid, m.timedatestamp, m.name)
+            w.ktc_rsds(0, ts, m.base, m.pid, m.guid, m.age, m.pdb)
         w.image(0, ts, 0x1403, m.base, m.size, m.pid, m.path, checksum=m.size ^ 0x5A5A, timedatestamp=m.timedatestamp)
         ts += 1
     w.process(0, ts, 0x0303, 4, 0, "System", "")
@@ -147,17 +170,28 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
         never_freed.add("new_leak")
 
     def alloc_addr(size: int) -> int:
+        if reuse:  # reuse a block whose free was lost right away: that makes the lost free visible
+            return reuse.pop()
         if free_addrs and rng.random() < 0.7:
             return free_addrs.pop(rng.randrange(len(free_addrs)))
         a = next_addr[0]
         next_addr[0] += (size + 0x1F) & ~0xF
         return a
 
+    dropped = [0]
+    reuse: set[int] = set()
+
     def flush_frees(until: int) -> None:
         while pending_frees and pending_frees[0][0] <= until:
             fts, addr, site = heapq.heappop(pending_frees)
             s = sites[site]
             cpu = rng.randrange(cpus)
+            if site == "irp" and dropped[0] < lost_frees:  # the free event is lost; the block is reused
+                dropped[0] += 1
+                truth.lost_free += 1
+                live.pop(addr, None)
+                reuse.add(addr)
+                continue
             hook = HOOK["free_session"] if "session" in s else HOOK["free"]
             w.pool(cpu, fts, hook, s["pool"], s["tag"], s["size"], addr, s.get("session"))
             truth.frees[site] += 1
@@ -192,6 +226,11 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
                 continue
         # stays outstanding: remember it so its address is not reused
     flush_frees(end)
+    # frees of blocks allocated before the trace began (AOFI)
+    for k in range(frees_before):
+        fts = start + 500 + k * 997
+        w.pool(k % cpus, fts, HOOK["free"], NONPAGED_NX, "Irp ", 0x118, 0xFFFFA27000000000 + 0x200 * k)
+        truth.free_without_alloc += 1
     for (site,) in live.values():
         truth.outstanding[site] += 1
         truth.outstanding_bytes[site] += sites[site]["size"]

@@ -32,7 +32,8 @@ def test_info_counts_match_the_ground_truth(name):
     ev = d["events"]
     assert ev["pool_alloc"] + ev["pool_alloc_session"] == sum(truth["allocs"].values())
     assert ev["pool_alloc_session"] == truth["allocs"]["gh05"]
-    assert ev["pool_free"] + ev["pool_free_session"] == sum(truth["frees"].values())
+    assert ev["pool_free"] + ev["pool_free_session"] == sum(truth["frees"].values()) + truth["free_without_alloc"]
+    assert d["lost"]["events_lost"] == truth["lost_free"]
     assert ev["stacks"] == truth["stacks"] and d["records"] == truth["records"]
     assert d["pool"]["tracing_enabled"] is True and d["pool"]["events_with_stack"] == 1.0
     assert d["verdict"].startswith("pool events with stacks")

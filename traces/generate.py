@@ -31,7 +31,8 @@ SAMPLES = {
 def build(name: str) -> tuple[bytes, str]:
     params = SAMPLES[name]
     writer, truth = classic_leak(**params)
-    meta = {"scenario": "classic_leak", "params": params, "truth": truth.as_dict()}
+    meta = {"scenario": "classic_leak", "params": params, "truth": truth.as_dict(),
+            "expected_pair": truth.expected_pair()}
     return writer.to_bytes(), json.dumps(meta, indent=2, sort_keys=True) + "\n"
 
 

@@ -17,8 +17,10 @@ def cli() -> None:
 
 
 from pooltrace.cli.info import info  # noqa: E402 - commands register after the group exists
+from pooltrace.cli.pair import pair  # noqa: E402
 
 cli.add_command(info)
+cli.add_command(pair)
 
 
 def main() -> None:

@@ -1,0 +1,305 @@
+"""`pooltrace pair`: read a trace once, attach stacks, pair allocations with frees, and write the
+dataset users analyze (schema in README.md, "Dataset"):
+
+    allocations.parquet  one row per allocation seen through its alloc and/or free event
+    stacks.parquet       stack_id, frames (innermost first), deduplicated
+    modules.parquet      every image seen, with its PDB identity when the trace carries it
+    trace.json           trace facts, events by kind, losses and pairing diagnostics
+
+Memory holds the open allocations, the distinct stacks and a short window of recent events, not the
+whole trace. The directory is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pooltrace import __version__
+from pooltrace.definitions import definitions
+from pooltrace.errors import PooltraceError
+from pooltrace.etl.columns import Columns
+from pooltrace.etl.images import image_file_name, join_debug_ids
+from pooltrace.etl.reader import EtlReader
+from pooltrace.pairing import (
+    CLOSED_FREE,
+    CLOSED_LOST_FREE,
+    FREE_WITHOUT_ALLOC,
+    NO_STACK,
+    NO_TS,
+    OUTSTANDING,
+    Pairer,
+    PoolEvents,
+)
+from pooltrace.stackjoin import StackJoiner
+from pooltrace.tags import format_tag
+from pooltrace.traceinfo import EVENT_KINDS
+
+D = definitions()
+H = D.hooks
+ALLOC_HOOKS = np.array([H["PoolAlloc"], H["PoolAllocSession"]])
+SESSION_HOOKS = np.array([H["PoolAllocSession"], H["PoolFreeSession"]])
+FATES = {CLOSED_FREE: "freed", CLOSED_LOST_FREE: "lost_free", FREE_WITHOUT_ALLOC: "free_without_alloc",
+         OUTSTANDING: "outstanding"}
+DEFAULT_WINDOW_S = 2.0
+
+ALLOCATIONS_SCHEMA = pa.schema([
+    ("tag", pa.string()), ("pool_type", pa.uint32()), ("paged", pa.bool_()), ("session", pa.bool_()),
+    ("session_id", pa.uint32()), ("size", pa.uint64()), ("address", pa.uint64()), ("alloc_ns", pa.int64()),
+    ("free_ns", pa.int64()), ("fate", pa.dictionary(pa.int8(), pa.string())), ("pid", pa.uint32()),
+    ("tid", pa.uint32()), ("cpu", pa.uint16()), ("alloc_stack", pa.int64()), ("free_stack", pa.int64()),
+])
+STACKS_SCHEMA = pa.schema([("stack_id", pa.int64()), ("frames", pa.list_(pa.uint64()))])
+MODULES_SCHEMA = pa.schema([
+    ("base", pa.uint64()), ("size", pa.uint64()), ("name", pa.string()), ("path", pa.string()),
+    ("pid", pa.uint32()), ("timedatestamp", pa.uint32()), ("checksum", pa.uint32()), ("pdb_name", pa.string()),
+    ("pdb_guid", pa.string()), ("pdb_age", pa.uint32()), ("load_ns", pa.int64()), ("unload_ns", pa.int64()),
+])
+
+
+def default_output(trace: Path) -> Path:
+    return trace.with_name(trace.stem + ".pooltrace")
+
+
+def _pool_events(t: pa.Table) -> PoolEvents:
+    hook = t["hook"].to_numpy()
+    session = np.isin(hook, SESSION_HOOKS)
+    sid = t["session_id"].fill_null(0).to_numpy().astype(np.uint32)
+    return PoolEvents(
+        ts=t["ts"].to_numpy(), alloc=np.isin(hook, ALLOC_HOOKS),
+        namespace=np.where(session, sid.astype(np.int64) + 1, 0), address=t["entry"].to_numpy(),
+        tag=t["tag"].to_numpy(), pool_type=t["pool_type"].to_numpy(), size=t["size"].to_numpy(),
+        session_id=np.where(session, sid, np.uint32(0xFFFFFFFF)).astype(np.uint32), cpu=t["cpu"].to_numpy(),
+        pid=t["pid"].to_numpy(), tid=t["tid"].to_numpy(), stack=t["stack"].to_numpy())
+
+
+class _RowWriter:
+    def __init__(self, path: Path, to_ns: Callable[[np.ndarray], np.ndarray]):
+        self.writer = pq.ParquetWriter(path, ALLOCATIONS_SCHEMA, compression="zstd")
+        self.to_ns = to_ns
+        self.tag_cache: dict[int, str] = {}
+        self.rows = 0
+        self.with_stack = 0
+        self.without_stack = 0
+
+    def write(self, rows: Columns) -> None:
+        if not len(rows):
+            return
+        c = rows.cols
+        tags = c["tag"]
+        uniq, inv = np.unique(tags, return_inverse=True)
+        names = [self.tag_cache.setdefault(int(t), format_tag(int(t))) for t in uniq.tolist()]
+        tag_arr = pa.DictionaryArray.from_arrays(pa.array(inv.reshape(-1).astype(np.int32)), pa.array(names))
+        alloc_known = c["alloc_ts"] != NO_TS
+        free_known = c["free_ts"] != NO_TS
+        alloc_ns = np.where(alloc_known, self.to_ns(np.where(alloc_known, c["alloc_ts"], 0)), 0)
+        free_ns = np.where(free_known, self.to_ns(np.where(free_known, c["free_ts"], 0)), 0)
+        session = c["session_id"] != 0xFFFFFFFF
+        has_stack = c["alloc_stack"] != NO_STACK
+        self.with_stack += int((has_stack & alloc_known).sum())
+        self.without_stack += int((~has_stack & alloc_known).sum())
+        kind = c["kind"]
+        fate = pa.DictionaryArray.from_arrays(pa.array(kind.astype(np.int8)), pa.array([FATES[k] for k in range(4)]))
+        table = pa.Table.from_arrays([
+            tag_arr.cast(pa.string()), pa.array(c["pool_type"].astype(np.uint32)),
+            pa.array((c["pool_type"] & 1).astype(bool)), pa.array(session),
+            pa.array(c["session_id"].astype(np.uint32), mask=~session), pa.array(c["size"].astype(np.uint64)),
+            pa.array(c["address"].astype(np.uint64)), pa.array(alloc_ns.astype(np.int64), mask=~alloc_known),
+            pa.array(free_ns.astype(np.int64), mask=~free_known), fate,
+            pa.array(c["pid"].astype(np.uint32)), pa.array(c["tid"].astype(np.uint32)),
+            pa.array(c["cpu"].astype(np.uint16)), pa.array(c["alloc_stack"], mask=~has_stack),
+            pa.array(c["free_stack"], mask=c["free_stack"] == NO_STACK),
+        ], schema=ALLOCATIONS_SCHEMA)
+        self.writer.write_table(table)
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _modules(tables: dict[str, list[pa.Table]], to_ns) -> pa.Table:
+    images = pa.concat_tables(tables["image"]) if tables["image"] else None
+    if images is None:
+        return MODULES_SCHEMA.empty_table()
+    rsds = pa.concat_tables(tables["ktc_rsds"]) if tables["ktc_rsds"] else None
+    ids = pa.concat_tables(tables["ktc_image_id"]) if tables["ktc_image_id"] else None
+    joined = join_debug_ids(images, rsds, ids).to_pylist()
+    open_: dict[tuple[int, int], dict] = {}
+    out: list[dict] = []
+    for r in joined:  # time order; a few thousand rows
+        key = (r["pid"], r["base"])
+        cur = open_.get(key)
+        if r["hook"] in (H["ImageLoad"], H["ImageDCStart"], H["ImageDCEnd"]):
+            if cur is not None and cur["path"] == r["filename"]:
+                for k in ("pdb_name", "pdb_guid", "pdb_age"):
+                    cur[k] = cur[k] or r[k]
+                cur["timedatestamp"] = cur["timedatestamp"] or r["timedatestamp"]
+                continue
+            cur = {"base": r["base"], "size": r["size"], "name": image_file_name(r["filename"]),
+                   "path": r["filename"], "pid": r["pid"], "timedatestamp": r["timedatestamp"],
+                   "checksum": r["checksum"], "pdb_name": r["pdb_name"], "pdb_guid": r["pdb_guid"],
+                   "pdb_age": r["pdb_age"],
+                   # rundown (DCStart/DCEnd) images were loaded before the trace: no load time
+                   "load_ns": int(to_ns(r["ts"])) if r["hook"] == H["ImageLoad"] else None, "unload_ns": None}
+            open_[key] = cur
+            out.append(cur)
+        elif r["hook"] == H["ImageUnload"]:
+            if cur is None:
+                cur = {"base": r["base"], "size": r["size"], "name": image_file_name(r["filename"]),
+                       "path": r["filename"], "pid": r["pid"], "timedatestamp": r["timedatestamp"],
+                       "checksum": r["checksum"], "pdb_name": r["pdb_name"], "pdb_guid": r["pdb_guid"],
+                       "pdb_age": r["pdb_age"], "load_ns": None, "unload_ns": None}
+                out.append(cur)
+            cur["unload_ns"] = int(to_ns(r["ts"]))
+            open_.pop(key, None)
+    return pa.Table.from_pylist(out, schema=MODULES_SCHEMA)
+
+
+def _dedup_stacks(frames: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Canonical stack ids when two ids hold the same frames (possible only through stack keys whose
+    definitions matched an explicit stack); None when every id is already distinct."""
+    seen: dict[bytes, int] = {}
+    remap = np.arange(len(frames), dtype=np.int64)
+    out: list[np.ndarray] = []
+    dup = False
+    for i, f in enumerate(frames):
+        k = f.tobytes()
+        j = seen.get(k)
+        if j is None:
+            seen[k] = len(out)
+            remap[i] = len(out)
+            out.append(f)
+        else:
+            remap[i] = j
+            dup = True
+    return (out, remap) if dup else (frames, None)
+
+
+def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S,
+               progress: Callable[[int, int], None] | None = None) -> dict:
+    """Pair a trace into a dataset directory; returns the trace.json content."""
+    trace = Path(trace)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise PooltraceError(f"{out_dir}: cannot create the dataset directory: {exc.strerror}") from None
+    try:
+        with EtlReader(trace) as reader:
+            meta = _pair(reader, tmp, window_s, progress)
+        (tmp / "trace.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _pair(reader: EtlReader, out: Path, window_s: float, progress) -> dict:
+    hdr = reader.header
+    tps = hdr.ticks_per_second or 10_000_000
+    joiner = StackJoiner(hdr.start_ticks, int(window_s * tps), hdr.pointer_size)
+    pairer = Pairer()
+    to_ns = hdr.ticks_to_ns if hdr.ticks_per_second else (lambda t: t)
+    rows = _RowWriter(out / "allocations.parquet", to_ns)
+    rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": []}
+    try:
+        for batch in reader.batches(progress):
+            for name in rare:
+                if batch.get(name) is not None:
+                    rare[name].append(batch.get(name))
+            now = max(int(t["ts"][-1].as_py()) for t in batch.tables.values())
+            released = joiner.feed(batch, now)
+            if released is not None and released.num_rows:
+                rows.write(pairer.feed(_pool_events(released)))
+        released = joiner.finish()
+        if released is not None and released.num_rows:
+            rows.write(pairer.feed(_pool_events(released)))
+        rows.write(pairer.finish())
+    finally:
+        rows.close()
+    frames, unresolved = joiner.stacks.frames()
+    frames, remap = _dedup_stacks(frames)
+    if remap is not None:
+        _remap_stacks(out / "allocations.parquet", remap)
+    lens = np.array([len(f) for f in frames], dtype=np.int64)
+    offsets = np.zeros(len(frames) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    values = np.concatenate(frames) if frames else np.zeros(0, np.uint64)
+    pq.write_table(pa.Table.from_arrays(
+        [pa.array(np.arange(len(frames), dtype=np.int64)),
+         pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.uint64)))],
+        schema=STACKS_SCHEMA), out / "stacks.parquet", compression="zstd")
+    modules = _modules(rare, to_ns)
+    pq.write_table(modules, out / "modules.parquet", compression="zstd")
+    return _trace_json(reader, pairer, joiner, rows, len(frames), unresolved, modules, window_s)
+
+
+def _remap_stacks(path: Path, remap: np.ndarray) -> None:
+    table = pq.read_table(path)
+    for name in ("alloc_stack", "free_stack"):
+        col = table[name].combine_chunks()
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        vals = col.fill_null(0).to_numpy()
+        table = table.set_column(table.schema.get_field_index(name), name,
+                                 pa.array(remap[vals], mask=~valid, type=pa.int64()))
+    pq.write_table(table, path, compression="zstd")
+
+
+def _trace_json(reader, pairer, joiner, rows, n_stacks, unresolved, modules, window_s) -> dict:
+    hdr, st = reader.header, reader.stats
+    ps, js = pairer.stats, joiner.stats
+    by = {kind: sum(st.by_hook.get(H[h], 0) for h in hooks) for kind, hooks in EVENT_KINDS.items()}
+    ktc = str(D.guids["KernelTraceControl"])
+    by["ktc_image_id"] = sum(n for (g, op), n in st.by_classic.items() if g == ktc and op == 0)
+    by["ktc_rsds"] = sum(n for (g, op), n in st.by_classic.items() if g == ktc and op in (0x24, 0x25))
+    pool_events = ps.allocs + ps.frees
+    diag = {
+        "allocs": ps.allocs, "frees": ps.frees,
+        "outstanding": {"count": ps.outstanding, "bytes": ps.outstanding_bytes},
+        "freed": ps.freed, "lost_free": ps.lost_free, "free_without_alloc": ps.free_without_alloc,
+        "allocations_with_stack": rows.with_stack, "allocations_without_stack": rows.without_stack,
+        "stack_events": js.stack_events, "stack_events_attached": js.attached,
+        "stack_events_attached_by_thread": js.attached_by_thread,
+        "stack_events_with_no_owner": js.unattached, "stack_parts_ignored": js.extra_parts,
+        "stacks_with_unresolved_key": unresolved, "distinct_stacks": n_stacks,
+        "events_lost": hdr.events_lost, "buffers_lost": hdr.buffers_lost,
+        "buffers_flagged_events_lost": st.buffers_flagged_events_lost,
+        "buffers_unreadable": st.buffers_skipped, "bytes_skipped": st.bytes_skipped,
+        "malformed_records": dict(st.malformed), "stack_window_s": window_s,
+    }
+    notes = []
+    if pool_events == 0:
+        notes.append("no pool events: this trace cannot show pool leaks; record with `pooltrace record`")
+    if js.stack_events and not js.attached and pool_events:
+        notes.append("no stack event belongs to a pool event: pool stacks were not recorded")
+    return {
+        "pooltrace_version": __version__,
+        "source": {"path": str(reader.path.resolve()), "size": st.file_size},
+        "os": {"version": hdr.os_version, "build": hdr.os_build}, "pointer_size": hdr.pointer_size,
+        "cpus": hdr.cpus, "clock": hdr.clock_name,
+        "start_time": hdr.start_datetime.isoformat().replace("+00:00", "Z") if hdr.start_datetime else None,
+        "duration_ns": (int(hdr.ticks_to_ns(st.last_ts)) if st.last_ts is not None and hdr.ticks_per_second
+                        else None),
+        "events": by, "records": st.records,
+        "lost": {"events": hdr.events_lost, "buffers": hdr.buffers_lost},
+        "modules": modules.num_rows,
+        "modules_with_pdb": int(pa.compute.sum(modules["pdb_guid"].is_valid()).as_py() or 0),
+        "pairing": diag, "notes": notes, "warnings": list(st.warnings),
+    }
