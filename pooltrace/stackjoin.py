@@ -67,8 +67,14 @@ class FragmentStore:
     def add(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Ids of the segments, creating new ones for frame sequences not seen before."""
         h1, h2 = hash_segments(values, offsets)
-        pairs = np.stack([h1, h2], axis=1)
-        uniq, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+        # group by the first hash (a fast 1-D sort); the second must then agree within every group
+        u1, first, inverse = np.unique(h1, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        if not (h2 == h2[first][inverse]).all():  # a 64-bit collision between different stacks
+            u, first, inverse = np.unique(np.stack([h1, h2], axis=1), axis=0, return_index=True,
+                                          return_inverse=True)
+            inverse = inverse.reshape(-1)
+        uniq = np.stack([h1[first], h2[first]], axis=1)
         ids = np.empty(len(uniq), dtype=np.int64)
         for k, (a, b) in enumerate(uniq.tolist()):
             i = self._ids.get((a, b))
@@ -152,6 +158,14 @@ class JoinStats:
     unresolved_keys: int = 0  # set by StackTable.finish
 
 
+def _compact(frag: np.ndarray) -> np.ndarray:
+    """Fragment ids (-1, explicit ids, placeholders) as distinct values below 2**31."""
+    out = np.where(frag >= PLACEHOLDER, frag - PLACEHOLDER + (1 << 30), frag) + 1
+    if len(out) and (out.max() >= 1 << 31 or out.min() < 0):
+        raise OverflowError("more than 2**30 distinct stack fragments")
+    return out.astype(np.int64)
+
+
 class StackTable:
     """Stacks = distinct (kernel fragment, user fragment) pairs, numbered in order of first use."""
 
@@ -166,9 +180,12 @@ class StackTable:
         out = np.full(len(kfrag), NO_STACK, dtype=np.int64)
         if not has.any():
             return out
-        pairs = np.stack([kfrag[has], ufrag[has]], axis=1)
-        uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
-        ids = np.empty(len(uniq), dtype=np.int64)
+        k, u = kfrag[has], ufrag[has]
+        code = (_compact(k) << 32) | _compact(u)  # one int64 per pair: a fast 1-D unique
+        ucode, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        uniq = np.stack([k[first], u[first]], axis=1)
+        ids = np.empty(len(ucode), dtype=np.int64)
         for k, (a, b) in enumerate(uniq.tolist()):
             i = self._ids.get((a, b))
             if i is None:
