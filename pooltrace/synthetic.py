@@ -213,7 +213,7 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
         frames = [mods[m].base + rva for m, rva in s["frames"]]
         w.stack(cpu, ets, ets, pid, tid, frames)
         truth.stacks += 1
-        if with_user_stacks and pid == 4242 and rng.random() < 0.5:
+        if with_user_stacks and pid == 4242:  # the syscall returns to user mode: a user part follows
             w.stack(cpu, ets + rng.randrange(5, 4000), ets, pid, tid, USER_FRAMES)
             truth.stacks += 1
         truth.allocs[site] += 1

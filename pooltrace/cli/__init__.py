@@ -18,9 +18,11 @@ def cli() -> None:
 
 from pooltrace.cli.info import info  # noqa: E402 - commands register after the group exists
 from pooltrace.cli.pair import pair  # noqa: E402
+from pooltrace.cli.report import report  # noqa: E402
 
 cli.add_command(info)
 cli.add_command(pair)
+cli.add_command(report)
 
 
 def main() -> None:

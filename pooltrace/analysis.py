@@ -1,0 +1,376 @@
+"""Analysis over a paired dataset: lifetime classes in a time window, filters, and outstanding
+allocations grouped by stack, allocating function (call site), module or tag.
+
+Outstanding = allocated inside the window and not freed by its end (WPA's AIFO). Lifetime classes for a
+window [start, end): AIFI allocated and freed inside; AIFO allocated inside, freed after or never;
+AOFI allocated before (or before the trace) and freed inside; AOFO allocated before, freed after or never.
+Everything is vectorized over the allocation rows; frames are rendered only for the distinct stacks that
+are shown.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pooltrace import __version__
+from pooltrace.errors import PooltraceError
+from pooltrace.modulemap import NONE, ModuleMap, frame_text
+
+LIFETIMES = ("AIFI", "AIFO", "AOFI", "AOFO")
+AIFI, AIFO, AOFI, AOFO, OUTSIDE = 0, 1, 2, 3, -1
+KERNEL_IMAGES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "ntkrla57.exe"}
+BY = ("stack", "function", "module", "tag")
+COLUMNS = ["tag", "pool_type", "paged", "session", "session_id", "size", "address", "alloc_ns", "free_ns", "fate",
+           "pid", "tid", "cpu", "alloc_stack"]
+
+
+@dataclass
+class Dataset:
+    path: Path
+    trace: dict
+    rows: dict[str, np.ndarray]  # allocation columns as numpy (nulls: alloc_ns/free_ns = NULL_NS, stack = -1)
+    tags: list[str]  # tag strings; rows["tag"] holds indices into this list
+    stacks: pa.ListArray
+    modules: pa.Table
+
+    @property
+    def n(self) -> int:
+        return len(self.rows["size"])
+
+
+NULL_NS = np.iinfo(np.int64).min
+
+
+def is_dataset(path: Path) -> bool:
+    return path.is_dir() and (path / "trace.json").is_file()
+
+
+def open_input(path: Path, *, progress: Callable | None = None) -> Dataset:
+    """A dataset directory, or an .etl paired on the fly into `<trace>.pooltrace/` beside it (reused while
+    newer than the trace and written by this version; in a temporary directory if that is not writable)."""
+    path = Path(path)
+    if is_dataset(path):
+        return load_dataset(path)
+    if path.is_dir():
+        raise PooltraceError(f"{path}: not a pooltrace dataset (no trace.json); give an .etl or a `pair` output")
+    if not path.exists():
+        raise PooltraceError(f"{path}: no such file")
+    from pooltrace.dataset import default_output, pair_trace
+
+    cache = default_output(path)
+    if is_dataset(cache) and _fresh(cache, path):
+        return load_dataset(cache)
+    try:
+        pair_trace(path, cache, progress=progress)
+        return load_dataset(cache)
+    except PooltraceError as exc:
+        if "cannot create the dataset directory" not in str(exc):
+            raise
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="pooltrace-")) / "ds"
+    pair_trace(path, tmp, progress=progress)
+    return load_dataset(tmp)
+
+
+def _fresh(cache: Path, trace: Path) -> bool:
+    try:
+        meta = json.loads((cache / "trace.json").read_text())
+        return (meta.get("pooltrace_version") == __version__ and
+                (cache / "trace.json").stat().st_mtime >= trace.stat().st_mtime and
+                meta.get("source", {}).get("size") == trace.stat().st_size)
+    except (OSError, ValueError):
+        return False
+
+
+def load_dataset(path: Path) -> Dataset:
+    try:
+        trace = json.loads((path / "trace.json").read_text())
+        table = pq.read_table(path / "allocations.parquet", columns=COLUMNS)
+        stacks = pq.read_table(path / "stacks.parquet")
+        modules = pq.read_table(path / "modules.parquet")
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise PooltraceError(f"{path}: unreadable dataset ({exc})") from None
+    tag = table["tag"].combine_chunks().dictionary_encode()
+    rows = {
+        "tag": tag.indices.to_numpy(zero_copy_only=False).astype(np.int32),
+        "fate": table["fate"].combine_chunks().dictionary_encode(),
+    }
+    for name in ("pool_type", "size", "address", "pid", "tid", "cpu"):
+        rows[name] = table[name].to_numpy()
+    rows["paged"] = table["paged"].to_numpy(zero_copy_only=False)
+    rows["session"] = table["session"].to_numpy(zero_copy_only=False)
+    rows["session_id"] = table["session_id"].fill_null(0xFFFFFFFF).to_numpy()
+    for name in ("alloc_ns", "free_ns"):
+        rows[name] = table[name].fill_null(NULL_NS).to_numpy()
+    rows["alloc_stack"] = table["alloc_stack"].fill_null(-1).to_numpy()
+    fate = rows.pop("fate")
+    rows["outstanding_at_end"] = np.isin(fate.indices.to_numpy(zero_copy_only=False),
+                                         [i for i, v in enumerate(fate.dictionary.to_pylist()) if v == "outstanding"])
+    order = np.argsort(stacks["stack_id"].to_numpy())
+    frames = stacks["frames"].combine_chunks().take(pa.array(order)) if stacks.num_rows else \
+        pa.array([], pa.list_(pa.uint64()))
+    return Dataset(path, trace, rows, tag.dictionary.to_pylist(), frames, modules)
+
+
+# ---- window and lifetimes ----------------------------------------------------------------------------
+
+@dataclass
+class Window:
+    start_ns: int
+    end_ns: int
+
+
+def parse_window(text: str | None, duration_ns: int | None) -> Window:
+    """START:END in seconds (``1.5``, ``2s``) or nanoseconds (``1500000000ns``), either side optional."""
+    end_default = (duration_ns if duration_ns is not None else np.iinfo(np.int64).max - 1) + 1
+    if not text:
+        return Window(0, end_default)
+    if ":" not in text:
+        raise PooltraceError(f"--window {text!r}: expected START:END (seconds, or ns with an 'ns' suffix)")
+    a, b = text.split(":", 1)
+    start = _time(a, 0)
+    end = _time(b, end_default)
+    if end <= start:
+        raise PooltraceError(f"--window {text!r}: the end must be after the start")
+    return Window(start, end)
+
+
+def _time(s: str, default: int) -> int:
+    s = s.strip()
+    if not s:
+        return default
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(ns|ms|us|s)?", s)
+    if not m:
+        raise PooltraceError(f"--window: bad time {s!r} (use seconds like 1.5 or 2s, or 1500000ns)")
+    scale = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, None: 1_000_000_000}[m.group(2)]
+    return round(float(m.group(1)) * scale) if scale != 1 else int(float(m.group(1)))
+
+
+def lifetimes(rows: dict[str, np.ndarray], w: Window) -> np.ndarray:
+    a, f = rows["alloc_ns"], rows["free_ns"]
+    known = a != NULL_NS
+    freed = f != NULL_NS
+    alloc_in = known & (a >= w.start_ns) & (a < w.end_ns)
+    alloc_before = ~known | (a < w.start_ns)
+    free_in = freed & (f >= w.start_ns) & (f < w.end_ns)
+    free_after = ~freed | (f >= w.end_ns)
+    out = np.full(len(a), OUTSIDE, dtype=np.int8)
+    out[alloc_in & free_in] = AIFI
+    out[alloc_in & free_after] = AIFO
+    out[alloc_before & free_in] = AOFI
+    out[alloc_before & free_after] = AOFO
+    return out
+
+
+def lifetime_totals(rows: dict[str, np.ndarray], cls: np.ndarray) -> dict:
+    size = rows["size"].astype(np.int64)
+    return {name: {"count": int((cls == k).sum()), "bytes": int(size[cls == k].sum())}
+            for k, name in enumerate(LIFETIMES)}
+
+
+# ---- filters ----------------------------------------------------------------------------------------
+
+def tag_matcher(patterns: list[str]) -> Callable[[str], bool]:
+    """poolmon-style: `?` one character, `*` the rest; case-sensitive; patterns shorter than 4 characters
+    without `*` are space-padded like tags."""
+    compiled = []
+    for p in patterns:
+        pad = p if "*" in p or len(p) >= 4 else p.ljust(4)
+        compiled.append(re.compile(fnmatch.translate(pad.replace("[", "[[]"))))
+    return lambda tag: any(c.match(tag) for c in compiled)
+
+
+@dataclass
+class Filters:
+    tags: list[str] = field(default_factory=list)
+    pool: str | None = None  # paged | nonpaged | session
+    pids: list[int] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)  # call-site module names (case-insensitive)
+    min_bytes: int = 0
+
+
+def row_mask(ds: Dataset, f: Filters) -> np.ndarray:
+    r = ds.rows
+    mask = np.ones(ds.n, dtype=bool)
+    if f.tags:
+        match = tag_matcher(f.tags)
+        ok = np.array([match(t) for t in ds.tags], dtype=bool)
+        mask &= ok[r["tag"]] if len(ok) else False
+    if f.pool == "paged":
+        mask &= r["paged"] & ~r["session"]
+    elif f.pool == "nonpaged":
+        mask &= ~r["paged"]
+    elif f.pool == "session":
+        mask &= r["session"]
+    if f.pids:
+        mask &= np.isin(r["pid"], f.pids)
+    return mask
+
+
+# ---- frames and call sites --------------------------------------------------------------------------
+
+class FrameRenderer:
+    """Renders stack frames (module!function+0xoff, module+0xrva, 0xaddress) for distinct stacks."""
+
+    def __init__(self, ds: Dataset, symbolizer=None):
+        self.ds = ds
+        self.map = ModuleMap(ds.modules, ds.trace.get("pointer_size", 8))
+        self.sym = symbolizer
+        self._cache: dict[int, tuple[list[str], list[int]]] = {}
+
+    def stack(self, stack_id: int, pid: int = 0, ns: int = 0) -> tuple[list[str], list[int]]:
+        """Frame texts and module rows (-1 outside every module), innermost first."""
+        hit = self._cache.get(stack_id)
+        if hit is not None:
+            return hit
+        if stack_id < 0 or stack_id >= len(self.ds.stacks):
+            return [], []
+        addrs = self.ds.stacks[stack_id].values.to_numpy() if self.ds.stacks[stack_id].is_valid else np.zeros(0)
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        mod, rva = self.map.locate(addrs, pid, ns)
+        syms = None
+        if self.sym is not None and len(addrs):
+            ret = np.ones(len(addrs), dtype=bool)
+            ret[0] = False  # frame 0 is the instruction pointer; the others are return addresses
+            syms = [None] * len(addrs)
+            for is_ret in (False, True):
+                sel = np.flatnonzero(ret == is_ret)
+                if len(sel):
+                    got = self.sym.lookup(mod[sel], rva[sel], return_address=is_ret)
+                    for k, s in zip(sel.tolist(), got, strict=True):
+                        syms[k] = s
+        texts = []
+        for k, (m, r, a) in enumerate(zip(mod.tolist(), rva.tolist(), addrs.tolist(), strict=True)):
+            name = self.map.names[m] if m != NONE else None
+            texts.append(frame_text(name, r, a, syms[k] if syms else None))
+        out = (texts, mod.tolist())
+        self._cache[stack_id] = out
+        return out
+
+    def call_site(self, stack_id: int, pid: int = 0, ns: int = 0) -> tuple[str, str]:
+        """(function key, module name) of the allocating call site: the first frame outside the kernel
+        image. With symbols the key is ``module!function``, without it the call site ``module+0xrva``."""
+        texts, mods = self.stack(stack_id, pid, ns)
+        for t, m in zip(texts, mods, strict=True):
+            name = self.map.names[m] if m != NONE else None
+            if name is not None and name.lower() in KERNEL_IMAGES:
+                continue
+            key = t.split("+0x", 1)[0] if "!" in t else t
+            return key, (name or "?")
+        if texts:  # every frame is in the kernel image: the allocator's caller is the call site
+            k = 1 if len(texts) > 1 else 0
+            return (texts[k].split("+0x", 1)[0] if "!" in texts[k] else texts[k]), (
+                self.map.names[mods[k]] if mods[k] != NONE else "?")
+        return "<no stack>", "<no stack>"
+
+
+# ---- grouping ---------------------------------------------------------------------------------------
+
+@dataclass
+class Group:
+    key: list[str]  # frames innermost first (by stack) or the single key
+    count: int
+    bytes: int
+    tags: dict[str, int]
+    stack_ids: list[int]
+    first_row: int  # a representative row (for pid / time when rendering)
+
+
+def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRenderer, f: Filters,
+                       top: int | None = None) -> list[Group]:
+    """Group the rows `sel` (indices) by `by`; filters on call-site module and min bytes; sorted by bytes."""
+    r = ds.rows
+    stack = r["alloc_stack"][sel]
+    size = r["size"][sel].astype(np.int64)
+    tags = r["tag"][sel]
+    gkey = tags.astype(np.int64) if by == "tag" else stack
+    uniq, first, inv = np.unique(gkey, return_index=True, return_inverse=True)
+    inv = inv.reshape(-1)
+    counts = np.bincount(inv, minlength=len(uniq))
+    nbytes = np.bincount(inv, weights=size, minlength=len(uniq)).astype(np.int64)
+    # per-(group, tag) bytes
+    tag_pairs = inv.astype(np.int64) * (len(ds.tags) + 1) + tags
+    tp, tp_inv = np.unique(tag_pairs, return_inverse=True)
+    tp_bytes = np.bincount(tp_inv.reshape(-1), weights=size, minlength=len(tp)).astype(np.int64)
+    group_tags: dict[int, dict[str, int]] = {}
+    for code, b in zip(tp.tolist(), tp_bytes.tolist(), strict=True):
+        g, t = divmod(code, len(ds.tags) + 1)
+        group_tags.setdefault(g, {})[ds.tags[t]] = b
+    pid = r["pid"][sel]
+    ans = r["alloc_ns"][sel]
+    groups: dict[tuple, Group] = {}
+    want_mod = {m.lower() for m in f.modules}
+    for g in range(len(uniq)):
+        row = int(first[g])
+        rep_pid = int(pid[row]) if pid[row] != 0xFFFFFFFF else 0
+        rep_ns = int(ans[row]) if ans[row] != NULL_NS else 0
+        sid = int(stack[row])
+        if by == "tag":
+            key = [ds.tags[int(uniq[g])]]
+            mod_name = None
+        else:
+            site, mod_name = render.call_site(sid, rep_pid, rep_ns)
+            if by == "stack":
+                texts = render.stack(sid, rep_pid, rep_ns)[0] if sid >= 0 else []
+                key = texts or ["<no stack>"]
+            elif by == "function":
+                key = [site]
+            else:
+                key = [mod_name]
+        if want_mod and by != "tag" and (mod_name or "").lower() not in want_mod:
+            continue
+        k = tuple(key)
+        cur = groups.get(k)
+        if cur is None:
+            groups[k] = Group(list(key), int(counts[g]), int(nbytes[g]), dict(group_tags.get(g, {})), [sid],
+                              int(sel[row]))
+        else:
+            cur.count += int(counts[g])
+            cur.bytes += int(nbytes[g])
+            cur.stack_ids.append(sid)
+            for t, b in group_tags.get(g, {}).items():
+                cur.tags[t] = cur.tags.get(t, 0) + b
+    out = [g for g in groups.values() if g.bytes >= f.min_bytes]
+    out.sort(key=lambda g: (-g.bytes, -g.count, g.key))
+    for g in out:
+        g.tags = dict(sorted(g.tags.items(), key=lambda kv: (-kv[1], kv[0])))
+    return out[:top] if top else out
+
+
+@dataclass
+class Report:
+    trace: dict
+    window: Window
+    lifetimes: dict
+    outstanding_count: int
+    outstanding_bytes: int
+    by: str
+    groups: list[Group]
+    rows: np.ndarray  # indices of the outstanding rows (after filters)
+
+
+def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, render: FrameRenderer,
+                 top: int | None) -> Report:
+    mask = row_mask(ds, filters)
+    cls = lifetimes(ds.rows, window)
+    sel = np.flatnonzero(mask & (cls == AIFO))
+    groups = outstanding_groups(ds, sel, by, render, filters, None)
+    if filters.modules or filters.min_bytes:  # totals follow the group filters
+        keep = set()
+        for g in groups:
+            keep.update(g.stack_ids)
+        if by != "tag" and filters.modules:
+            sel = sel[np.isin(ds.rows["alloc_stack"][sel], list(keep))]
+    total_bytes = int(ds.rows["size"][sel].astype(np.int64).sum())
+    return Report(ds.trace, window, lifetime_totals({k: v[mask] for k, v in ds.rows.items()}, cls[mask]),
+                  len(sel), total_bytes, by, groups[:top] if top else groups, sel)

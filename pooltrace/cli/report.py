@@ -1,0 +1,118 @@
+"""``pooltrace report INPUT``: outstanding allocations grouped by stack, call site, module or tag."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+
+from pooltrace.analysis import BY, NULL_NS, Filters, FrameRenderer, build_report, open_input, parse_window
+from pooltrace.cli.common import progress_bar, quiet_option, user_errors
+from pooltrace.errors import PooltraceError
+from pooltrace.reporters import structured, text
+
+FORMATS = ("text", "json", "csv", "folded", "pprof", "html")
+LIST_LIMIT = 1000
+
+
+def make_symbolizer(ds, symbols: str | None, no_symbols: bool, input_path: Path, quiet: bool):
+    """The Symbolizer for a dataset, searching the trace's own directory (shipped sample PDBs) offline."""
+    try:
+        from pooltrace.symbols import Symbolizer
+    except ImportError:  # TODO(integration): symbols package lands with issue 5
+        return None
+    local = [input_path.parent if input_path.is_file() else input_path, ds.path]
+    return Symbolizer(ds.modules, symbol_path=symbols, enabled=not no_symbols, local_dirs=local,
+                      progress=not quiet, warn=lambda m: click.echo(f"warning: {m}", err=True))
+
+
+def common_options(func):
+    for opt in reversed([
+        click.option("--window", help="START:END in seconds (1.5, 2s) or ns (1500ns); either side optional."),
+        click.option("--tag", "tags", multiple=True, help="Pool tag, as poolmon prints it; ? and * wildcards. "
+                                                          "Repeatable."),
+        click.option("--pool", type=click.Choice(["paged", "nonpaged", "session"])),
+        click.option("--pid", "pids", type=int, multiple=True, help="Allocating process id. Repeatable."),
+        click.option("--module", "modules", multiple=True, help="Module of the allocating call site. Repeatable."),
+        click.option("--min-bytes", type=click.IntRange(min=0), default=0, help="Hide groups smaller than this."),
+        click.option("--symbols", help="Symbol path (_NT_SYMBOL_PATH syntax); default $_NT_SYMBOL_PATH, offline."),
+        click.option("--no-symbols", is_flag=True, help="Print module+0xrva, never load PDBs."),
+    ]):
+        func = opt(func)
+    return func
+
+
+@click.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--by", type=click.Choice(BY), default="stack", show_default=True,
+              help="Group by allocating stack, call site (first frame outside ntoskrnl), its module, or tag.")
+@common_options
+@click.option("--top", type=click.IntRange(min=1), help="Show the N largest groups [text: 20].")
+@click.option("--list", "list_blocks", is_flag=True, help="Also list the outstanding blocks themselves.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write to FILE.")
+@quiet_option
+@user_errors
+def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, top,
+           list_blocks, fmt, output, quiet) -> None:
+    """Outstanding pool allocations (allocated inside the window, not freed by its end — WPA's AIFO),
+    grouped and symbolized. INPUT is an .etl (paired on the fly into INPUT.pooltrace/) or a dataset."""
+    if fmt in ("pprof",) and output is None:
+        raise PooltraceError("--format pprof is binary: give -o FILE")
+    with progress_bar(input_path, quiet, "pairing") as progress:
+        ds = open_input(input_path, progress=progress)
+    win = parse_window(window, ds.trace.get("duration_ns"))
+    filters = Filters(list(tags), pool, list(pids), list(modules), min_bytes)
+    render = FrameRenderer(ds, make_symbolizer(ds, symbols, no_symbols, input_path, quiet))
+    if top is None and fmt == "text":
+        top = 20
+    rep = build_report(ds, window=win, by=by, filters=filters, render=render, top=top)
+    blocks = _blocks(ds, rep, render, win) if list_blocks else None
+    if fmt == "text":
+        if output:
+            with open(output, "w", encoding="utf-8") as fh:
+                text.render(rep, Console(file=fh, width=100, highlight=False, color_system=None), blocks)
+        else:
+            text.render(rep, Console(width=100, highlight=False), blocks)
+        return
+    if fmt == "pprof":
+        from pooltrace.reporters import pprof
+
+        output.write_bytes(pprof.to_pprof(rep))
+        return
+    if fmt == "html":
+        from pooltrace.reporters import html
+
+        out = html.to_html(rep, ds, render)
+    elif fmt == "json":
+        out = structured.to_json(rep)
+        if blocks is not None:
+            data = json.loads(out)
+            data["blocks"] = blocks
+            out = json.dumps(data, indent=2) + "\n"
+    elif fmt == "csv":
+        out = structured.to_csv(rep)
+    else:
+        out = structured.to_folded(rep)
+    if output:
+        output.write_text(out, encoding="utf-8")
+    else:
+        click.echo(out, nl=False)
+
+
+def _blocks(ds, rep, render, win) -> list[dict]:
+    r = ds.rows
+    sel = rep.rows[np.argsort(-r["size"][rep.rows].astype(np.int64), kind="stable")][:LIST_LIMIT]
+    end = min(win.end_ns, (ds.trace.get("duration_ns") or win.end_ns))
+    out = []
+    for i in sel.tolist():
+        sid = int(r["alloc_stack"][i])
+        pid = int(r["pid"][i])
+        frames = render.stack(sid, pid if pid != 0xFFFFFFFF else 0, int(r["alloc_ns"][i]))[0] if sid >= 0 else []
+        out.append({"address": int(r["address"][i]), "tag": ds.tags[int(r["tag"][i])], "size": int(r["size"][i]),
+                    "alloc_ns": int(r["alloc_ns"][i]) if r["alloc_ns"][i] != NULL_NS else None,
+                    "age_ns": int(end - r["alloc_ns"][i]), "pid": pid, "tid": int(r["tid"][i]), "frames": frames})
+    return out

@@ -1,0 +1,77 @@
+"""One self-contained HTML file (no network): a flame graph of outstanding bytes by stack with search and
+tooltips, a sortable table of the groups, and outstanding bytes over time for the top tags.
+
+The template (report.html, beside this module) receives the data as JSON inside a
+<script type="application/json"> element with every `<` escaped; the page inserts trace strings with
+textContent only, so nothing from a trace is ever parsed as markup.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from importlib import resources
+
+import numpy as np
+
+from pooltrace.analysis import NULL_NS, Dataset, Report, row_mask
+from pooltrace.reporters.text import _site
+
+POINTS = 120
+TOP_TAGS = 5
+
+
+def _template() -> str:
+    return resources.files("pooltrace.reporters").joinpath("report.html").read_text(encoding="utf-8")
+
+
+def series(ds: Dataset, report: Report) -> dict:
+    """Per top tag: bytes allocated inside the window and not yet freed, sampled over the window."""
+    w = report.window
+    end = min(w.end_ns, (ds.trace.get("duration_ns") or w.end_ns) + 1)
+    t = np.linspace(w.start_ns, end, POINTS).astype(np.int64)
+    r = ds.rows
+    by_tag: dict[str, int] = {}
+    for g in report.groups:
+        for tag, b in g.tags.items():
+            by_tag[tag] = by_tag.get(tag, 0) + b
+    lines = []
+    index = {name: i for i, name in enumerate(ds.tags)}
+    base = np.flatnonzero(row_mask(ds, _no_filters()))
+    for tag in sorted(by_tag, key=lambda k: -by_tag[k])[:TOP_TAGS]:
+        rows = base[r["tag"][base] == index[tag]]
+        a, f, s = r["alloc_ns"][rows], r["free_ns"][rows], r["size"][rows].astype(np.int64)
+        inside = (a != NULL_NS) & (a >= w.start_ns) & (a < end)
+        a, f, s = a[inside], f[inside], s[inside]
+        f = np.where(f == NULL_NS, np.iinfo(np.int64).max, f)
+        oa = np.argsort(a)
+        cum_a = np.concatenate([[0], np.cumsum(s[oa])])
+        of = np.argsort(f)
+        cum_f = np.concatenate([[0], np.cumsum(s[of])])
+        live = cum_a[np.searchsorted(a[oa], t, side="right")] - cum_f[np.searchsorted(f[of], t, side="right")]
+        lines.append({"tag": tag, "bytes": live.tolist()})
+    return {"t": t.tolist(), "lines": lines}
+
+
+def _no_filters():
+    from pooltrace.analysis import Filters
+
+    return Filters()
+
+
+def to_html(report: Report, ds: Dataset, render=None) -> str:
+    t = report.trace
+    meta = (f"{t.get('source', {}).get('path', '?')} — Windows build {t.get('os', {}).get('build', '?')}, "
+            f"{t.get('cpus', '?')} CPUs; window {report.window.start_ns / 1e9:.3f}–"
+            f"{min(report.window.end_ns, (t.get('duration_ns') or 0) + 1) / 1e9:.3f} s; outstanding "
+            f"{report.outstanding_count:,} blocks, {report.outstanding_bytes:,} bytes; lifetimes " +
+            ", ".join(f"{k} {v['count']:,}" for k, v in report.lifetimes.items()))
+    groups = [{"frames": g.key, "bytes": g.bytes, "count": g.count, "tags": g.tags,
+               "site": _site(g.key) if report.by == "stack" else g.key[0]} for g in report.groups]
+    data = json.dumps({"meta": meta, "groups": groups, "series": series(ds, report)}, separators=(",", ":"))
+    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    name = str(t.get("source", {}).get("path", "report")).replace("\\", "/").rsplit("/", 1)[-1]
+    keyname = {"stack": "allocating frame (call site)"}.get(report.by, report.by)
+    page = _template()
+    return (page.replace("__TITLE__", html.escape(name)).replace("__KEYNAME__", html.escape(keyname))
+            .replace("__DATA__", data))

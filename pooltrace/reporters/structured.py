@@ -1,0 +1,49 @@
+"""Machine-readable report formats: JSON (stable shape, documented in the README), CSV, and folded
+stacks (flamegraph.pl / speedscope input)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from pooltrace.analysis import Report
+
+
+def trace_summary(report: Report) -> dict:
+    t = report.trace
+    return {"source": t.get("source", {}).get("path"), "os_build": t.get("os", {}).get("build"),
+            "pointer_size": t.get("pointer_size"), "cpus": t.get("cpus"), "start_time": t.get("start_time"),
+            "duration_ns": t.get("duration_ns"), "events_lost": t.get("lost", {}).get("events", 0),
+            "buffers_lost": t.get("lost", {}).get("buffers", 0)}
+
+
+def to_json(report: Report) -> str:
+    data = {
+        "trace": trace_summary(report),
+        "window": {"start_ns": report.window.start_ns, "end_ns": report.window.end_ns},
+        "by": report.by,
+        "totals": {"outstanding_count": report.outstanding_count, "outstanding_bytes": report.outstanding_bytes,
+                   "lifetimes": report.lifetimes},
+        "groups": [{"frames": g.key, "count": g.count, "bytes": g.bytes, "tags": g.tags} for g in report.groups],
+    }
+    return json.dumps(data, indent=2) + "\n"
+
+
+def to_csv(report: Report) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["rank", "bytes", "count", "tags", report.by if report.by != "stack" else "frames"])
+    for i, g in enumerate(report.groups, 1):
+        tags = ";".join(f"{t}={b}" for t, b in g.tags.items())
+        w.writerow([i, g.bytes, g.count, tags, " <- ".join(g.key) if report.by == "stack" else g.key[0]])
+    return out.getvalue()
+
+
+def to_folded(report: Report) -> str:
+    """One line per group: frames outermost first, `;`-separated, then the outstanding bytes."""
+    lines = []
+    for g in report.groups:
+        frames = [f.replace(";", ":").replace(" ", "_") for f in reversed(g.key)]
+        lines.append(f"{';'.join(frames)} {g.bytes}")
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -1,0 +1,93 @@
+"""The text report: header with the window and lifetime counts, a table of the top groups, and for
+`--by stack` an indented caller tree of the leading stacks — readable in 100 columns."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pooltrace.analysis import KERNEL_IMAGES, LIFETIMES, Report
+
+TREE_STACKS = 5
+MAX_INDENT = 12
+
+
+def _secs(ns: int) -> str:
+    return f"{ns / 1e9:.3f} s"
+
+
+def render(report: Report, console: Console, blocks: list[dict] | None = None) -> None:
+    t = report.trace
+    w = report.window
+    end = w.end_ns - 1 if t.get("duration_ns") is None or w.end_ns <= t["duration_ns"] + 1 else t["duration_ns"]
+    console.print(Text(f"{t.get('source', {}).get('path', '?')} — Windows build {t.get('os', {}).get('build', '?')}, "
+                       f"{t.get('cpus', '?')} CPUs, {_secs(t.get('duration_ns') or 0)}"))
+    console.print(Text(f"window {_secs(w.start_ns)} .. {_secs(max(end, w.start_ns))}; outstanding (AIFO): "
+                       f"{report.outstanding_count:,} blocks, {report.outstanding_bytes:,} bytes"))
+    lt = report.lifetimes
+    console.print(Text("lifetimes  " + "  ".join(f"{k} {lt[k]['count']:,} ({lt[k]['bytes']:,} B)" for k in LIFETIMES)))
+    lost = t.get("lost", {})
+    if lost.get("events") or lost.get("buffers"):
+        console.print(Text(f"warning: {lost.get('events', 0):,} events and {lost.get('buffers', 0):,} buffers were "
+                           "lost while recording; counts may be incomplete", style="yellow"))
+    if not report.groups:
+        console.print(Text("no outstanding allocations match" if t.get("pairing", {}).get("allocs") else
+                           "no pool allocations in this trace"))
+        return
+    table = Table(show_edge=False, pad_edge=False, expand=False)
+    table.add_column("#", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("blocks", justify="right")
+    table.add_column("tags")
+    table.add_column({"stack": "allocating frame (call site)"}.get(report.by, report.by), overflow="fold")
+    for i, g in enumerate(report.groups, 1):
+        tags = ", ".join(g.tags)
+        label = _site(g.key) if report.by == "stack" else g.key[0]
+        table.add_row(str(i), f"{g.bytes:,}", f"{g.count:,}", tags, Text(label))
+    console.print(table)
+    if report.by == "stack" and report.groups:
+        console.print(Text(f"caller tree of the {min(TREE_STACKS, len(report.groups))} largest stacks "
+                           "(outermost caller first; bytes outstanding below each frame)", style="bold"))
+        for line in caller_tree(report.groups[:TREE_STACKS]):
+            console.print(Text(line), overflow="fold")
+    if blocks is not None:
+        bt = Table(title="outstanding blocks", title_justify="left", show_edge=False)
+        for c in ("address", "tag", "size", "age", "pid", "allocated by"):
+            bt.add_column(c, justify="right" if c in ("size", "age", "pid") else "left", overflow="fold")
+        for b in blocks:
+            bt.add_row(f"0x{b['address']:x}", b["tag"], f"{b['size']:,}", f"{b['age_ns'] / 1e9:.3f} s", str(b["pid"]),
+                       Text(b["frames"][0] if b["frames"] else "<no stack>"))
+        console.print(bt)
+
+
+def caller_tree(groups) -> list[str]:
+    """Merge stacks into a prefix tree from the outermost caller; one line per frame, indented by depth
+    (capped so that deep stacks stay within 100 columns), a chain of single children shares a level."""
+    root: dict = {}
+    for g in groups:
+        node = root
+        for frame in reversed(g.key):
+            child = node.setdefault(frame, {"bytes": 0, "count": 0, "kids": {}})
+            child["bytes"] += g.bytes
+            child["count"] += g.count
+            node = child["kids"]
+    lines: list[str] = []
+
+    def walk(node: dict, depth: int) -> None:
+        for frame, info in sorted(node.items(), key=lambda kv: -kv[1]["bytes"]):
+            branch = len(node) > 1
+            indent = min(depth, MAX_INDENT)
+            lines.append(f"{'  ' * indent}{'+ ' if branch else ''}{frame}  {info['bytes']:,} B / {info['count']:,}")
+            walk(info["kids"], depth + (1 if branch or len(info["kids"]) > 1 else 0))
+
+    walk(root, 0)
+    return lines
+
+
+def _site(frames: list[str]) -> str:
+    """The row label for a stack: its first frame outside the kernel image, or the allocator's caller."""
+    for f in frames:
+        if f.split("!", 1)[0].split("+", 1)[0].lower() not in KERNEL_IMAGES:
+            return f
+    return frames[1] if len(frames) > 1 else (frames[0] if frames else "<no stack>")

@@ -1,0 +1,239 @@
+"""`pooltrace report`: the planted leak comes first with the exact figures, call-site splitting, window
+semantics, filters and every output format."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pooltrace.analysis import AIFI, AIFO, AOFI, AOFO, NULL_NS, OUTSIDE, Window, lifetimes, parse_window
+from pooltrace.cli import cli
+from pooltrace.dataset import pair_trace
+from pooltrace.errors import PooltraceError
+from pooltrace.etl.writer import TraceWriter
+from pooltrace.synthetic import _sites, kernel_modules
+from tests.conftest import ROOT
+
+TRACES = ROOT / "traces"
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    ds = tmp_path_factory.mktemp("r") / "sample.pooltrace"
+    pair_trace(TRACES / "sample-leak.etl", ds)
+    truth = json.loads((TRACES / "sample-leak.truth.json").read_text())
+    return ds, truth
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, ["report", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def site_text(site: str, shift=0) -> str:
+    mods = kernel_modules(shift)
+    m, rva = next((m, r) for m, r in _sites()[site]["frames"] if m not in ("nt",))
+    return f"{mods[m].name}+0x{rva:x}"
+
+
+def test_default_report_puts_the_leaking_call_site_first(sample):
+    ds, truth = sample
+    data = json.loads(run(ds, "--format", "json", "--no-symbols"))
+    first = data["groups"][0]
+    assert first["count"] == truth["truth"]["outstanding"]["leak"] == 500
+    assert first["bytes"] == truth["truth"]["outstanding_bytes"]["leak"] == 128_000
+    assert first["tags"] == {"Leak": 128_000}
+    assert site_text("leak") in first["frames"]
+    assert data["totals"]["outstanding_count"] == sum(truth["truth"]["outstanding"].values())
+    assert data["totals"]["outstanding_bytes"] == sum(truth["truth"]["outstanding_bytes"].values())
+    assert [g["bytes"] for g in data["groups"]] == sorted((g["bytes"] for g in data["groups"]), reverse=True)
+    text = run(ds, "--no-symbols")
+    assert "128,000" in text and site_text("leak") in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_by_function_splits_the_shared_tag(sample):
+    ds, truth = sample
+    data = json.loads(run(ds, "--format", "json", "--by", "function", "--tag", "Leak", "--no-symbols"))
+    got = {g["frames"][0]: (g["count"], g["bytes"]) for g in data["groups"]}
+    t = truth["truth"]
+    assert got == {site_text("leak"): (t["outstanding"]["leak"], t["outstanding_bytes"]["leak"]),
+                   site_text("leak_ok"): (t["outstanding"]["leak_ok"], t["outstanding_bytes"]["leak_ok"])}
+
+
+def test_by_module_and_tag(sample):
+    ds, truth = sample
+    t = truth["truth"]
+    mod = json.loads(run(ds, "--format", "json", "--by", "module", "--no-symbols"))
+    assert mod["groups"][0]["frames"] == ["leaky.sys"]
+    assert mod["groups"][0]["bytes"] == t["outstanding_bytes"]["leak"] + t["outstanding_bytes"]["leak_ok"]
+    tag = json.loads(run(ds, "--format", "json", "--by", "tag"))
+    by_tag = {g["frames"][0]: g["bytes"] for g in tag["groups"]}
+    assert by_tag["Leak"] == t["outstanding_bytes"]["leak"] + t["outstanding_bytes"]["leak_ok"]
+    assert by_tag["Gh05"] == t["outstanding_bytes"]["gh05"]
+
+
+def test_filters(sample):
+    ds, truth = sample
+    t = truth["truth"]
+    one = lambda *a: json.loads(run(ds, "--format", "json", "--no-symbols", *a))["totals"]  # noqa: E731
+    leak_bytes = t["outstanding_bytes"]["leak"] + t["outstanding_bytes"]["leak_ok"]
+    assert one("--tag", "Le?k")["outstanding_bytes"] == leak_bytes
+    assert one("--tag", "Irp")["outstanding_count"] == t["outstanding"]["irp"]  # padded like a tag: "Irp "
+    mmst_file = t["outstanding"]["mmst"] + t["outstanding"]["file"]
+    assert one("--tag", "M*", "--tag", "Fil?")["outstanding_count"] == mmst_file
+    assert one("--pool", "session")["outstanding_count"] == t["outstanding"]["gh05"]
+    paged = t["outstanding"]["mmst"] + t["outstanding"]["ntfr"]
+    assert one("--pool", "paged")["outstanding_count"] == paged
+    assert one("--pid", "4242")["outstanding_count"] == sum(t["outstanding"][k] for k in ("leak", "leak_ok", "gh05"))
+    assert one("--module", "LEAKY.SYS")["outstanding_count"] == t["outstanding"]["leak"] + t["outstanding"]["leak_ok"]
+    groups = json.loads(run(ds, "--format", "json", "--no-symbols", "--min-bytes", "10000"))["groups"]
+    assert groups and all(g["bytes"] >= 10000 for g in groups)
+    assert len(json.loads(run(ds, "--format", "json", "--top", "2"))["groups"]) == 2
+
+
+def test_list_blocks(sample):
+    ds, truth = sample
+    data = json.loads(run(ds, "--format", "json", "--list", "--tag", "Leak", "--no-symbols"))
+    blocks = data["blocks"]
+    assert len(blocks) == truth["truth"]["outstanding"]["leak"] + truth["truth"]["outstanding"]["leak_ok"]
+    assert all(b["tag"] == "Leak" and b["age_ns"] > 0 and b["frames"] for b in blocks)
+    assert len({b["address"] for b in blocks}) == len(blocks)
+    assert "outstanding blocks" in run(ds, "--list", "--top", "1", "--no-symbols")
+
+
+def test_csv_and_folded(sample):
+    ds, _ = sample
+    rows = list(csv.reader(io.StringIO(run(ds, "--format", "csv", "--no-symbols"))))
+    assert rows[0] == ["rank", "bytes", "count", "tags", "frames"] and rows[1][1] == "128000"
+    folded = run(ds, "--format", "folded", "--no-symbols").splitlines()
+    stack, value = folded[0].rsplit(" ", 1)
+    assert value == "128000" and stack.split(";")[-1] == "ntoskrnl.exe+0x3a41f2"  # innermost last
+
+
+def test_pprof_parses_as_profile_proto(sample, tmp_path):
+    pytest.importorskip("google.protobuf")
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    ds, _ = sample
+    fdp = descriptor_pb2.FileDescriptorProto(name="profile.proto", package="perftools.profiles", syntax="proto3")
+
+    def msg(name, *fields):
+        m = fdp.message_type.add(name=name)
+        for num, fname, typ, label, type_name in fields:
+            f = m.field.add(name=fname, number=num, type=typ, label=label)
+            if type_name:
+                f.type_name = type_name
+    T, L = descriptor_pb2.FieldDescriptorProto, descriptor_pb2.FieldDescriptorProto
+    rep, opt = L.LABEL_REPEATED, L.LABEL_OPTIONAL
+    msg("ValueType", (1, "type", T.TYPE_INT64, opt, None), (2, "unit", T.TYPE_INT64, opt, None))
+    msg("Label", (1, "key", T.TYPE_INT64, opt, None), (2, "str", T.TYPE_INT64, opt, None),
+        (3, "num", T.TYPE_INT64, opt, None))
+    msg("Sample", (1, "location_id", T.TYPE_UINT64, rep, None), (2, "value", T.TYPE_INT64, rep, None),
+        (3, "label", T.TYPE_MESSAGE, rep, ".perftools.profiles.Label"))
+    msg("Line", (1, "function_id", T.TYPE_UINT64, opt, None), (2, "line", T.TYPE_INT64, opt, None))
+    msg("Location", (1, "id", T.TYPE_UINT64, opt, None), (2, "mapping_id", T.TYPE_UINT64, opt, None),
+        (3, "address", T.TYPE_UINT64, opt, None), (4, "line", T.TYPE_MESSAGE, rep, ".perftools.profiles.Line"))
+    msg("Function", (1, "id", T.TYPE_UINT64, opt, None), (2, "name", T.TYPE_INT64, opt, None),
+        (3, "system_name", T.TYPE_INT64, opt, None), (4, "filename", T.TYPE_INT64, opt, None))
+    msg("Profile", (1, "sample_type", T.TYPE_MESSAGE, rep, ".perftools.profiles.ValueType"),
+        (2, "sample", T.TYPE_MESSAGE, rep, ".perftools.profiles.Sample"),
+        (4, "location", T.TYPE_MESSAGE, rep, ".perftools.profiles.Location"),
+        (5, "function", T.TYPE_MESSAGE, rep, ".perftools.profiles.Function"),
+        (6, "string_table", T.TYPE_STRING, rep, None), (10, "duration_nanos", T.TYPE_INT64, opt, None),
+        (14, "default_sample_type", T.TYPE_INT64, opt, None))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    Profile = message_factory.GetMessageClass(pool.FindMessageTypeByName("perftools.profiles.Profile"))
+    out = tmp_path / "r.pb.gz"
+    CliRunner().invoke(cli, ["report", str(ds), "--format", "pprof", "-o", str(out), "--no-symbols"])
+    p = Profile()
+    p.ParseFromString(gzip.decompress(out.read_bytes()))
+    s = list(p.string_table)
+    assert s[0] == "" and [(s[v.type], s[v.unit]) for v in p.sample_type] == [("inuse_objects", "count"),
+                                                                              ("inuse_space", "bytes")]
+    funcs = {f.id: s[f.name] for f in p.function}
+    locs = {loc.id: funcs[loc.line[0].function_id] for loc in p.location}
+    first = p.sample[0]
+    assert list(first.value) == [500, 128000]
+    assert locs[first.location_id[0]] == "ntoskrnl.exe+0x3a41f2" and site_text("leak") in [
+        locs[i] for i in first.location_id]
+    assert s[p.default_sample_type] == "inuse_space"
+
+
+def test_html_is_self_contained_and_escapes_trace_strings(tmp_path):
+    w = TraceWriter(pointer_size=8, cpus=1)
+    t = w.start_qpc + 10
+    evil = "<img src=x onerror=alert(1)>.sys"
+    w.image(0, t, 0x1403, 0xFFFFF80000000000, 0x10000, 0, "\\SystemRoot\\" + evil)
+    w.process(0, t, 0x0303, 4, 0, "<script>alert(1)</script>.exe", "</script><b>x</b>")
+    w.pool(0, t + 5, 0x0E20, 0, "<b>\x00", 64, 0xFFFFA00000001000)
+    w.stack(0, t + 5, t + 5, 4, 8, [0xFFFFF80000000100, 0xFFFFF80000000200])
+    w.save(tmp_path / "evil.etl")
+    out = tmp_path / "r.html"
+    result = CliRunner().invoke(cli, ["report", str(tmp_path / "evil.etl"), "--format", "html", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "<img" not in page and "<b>" not in page and "</script><b>" not in page
+    assert "\\u003cimg src=x onerror=alert(1)\\u003e.sys+0x100" in page
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
+    assert "<script src" not in page and "<link" not in page
+
+
+def test_lifetime_classes():
+    # window [100, 200): rows as (alloc, free)
+    rows = {"alloc_ns": np.array([110, 110, NULL_NS, 50, 50, 250, 10], dtype=np.int64),
+            "free_ns": np.array([150, 250, 150, 150, NULL_NS, NULL_NS, 90], dtype=np.int64)}
+    got = lifetimes(rows, Window(100, 200)).tolist()
+    assert got == [AIFI, AIFO, AOFI, AOFI, AOFO, OUTSIDE, OUTSIDE]
+
+
+def test_window_changes_what_is_outstanding(tmp_path):
+    w = TraceWriter(pointer_size=8, cpus=1)
+    s = w.start_qpc
+    sec = 10_000_000
+    for i, (a, f) in enumerate([(1, 2), (1, 4), (3, None), (0.5, 5)]):  # seconds
+        addr = 0xFFFFA00000000000 + 0x100 * i
+        w.pool(0, s + int(a * sec), 0x0E20, 0, "Leak", 16 * (i + 1), addr)
+        if f is not None:
+            w.pool(0, s + int(f * sec), 0x0E22, 0, "Leak", 16 * (i + 1), addr)
+    w.pool(0, s + 6 * sec, 0x0E20, 0, "Irp ", 8, 0xFFFFA00000009000)
+    w.save(tmp_path / "w.etl")
+    rep = lambda *a: json.loads(run(tmp_path / "w.etl", "--format", "json", "--tag", "Leak", *a))  # noqa: E731
+    whole = rep()
+    assert whole["totals"]["outstanding_count"] == 1  # only the block allocated at 3 s is never freed
+    mid = rep("--window", "0.9:3.5")
+    # in [0.9, 3.5): 1 s block freed at 2 s (AIFI), 1 s block freed at 4 s (AIFO: freed after the end),
+    # 3 s block (AIFO), 0.5 s block allocated before the window (AOFO)
+    assert mid["totals"]["outstanding_count"] == 2 and mid["totals"]["outstanding_bytes"] == 32 + 48
+    lt = mid["totals"]["lifetimes"]
+    assert (lt["AIFI"]["count"], lt["AIFO"]["count"], lt["AOFI"]["count"], lt["AOFO"]["count"]) == (1, 2, 0, 1)
+    assert rep("--window", "1500000000ns:")["totals"]["lifetimes"]["AOFI"]["count"] == 3
+
+
+def test_parse_window():
+    assert parse_window("1.5:2s", 10) == Window(1_500_000_000, 2_000_000_000)
+    assert parse_window(":500ms", 10**10).start_ns == 0
+    assert parse_window("100ns:", 10**10) == Window(100, 10**10 + 1)
+    for bad in ("5", "2:1", "x:"):
+        with pytest.raises(PooltraceError):
+            parse_window(bad, 10)
+
+
+def test_report_on_a_trace_without_pool_events(samples):
+    out = run(samples / "AMSITrace.etl")
+    assert "no pool allocations in this trace" in out
+
+
+def test_bad_input_report(tmp_path):
+    result = CliRunner().invoke(cli, ["report", str(tmp_path / "missing.etl")])
+    assert result.exit_code == 2 and result.output.startswith("pooltrace: error:")
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a pooltrace dataset" in result.output
