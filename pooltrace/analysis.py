@@ -114,8 +114,10 @@ def load_dataset(path: Path) -> Dataset:
         rows[name] = table[name].fill_null(NULL_NS).to_numpy()
     rows["alloc_stack"] = table["alloc_stack"].fill_null(-1).to_numpy()
     fate = rows.pop("fate")
-    rows["outstanding_at_end"] = np.isin(fate.indices.to_numpy(zero_copy_only=False),
-                                         [i for i, v in enumerate(fate.dictionary.to_pylist()) if v == "outstanding"])
+    codes = fate.indices.to_numpy(zero_copy_only=False)
+    names = fate.dictionary.to_pylist()
+    for flag, value in (("outstanding_at_end", "outstanding"), ("lost_free", "lost_free")):
+        rows[flag] = np.isin(codes, [i for i, v in enumerate(names) if v == value])
     order = np.argsort(stacks["stack_id"].to_numpy())
     frames = stacks["frames"].combine_chunks().take(pa.array(order)) if stacks.num_rows else \
         pa.array([], pa.list_(pa.uint64()))
@@ -374,3 +376,62 @@ def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, rend
     total_bytes = int(ds.rows["size"][sel].astype(np.int64).sum())
     return Report(ds.trace, window, lifetime_totals({k: v[mask] for k, v in ds.rows.items()}, cls[mask]),
                   len(sel), total_bytes, by, groups[:top] if top else groups, sel)
+
+
+# ---- the poolmon view --------------------------------------------------------------------------------
+
+@dataclass
+class TagRow:
+    tag: str
+    pool: str  # Paged | Nonp | Sess (poolmon's Type column)
+    allocs: int
+    frees: int
+    outstanding_bytes: int
+    outstanding_count: int
+    allocated_bytes: int
+    owners: list[str]  # call-site modules, most allocations first
+
+    @property
+    def diff(self) -> int:
+        return self.allocs - self.frees
+
+    @property
+    def per_alloc(self) -> int:
+        return self.allocated_bytes // self.allocs if self.allocs else 0
+
+
+def tag_rows(ds: Dataset, window: Window, filters: Filters, render: FrameRenderer) -> list[TagRow]:
+    """Per tag and pool kind, over the window: allocations and frees inside it, the difference, bytes
+    still outstanding (AIFO), bytes per allocation and the modules whose call sites allocate the tag."""
+    r = ds.rows
+    mask = row_mask(ds, filters)
+    a, f = r["alloc_ns"], r["free_ns"]
+    alloc_in = mask & (a != NULL_NS) & (a >= window.start_ns) & (a < window.end_ns)
+    # a lost free has no free event: it is not counted as a free (its free time closes its lifetime)
+    free_in = mask & (f != NULL_NS) & (f >= window.start_ns) & (f < window.end_ns) & ~r["lost_free"]
+    cls = lifetimes(r, window)
+    kind = np.where(r["session"], 2, np.where(r["paged"], 1, 0))
+    key = r["tag"].astype(np.int64) * 3 + kind
+    size = r["size"].astype(np.int64)
+    rows = []
+    for k in np.unique(key[alloc_in | free_in]).tolist():
+        sel = key == k
+        ai, fi = sel & alloc_in, sel & free_in
+        out = ai & (cls == AIFO)
+        owners: dict[str, int] = {}
+        stacks, first = np.unique(r["alloc_stack"][ai], return_index=True)
+        counts = np.bincount(np.unique(r["alloc_stack"][ai], return_inverse=True)[1].reshape(-1)) if ai.any() else []
+        idx = np.flatnonzero(ai)
+        for sid, fi_, c in zip(stacks.tolist(), first.tolist(), list(counts), strict=False):
+            if sid < 0:
+                continue
+            row = idx[fi_]
+            _, mod = render.call_site(sid, int(r["pid"][row]) if r["pid"][row] != 0xFFFFFFFF else 0,
+                                      int(r["alloc_ns"][row]))
+            owners[mod] = owners.get(mod, 0) + int(c)
+        t, kd = divmod(k, 3)
+        rows.append(TagRow(ds.tags[t], ("Nonp", "Paged", "Sess")[kd], int(ai.sum()), int(fi.sum()),
+                           int(size[out].sum()), int(out.sum()), int(size[ai].sum()),
+                           [m for m, _ in sorted(owners.items(), key=lambda kv: (-kv[1], kv[0]))]))
+    rows.sort(key=lambda x: (-x.outstanding_bytes, -x.diff, x.tag))
+    return rows

@@ -237,3 +237,25 @@ def test_bad_input_report(tmp_path):
     assert result.exit_code == 2 and result.output.startswith("pooltrace: error:")
     result = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a pooltrace dataset" in result.output
+
+
+def test_tags_poolmon_view(sample):
+    ds, truth = sample
+    t = truth["truth"]
+    result = CliRunner().invoke(cli, ["tags", str(ds), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = {(r["tag"], r["type"]): r for r in json.loads(result.output)}
+    irp = rows[("Irp ", "Nonp")]
+    assert irp["allocs"] == t["allocs"]["irp"]
+    assert irp["frees"] == t["frees"]["irp"] + t["free_without_alloc"]  # lost frees are not free events
+    assert irp["diff"] == irp["allocs"] - irp["frees"]
+    assert irp["outstanding_count"] == t["outstanding"]["irp"] and irp["owners"] == ["Ntfs.sys"]
+    leak = rows[("Leak", "Nonp")]
+    assert leak["outstanding_bytes"] == t["outstanding_bytes"]["leak"] + t["outstanding_bytes"]["leak_ok"]
+    assert leak["owners"] == ["leaky.sys"]
+    assert rows[("Gh05", "Sess")]["outstanding_count"] == t["outstanding"]["gh05"]
+    assert rows[("MmSt", "Paged")]["bytes_per_alloc"] == _sites()["mmst"]["size"]
+    order = [r["outstanding_bytes"] for r in json.loads(result.output)]
+    assert order == sorted(order, reverse=True)
+    text = CliRunner().invoke(cli, ["tags", str(ds)]).output
+    assert text.splitlines()[2].startswith("Leak")

@@ -1,0 +1,65 @@
+"""``pooltrace tags INPUT``: the poolmon view of a trace, sorted by outstanding bytes like `poolmon -b`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pooltrace.analysis import Filters, FrameRenderer, open_input, parse_window, tag_rows
+from pooltrace.cli.common import progress_bar, quiet_option, user_errors
+from pooltrace.cli.report import make_symbolizer
+
+
+def _descriptions(pooltag: Path | None):
+    """Tag descriptions from the user's pooltag.txt (given, or where Debugging Tools install it)."""
+    try:
+        from pooltrace.symbols.pooltag import find_pooltag, load_pooltag
+    except ImportError:  # TODO(integration): pooltag.txt parsing lands with issue 5
+        return None
+    path = pooltag or find_pooltag()
+    return load_pooltag(path) if path else None
+
+
+@click.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--window", help="START:END in seconds or ns, either side optional.")
+@click.option("--tag", "tags", multiple=True, help="Only these tags (? and * wildcards). Repeatable.")
+@click.option("--pool", type=click.Choice(["paged", "nonpaged", "session"]))
+@click.option("--pid", "pids", type=int, multiple=True)
+@click.option("--pooltag", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="pooltag.txt for descriptions [default: the Debugging Tools' copy if installed].")
+@click.option("--symbols", help="Symbol path for owner modules (not needed: owners are module names).")
+@click.option("--top", type=click.IntRange(min=1), help="Show the first N rows.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@quiet_option
+@user_errors
+def tags(input_path: Path, window, tags, pool, pids, pooltag, symbols, top, fmt, quiet) -> None:
+    """Per tag and pool type: allocs, frees, diff, outstanding bytes, bytes per alloc, owner modules
+    (from the allocating stacks) and the pooltag.txt description."""
+    with progress_bar(input_path, quiet, "pairing") as progress:
+        ds = open_input(input_path, progress=progress)
+    win = parse_window(window, ds.trace.get("duration_ns"))
+    render = FrameRenderer(ds, make_symbolizer(ds, symbols, True, input_path, True))
+    rows = tag_rows(ds, win, Filters(list(tags), pool, list(pids)), render)[:top]
+    desc = _descriptions(pooltag)
+    describe = (lambda t: desc.describe(t)) if desc is not None else (lambda t: None)
+    if fmt == "json":
+        click.echo(json.dumps([{"tag": r.tag, "type": r.pool, "allocs": r.allocs, "frees": r.frees, "diff": r.diff,
+                                "outstanding_bytes": r.outstanding_bytes, "outstanding_count": r.outstanding_count,
+                                "bytes_per_alloc": r.per_alloc, "owners": r.owners, "description": describe(r.tag)}
+                               for r in rows], indent=2))
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for c, j in (("Tag", "left"), ("Type", "left"), ("Allocs", "right"), ("Frees", "right"), ("Diff", "right"),
+                 ("Bytes", "right"), ("Per Alloc", "right"), ("Owner", "left")):
+        table.add_column(c, justify=j, overflow="fold")
+    for r in rows:
+        owner = ", ".join(r.owners[:3]) + (" …" if len(r.owners) > 3 else "")
+        d = describe(r.tag)
+        table.add_row(r.tag, r.pool, f"{r.allocs:,}", f"{r.frees:,}", f"{r.diff:,}", f"{r.outstanding_bytes:,}",
+                      f"{r.per_alloc:,}", owner + (f" — {d}" if d else ""))
+    Console(width=100, highlight=False).print(table)
