@@ -16,12 +16,14 @@ def cli() -> None:
     """
 
 
-from pooltrace.cli.info import info  # noqa: E402 - commands register after the group exists
+from pooltrace.cli.diff import diff  # noqa: E402 - commands register after the group exists
+from pooltrace.cli.info import info  # noqa: E402
 from pooltrace.cli.pair import pair  # noqa: E402
 from pooltrace.cli.report import report  # noqa: E402
 from pooltrace.cli.tags import tags  # noqa: E402
 
 cli.add_command(info)
+cli.add_command(diff)
 cli.add_command(pair)
 cli.add_command(report)
 cli.add_command(tags)

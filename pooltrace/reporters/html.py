@@ -66,12 +66,21 @@ def to_html(report: Report, ds: Dataset, render=None) -> str:
             f"{min(report.window.end_ns, (t.get('duration_ns') or 0) + 1) / 1e9:.3f} s; outstanding "
             f"{report.outstanding_count:,} blocks, {report.outstanding_bytes:,} bytes; lifetimes " +
             ", ".join(f"{k} {v['count']:,}" for k, v in report.lifetimes.items()))
-    groups = [{"frames": g.key, "bytes": g.bytes, "count": g.count, "tags": g.tags,
-               "site": _site(g.key) if report.by == "stack" else g.key[0]} for g in report.groups]
-    data = json.dumps({"meta": meta, "groups": groups, "series": series(ds, report)}, separators=(",", ":"))
-    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    name = str(t.get("source", {}).get("path", "report")).replace("\\", "/").rsplit("/", 1)[-1]
+    groups = [{"frames": g.key, "bytes": g.bytes, "count": g.count} for g in report.groups]
+    rows = [{"bytes": g.bytes, "count": g.count, "tags": ", ".join(g.tags),
+             "site": _site(g.key) if report.by == "stack" else g.key[0]} for g in report.groups]
     keyname = {"stack": "allocating frame (call site)"}.get(report.by, report.by)
-    page = _template()
-    return (page.replace("__TITLE__", html.escape(name)).replace("__KEYNAME__", html.escape(keyname))
-            .replace("__DATA__", data))
+    columns = [{"key": "bytes", "label": "bytes", "num": True}, {"key": "count", "label": "blocks", "num": True},
+               {"key": "tags", "label": "tags"}, {"key": "site", "label": keyname, "mono": True}]
+    return page(t, {"title": "Outstanding pool allocations", "meta": meta, "groups": groups, "rows": rows,
+                    "columns": columns, "series": series(ds, report),
+                    "flametitle": "Flame graph (width = outstanding bytes; outermost caller at the top)",
+                    "plottitle": "Outstanding bytes over time, top tags (allocated in the window and not yet freed)"})
+
+
+def page(trace: dict, data: dict) -> str:
+    """The template filled with `data` (escaped so that no trace string can close the script element)."""
+    text = json.dumps(data, separators=(",", ":"))
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    name = str(trace.get("source", {}).get("path", "report")).replace("\\", "/").rsplit("/", 1)[-1]
+    return _template().replace("__TITLE__", html.escape(name)).replace("__DATA__", text)

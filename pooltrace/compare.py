@@ -1,0 +1,146 @@
+"""Compare two runs: outstanding allocations grouped the same way on both sides and matched by their
+module-relative frame text (never by address: the runs come from different boots), with a status per
+group and totals per side and per tag.
+
+Status: `new` (only in NEW), `gone` (only in BASE), `grown`, `shrunk`, `same` (by outstanding bytes).
+`--normalize` scales BASE to NEW's duration (or to its allocation count) before comparing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pooltrace.analysis import Report
+from pooltrace.errors import PooltraceError
+
+STATUS_ORDER = {"new": 0, "grown": 1, "same": 2, "shrunk": 3, "gone": 4}
+
+
+@dataclass
+class DiffGroup:
+    frames: list[str]
+    base_count: float
+    base_bytes: float
+    new_count: int
+    new_bytes: int
+    base_tags: dict[str, int]
+    new_tags: dict[str, int]
+
+    @property
+    def delta_count(self) -> float:
+        return self.new_count - self.base_count
+
+    @property
+    def delta_bytes(self) -> float:
+        return self.new_bytes - self.base_bytes
+
+    @property
+    def status(self) -> str:
+        if self.base_count == 0 and self.new_count > 0:
+            return "new"
+        if self.new_count == 0 and self.base_count > 0:
+            return "gone"
+        if self.new_bytes > self.base_bytes:
+            return "grown"
+        if self.new_bytes < self.base_bytes:
+            return "shrunk"
+        return "same"
+
+
+@dataclass
+class Diff:
+    base: Report
+    new: Report
+    scale: float  # applied to BASE
+    normalize: str | None
+    groups: list[DiffGroup]
+
+    @property
+    def base_bytes(self) -> float:
+        return self.base.outstanding_bytes * self.scale
+
+    @property
+    def base_count(self) -> float:
+        return self.base.outstanding_count * self.scale
+
+    def tags(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for g in self.groups:
+            for t, b in g.base_tags.items():
+                out.setdefault(t, {"base_bytes": 0.0, "new_bytes": 0})["base_bytes"] += b * self.scale
+            for t, b in g.new_tags.items():
+                out.setdefault(t, {"base_bytes": 0.0, "new_bytes": 0})["new_bytes"] += b
+        for v in out.values():
+            v["delta_bytes"] = v["new_bytes"] - v["base_bytes"]
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]["delta_bytes"]))
+
+
+def scale_for(base: Report, new: Report, normalize: str | None) -> float:
+    if normalize is None:
+        return 1.0
+    if normalize == "duration":
+        b = base.window.end_ns - base.window.start_ns
+        n = new.window.end_ns - new.window.start_ns
+        b = min(b, (base.trace.get("duration_ns") or b) + 1)
+        n = min(n, (new.trace.get("duration_ns") or n) + 1)
+        if b <= 0:
+            raise PooltraceError("--normalize: BASE has no duration")
+        return n / b
+    if normalize == "allocs":
+        b = base.trace.get("pairing", {}).get("allocs", 0)
+        n = new.trace.get("pairing", {}).get("allocs", 0)
+        if not b:
+            raise PooltraceError("--normalize=allocs: BASE has no allocations")
+        return n / b
+    raise PooltraceError(f"--normalize: unknown mode {normalize!r}")
+
+
+def diff_reports(base: Report, new: Report, normalize: str | None = None) -> Diff:
+    scale = scale_for(base, new, normalize)
+    by_key: dict[tuple, DiffGroup] = {}
+    for g in base.groups:
+        by_key[tuple(g.key)] = DiffGroup(list(g.key), g.count * scale, g.bytes * scale, 0, 0, dict(g.tags), {})
+    for g in new.groups:
+        d = by_key.get(tuple(g.key))
+        if d is None:
+            by_key[tuple(g.key)] = DiffGroup(list(g.key), 0, 0, g.count, g.bytes, {}, dict(g.tags))
+        else:
+            d.new_count, d.new_bytes, d.new_tags = g.count, g.bytes, dict(g.tags)
+    groups = sorted(by_key.values(), key=lambda d: (-d.delta_bytes, STATUS_ORDER[d.status], d.frames))
+    return Diff(base, new, scale, normalize, groups)
+
+
+def parse_threshold(text: str) -> tuple[float, bool]:
+    """`4096`, `64k`, `1.5MB` (bytes) or `10%` -> (value, is_percent)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*", text.lower())
+    if not m:
+        raise PooltraceError(f"--fail-on-growth {text!r}: give bytes (4096, 64k, 1.5MB) or a percentage (10%)")
+    unit = m.group(2) or "b"
+    if unit == "%":
+        return float(m.group(1)), True
+    mult = {"b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+            "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}[unit]
+    return float(m.group(1)) * mult, False
+
+
+def gate(d: Diff, threshold: str, per_group: bool) -> str | None:
+    """The reason the CI gate fails, or None. Growth past the threshold (bytes, or % of BASE)."""
+    value, percent = parse_threshold(threshold)
+
+    def over(base: float, new: float) -> bool:
+        growth = new - base
+        if percent:
+            return growth > 0 and (base == 0 or growth > base * value / 100)
+        return growth > value
+
+    if over(d.base_bytes, d.new.outstanding_bytes):
+        return (f"outstanding bytes grew by {d.new.outstanding_bytes - d.base_bytes:,.0f} "
+                f"({d.base_bytes:,.0f} -> {d.new.outstanding_bytes:,}), more than {threshold}")
+    if per_group:
+        for g in d.groups:
+            if over(g.base_bytes, g.new_bytes):
+                head = " <- ".join(g.frames[:3]) + (" ..." if len(g.frames) > 3 else "")
+                return (f"group {head} ({g.status}) grew by {g.delta_bytes:,.0f} bytes "
+                        f"({g.base_bytes:,.0f} -> {g.new_bytes:,}), more than {threshold}")
+    return None

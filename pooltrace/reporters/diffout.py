@@ -1,0 +1,101 @@
+"""Renderers for `pooltrace diff`: text (biggest growth first), JSON, CSV, a differential flame graph
+in HTML, and pprof with NEW minus BASE as values (what `pprof -diff_base` shows)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pooltrace.analysis import Group, Report
+from pooltrace.compare import Diff
+from pooltrace.reporters import pprof
+from pooltrace.reporters.html import page
+from pooltrace.reporters.text import _site
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else round(x, 3)
+
+
+def to_json(d: Diff) -> str:
+    data = {
+        "normalize": d.normalize, "base_scale": d.scale,
+        "totals": {
+            "base": {"outstanding_count": _num(d.base_count), "outstanding_bytes": _num(d.base_bytes),
+                     "source": d.base.trace.get("source", {}).get("path")},
+            "new": {"outstanding_count": d.new.outstanding_count, "outstanding_bytes": d.new.outstanding_bytes,
+                    "source": d.new.trace.get("source", {}).get("path")},
+            "delta_count": _num(d.new.outstanding_count - d.base_count),
+            "delta_bytes": _num(d.new.outstanding_bytes - d.base_bytes),
+            "tags": {t: {k: _num(v) for k, v in row.items()} for t, row in d.tags().items()},
+        },
+        "groups": [{"frames": g.frames, "base_count": _num(g.base_count), "base_bytes": _num(g.base_bytes),
+                    "new_count": g.new_count, "new_bytes": g.new_bytes, "delta_count": _num(g.delta_count),
+                    "delta_bytes": _num(g.delta_bytes), "status": g.status} for g in d.groups],
+    }
+    return json.dumps(data, indent=2) + "\n"
+
+
+def to_csv(d: Diff) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["status", "delta_bytes", "delta_count", "base_bytes", "new_bytes", "base_count", "new_count",
+                "frames"])
+    for g in d.groups:
+        w.writerow([g.status, _num(g.delta_bytes), _num(g.delta_count), _num(g.base_bytes), g.new_bytes,
+                    _num(g.base_count), g.new_count, " <- ".join(g.frames)])
+    return out.getvalue()
+
+
+def render_text(d: Diff, console: Console, top: int | None) -> None:
+    b, n = d.base.trace.get("source", {}).get("path"), d.new.trace.get("source", {}).get("path")
+    console.print(Text(f"BASE {b}\nNEW  {n}"))
+    scale = f" (BASE scaled x{d.scale:.3f} by {d.normalize})" if d.normalize else ""
+    console.print(Text(f"outstanding: BASE {d.base_count:,.0f} blocks {d.base_bytes:,.0f} bytes; NEW "
+                       f"{d.new.outstanding_count:,} blocks {d.new.outstanding_bytes:,} bytes; change "
+                       f"{d.new.outstanding_bytes - d.base_bytes:+,.0f} bytes{scale}"))
+    table = Table(show_edge=False, pad_edge=False)
+    for c, j in (("status", "left"), ("Δ bytes", "right"), ("base", "right"), ("new", "right"),
+                 ("Δ blocks", "right"), ("call site" if d.new.by == "stack" else d.new.by, "left")):
+        table.add_column(c, justify=j, overflow="fold")
+    for g in d.groups[:top]:
+        label = _site(g.frames) if d.new.by == "stack" else g.frames[0]
+        table.add_row(g.status, f"{g.delta_bytes:+,.0f}", f"{g.base_bytes:,.0f}", f"{g.new_bytes:,}",
+                      f"{g.delta_count:+,.0f}", Text(label))
+    console.print(table)
+    tags = Table(title="by tag", title_justify="left", show_edge=False, pad_edge=False)
+    for c in ("tag", "base bytes", "new bytes", "Δ bytes"):
+        tags.add_column(c, justify="left" if c == "tag" else "right")
+    for t, row in d.tags().items():
+        tags.add_row(t, f"{row['base_bytes']:,.0f}", f"{row['new_bytes']:,}", f"{row['delta_bytes']:+,.0f}")
+    console.print(tags)
+
+
+def to_html(d: Diff) -> str:
+    groups = [{"frames": g.frames, "bytes": g.new_bytes, "count": g.new_count, "delta": g.delta_bytes}
+              for g in d.groups if g.new_bytes > 0]
+    rows = [{"status": g.status, "delta": g.delta_bytes, "base": g.base_bytes, "new": g.new_bytes,
+             "site": _site(g.frames) if d.new.by == "stack" else g.frames[0]} for g in d.groups]
+    columns = [{"key": "status", "label": "status"}, {"key": "delta", "label": "Δ bytes", "num": True},
+               {"key": "base", "label": "BASE bytes", "num": True}, {"key": "new", "label": "NEW bytes", "num": True},
+               {"key": "site", "label": "call site", "mono": True}]
+    meta = (f"BASE {d.base.trace.get('source', {}).get('path')} ({d.base_bytes:,.0f} bytes outstanding) — NEW "
+            f"{d.new.trace.get('source', {}).get('path')} ({d.new.outstanding_bytes:,} bytes)"
+            + (f"; BASE scaled x{d.scale:.3f} by {d.normalize}" if d.normalize else ""))
+    return page(d.new.trace, {"title": "Pool leak comparison", "meta": meta, "groups": groups, "rows": rows,
+                              "columns": columns, "diff": True, "series": None,
+                              "flametitle": "Differential flame graph (width = NEW outstanding bytes; red = grown or "
+                                            "new, blue = shrunk)", "plottitle": ""})
+
+
+def to_pprof(d: Diff) -> bytes:
+    """Values are NEW minus BASE, so the profile reads like `pprof -diff_base BASE NEW`."""
+    groups = [Group(g.frames, round(g.delta_count), round(g.delta_bytes), g.new_tags or g.base_tags, [], 0)
+              for g in d.groups if g.delta_bytes or g.delta_count]
+    rep = Report(d.new.trace, d.new.window, d.new.lifetimes, 0, 0, d.new.by, groups, d.new.rows)
+    return pprof.to_pprof(rep)
