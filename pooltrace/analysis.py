@@ -95,24 +95,21 @@ def _fresh(cache: Path, trace: Path) -> bool:
 def load_dataset(path: Path) -> Dataset:
     try:
         trace = json.loads((path / "trace.json").read_text())
-        table = pq.read_table(path / "allocations.parquet", columns=COLUMNS)
+        table = pq.read_table(path / "allocations.parquet", columns=COLUMNS, read_dictionary=["tag", "fate"])
         stacks = pq.read_table(path / "stacks.parquet")
         modules = pq.read_table(path / "modules.parquet")
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise PooltraceError(f"{path}: unreadable dataset ({exc})") from None
-    tag = table["tag"].combine_chunks().dictionary_encode()
-    rows = {
-        "tag": tag.indices.to_numpy(zero_copy_only=False).astype(np.int32),
-        "fate": table["fate"].combine_chunks().dictionary_encode(),
-    }
+    tag = _dictionary(table["tag"])
+    rows = {"tag": tag.indices.to_numpy(zero_copy_only=False).astype(np.int32), "fate": _dictionary(table["fate"])}
     for name in ("pool_type", "size", "address", "pid", "tid", "cpu"):
         rows[name] = table[name].to_numpy()
     rows["paged"] = table["paged"].to_numpy(zero_copy_only=False)
     rows["session"] = table["session"].to_numpy(zero_copy_only=False)
-    rows["session_id"] = table["session_id"].fill_null(0xFFFFFFFF).to_numpy()
+    rows["session_id"] = _filled(table["session_id"], 0xFFFFFFFF)
     for name in ("alloc_ns", "free_ns"):
-        rows[name] = table[name].fill_null(NULL_NS).to_numpy()
-    rows["alloc_stack"] = table["alloc_stack"].fill_null(-1).to_numpy()
+        rows[name] = _filled(table[name], NULL_NS)
+    rows["alloc_stack"] = _filled(table["alloc_stack"], -1)
     fate = rows.pop("fate")
     codes = fate.indices.to_numpy(zero_copy_only=False)
     names = fate.dictionary.to_pylist()
@@ -122,6 +119,25 @@ def load_dataset(path: Path) -> Dataset:
     frames = stacks["frames"].combine_chunks().take(pa.array(order)) if stacks.num_rows else \
         pa.array([], pa.list_(pa.uint64()))
     return Dataset(path, trace, rows, tag.dictionary.to_pylist(), frames, modules)
+
+
+def _dictionary(col: pa.ChunkedArray) -> pa.DictionaryArray:
+    """One dictionary array for a column read as dictionary chunks (chunks may have other dictionaries)."""
+    if not pa.types.is_dictionary(col.type):
+        return col.combine_chunks().dictionary_encode()
+    return col.unify_dictionaries().combine_chunks() if col.num_chunks else pa.array([], col.type)
+
+
+def _filled(col: pa.ChunkedArray, null: int) -> np.ndarray:
+    """A nullable integer column as numpy with `null` for nulls, straight from the Arrow buffers."""
+    arr = col.combine_chunks()
+    dtype = arr.type.to_pandas_dtype()
+    values = np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr) + arr.offset)[arr.offset:].copy()
+    if arr.null_count:
+        bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
+        valid = np.unpackbits(bits, bitorder="little", count=len(arr) + arr.offset)[arr.offset:].astype(bool)
+        values[~valid] = null
+    return values
 
 
 # ---- window and lifetimes ----------------------------------------------------------------------------
@@ -174,10 +190,10 @@ def lifetimes(rows: dict[str, np.ndarray], w: Window) -> np.ndarray:
     return out
 
 
-def lifetime_totals(rows: dict[str, np.ndarray], cls: np.ndarray) -> dict:
-    size = rows["size"].astype(np.int64)
-    return {name: {"count": int((cls == k).sum()), "bytes": int(size[cls == k].sum())}
-            for k, name in enumerate(LIFETIMES)}
+def lifetime_totals(size: np.ndarray, cls: np.ndarray) -> dict:
+    counts = np.bincount(cls[cls >= 0], minlength=4)
+    nbytes = np.bincount(cls[cls >= 0], weights=size[cls >= 0], minlength=4)
+    return {name: {"count": int(counts[k]), "bytes": int(nbytes[k])} for k, name in enumerate(LIFETIMES)}
 
 
 # ---- filters ----------------------------------------------------------------------------------------
@@ -374,7 +390,7 @@ def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, rend
         if by != "tag" and filters.modules:
             sel = sel[np.isin(ds.rows["alloc_stack"][sel], list(keep))]
     total_bytes = int(ds.rows["size"][sel].astype(np.int64).sum())
-    return Report(ds.trace, window, lifetime_totals({k: v[mask] for k, v in ds.rows.items()}, cls[mask]),
+    return Report(ds.trace, window, lifetime_totals(ds.rows["size"], np.where(mask, cls, OUTSIDE)),
                   len(sel), total_bytes, by, groups[:top] if top else groups, sel)
 
 
