@@ -16,6 +16,7 @@ references become placeholders (key, generation) resolved when the key's definit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,19 @@ def hash_segments(values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, 
     return h[0], h[1]
 
 
+def intern(ids: dict[tuple, int], keys: np.ndarray, store: Callable[[int, tuple], None]) -> np.ndarray:
+    """Ids of the distinct rows of `keys` (one row per distinct key of a batch): known keys keep their id,
+    new ones are numbered in order of first use and handed to `store(row, key)`."""
+    out = np.empty(len(keys), dtype=np.int64)
+    for k, key in enumerate(map(tuple, keys.tolist())):
+        i = ids.get(key)
+        if i is None:
+            i = ids[key] = len(ids)
+            store(k, key)
+        out[k] = i
+    return out
+
+
 class FragmentStore:
     """Distinct frame sequences (stack fragments), by id."""
 
@@ -74,16 +88,12 @@ class FragmentStore:
             u, first, inverse = np.unique(np.stack([h1, h2], axis=1), axis=0, return_index=True,
                                           return_inverse=True)
             inverse = inverse.reshape(-1)
-        uniq = np.stack([h1[first], h2[first]], axis=1)
-        ids = np.empty(len(uniq), dtype=np.int64)
-        for k, (a, b) in enumerate(uniq.tolist()):
-            i = self._ids.get((a, b))
-            if i is None:
-                i = self._ids[(a, b)] = len(self._frames)
-                j = int(first[k])
-                self._frames.append(values[offsets[j]:offsets[j + 1]].copy())
-            ids[k] = i
-        return ids[inverse.reshape(-1)]
+        def store(k: int, _key) -> None:
+            j = int(first[k])
+            self._frames.append(values[offsets[j]:offsets[j + 1]].copy())
+
+        ids = intern(self._ids, np.stack([h1[first], h2[first]], axis=1), store)
+        return ids[inverse]
 
     def frames(self, frag: int) -> np.ndarray:
         return self._frames[frag]
@@ -184,15 +194,8 @@ class StackTable:
         code = (_compact(k) << 32) | _compact(u)  # one int64 per pair: a fast 1-D unique
         ucode, first, inverse = np.unique(code, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
-        uniq = np.stack([k[first], u[first]], axis=1)
-        ids = np.empty(len(ucode), dtype=np.int64)
-        for k, (a, b) in enumerate(uniq.tolist()):
-            i = self._ids.get((a, b))
-            if i is None:
-                i = self._ids[(a, b)] = len(self.pairs)
-                self.pairs.append((a, b))
-            ids[k] = i
-        out[has] = ids[inverse.reshape(-1)]
+        ids = intern(self._ids, np.stack([k[first], u[first]], axis=1), lambda _k, key: self.pairs.append(key))
+        out[has] = ids[inverse]
         return out
 
     def frames(self) -> tuple[list[np.ndarray], int]:
