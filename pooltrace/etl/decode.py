@@ -142,39 +142,43 @@ def decode_pool(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> C
     return _columns(parts, valid)
 
 
+def _valid(recs: Records, mask: np.ndarray, layout: str, malformed: Counter):
+    """Per pointer size: (layout, record indices, frame counts) of the records in `mask` that fit the
+    layout — long enough, and with 1 to 192 frames where it has frames; the others are counted."""
+    for ptr, idx in _per_pointer_size(recs, mask):
+        lay = D.layout(layout, ptr)
+        n = (recs.payload_len[idx] - lay.fixed_size) // ptr
+        bad = ((n < 1) | (n > MAX_FRAMES)) if lay.frames else (recs.payload_len[idx] < lay.fixed_size)
+        if bad.any():
+            malformed[layout] += int(bad.sum())
+            idx, n = idx[~bad], n[~bad]
+        yield lay, idx, n
+
+
+def _stack_head(chunk: Chunk, recs: Records, idx: np.ndarray, seq0: int, lay: Layout) -> dict:
+    """Columns shared by Stack events and stack-key references: owner timestamp, process, thread."""
+    base = recs.payload[idx]
+    col = _common(recs, idx, seq0)
+    col["event_ts"] = _field(chunk, base, lay, "event_ts").view(np.int64)
+    col["pid"] = _field(chunk, base, lay, "pid")
+    col["tid"] = _field(chunk, base, lay, "tid")
+    return col
+
+
 def decode_stacks(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
-    for ptr, idx in _per_pointer_size(recs, recs.hook == STACK_HOOK):
-        lay = D.layout("stack", ptr)
-        n = (recs.payload_len[idx] - lay.fixed_size) // ptr
-        bad = (n < 1) | (n > MAX_FRAMES)
-        if bad.any():
-            malformed["stack"] += int(bad.sum())
-            idx, n = idx[~bad], n[~bad]
-        base = recs.payload[idx]
-        col = _common(recs, idx, seq0)
-        col["event_ts"] = _field(chunk, base, lay, "event_ts").view(np.int64)
-        col["pid"] = _field(chunk, base, lay, "pid")
-        col["tid"] = _field(chunk, base, lay, "tid")
-        col["frames"] = _frames(chunk, base + lay.fixed_size, n, ptr)
+    for lay, idx, n in _valid(recs, recs.hook == STACK_HOOK, "stack", malformed):
+        col = _stack_head(chunk, recs, idx, seq0, lay)
+        col["frames"] = _frames(chunk, recs.payload[idx] + lay.fixed_size, n, lay.pointer_size)
         parts.append(col)
     return _columns(parts, lists="frames")
 
 
 def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
-    for ptr, idx in _per_pointer_size(recs, in_set(IS_KEY_REF, recs.hook)):
-        lay = D.layout("stack_key_ref", ptr)
-        short = recs.payload_len[idx] < lay.fixed_size
-        if short.any():
-            malformed["stack_key_ref"] += int(short.sum())
-            idx = idx[~short]
-        base = recs.payload[idx]
-        col = _common(recs, idx, seq0)
-        col["event_ts"] = _field(chunk, base, lay, "event_ts").view(np.int64)
-        col["pid"] = _field(chunk, base, lay, "pid")
-        col["tid"] = _field(chunk, base, lay, "tid")
-        col["key"] = _field(chunk, base, lay, "key").astype(np.uint64)
+    for lay, idx, _ in _valid(recs, in_set(IS_KEY_REF, recs.hook), "stack_key_ref", malformed):
+        col = _stack_head(chunk, recs, idx, seq0, lay)
+        col["key"] = _field(chunk, recs.payload[idx], lay, "key").astype(np.uint64)
         col["user"] = recs.hook[idx] == H["StackKeyUser"]
         parts.append(col)
     return _columns(parts, lists=None)
@@ -182,18 +186,12 @@ def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) 
 
 def decode_key_defs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
-    for ptr, idx in _per_pointer_size(recs, in_set(IS_KEY_DEF, recs.hook)):
-        lay = D.layout("stack_key_def", ptr)
-        n = (recs.payload_len[idx] - lay.fixed_size) // ptr
-        bad = (n < 1) | (n > MAX_FRAMES)
-        if bad.any():
-            malformed["stack_key_def"] += int(bad.sum())
-            idx, n = idx[~bad], n[~bad]
+    for lay, idx, n in _valid(recs, in_set(IS_KEY_DEF, recs.hook), "stack_key_def", malformed):
         base = recs.payload[idx]
         col = _common(recs, idx, seq0)
         col["hook"] = recs.hook[idx].astype(np.uint16)
         col["key"] = _field(chunk, base, lay, "key").astype(np.uint64)
-        col["frames"] = _frames(chunk, base + lay.fixed_size, n, ptr)
+        col["frames"] = _frames(chunk, base + lay.fixed_size, n, lay.pointer_size)
         parts.append(col)
     return _columns(parts, lists="frames")
 
