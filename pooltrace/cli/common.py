@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -47,11 +48,13 @@ def progress_bar(path: Path, quiet: bool, label: str):
         size = path.stat().st_size
     except OSError:
         size = 0
-    if quiet or size < PROGRESS_MIN_BYTES or not stderr.is_terminal and not _forced():
+    forced = _forced()
+    if quiet or size < PROGRESS_MIN_BYTES or not (stderr.is_terminal or forced):
         yield None
         return
+    console = Console(stderr=True, force_terminal=True) if forced else stderr
     with Progress(TextColumn(f"{label} {path.name}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeRemainingColumn(), console=stderr, transient=True) as bar:
+                  TimeRemainingColumn(), console=console, transient=not forced) as bar:
         task = bar.add_task(label, total=1)
 
         def update(done: int, total: int) -> None:
@@ -61,8 +64,7 @@ def progress_bar(path: Path, quiet: bool, label: str):
 
 
 def _forced() -> bool:
-    import os
-
+    """POOLTRACE_PROGRESS=1 shows the bar even when stderr is not a terminal (CI logs)."""
     return bool(os.environ.get("POOLTRACE_PROGRESS"))
 
 

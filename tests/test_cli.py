@@ -1,0 +1,47 @@
+"""CLI conventions: --version, --help everywhere, python -m pooltrace, the progress bar and --quiet."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from pooltrace import __version__
+from pooltrace.cli import cli, common
+from tests.conftest import ROOT
+
+
+def test_version_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "pooltrace", "--version"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"pooltrace, version {__version__}"
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_help_on_every_command(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0 and "Usage: " in result.output and "--help" in result.output
+
+
+def test_unknown_option_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["report", "x.etl", "--no-such-option"])
+    assert result.exit_code == 2
+
+
+def test_progress_bar_on_stderr_and_quiet(monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setenv("POOLTRACE_PROGRESS", "1")
+    trace = ROOT / "traces" / "sample-leak.etl"
+    shown = subprocess.run([sys.executable, "-c", "from pooltrace.cli import common, main; "
+                            "common.PROGRESS_MIN_BYTES = 0; main()", "pair", str(trace), "-o", str(tmp_path / "a")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120,
+                           env={**__import__("os").environ, "POOLTRACE_PROGRESS": "1", "COLUMNS": "100"})
+    assert shown.returncode == 0 and "pairing sample-leak.etl" in shown.stderr
+    quiet = subprocess.run([sys.executable, "-c", "from pooltrace.cli import common, main; "
+                            "common.PROGRESS_MIN_BYTES = 0; main()", "pair", str(trace), "-o", str(tmp_path / "b"),
+                            "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                           env={**__import__("os").environ, "POOLTRACE_PROGRESS": "1"})
+    assert quiet.returncode == 0 and quiet.stderr.strip().startswith("warning: 3 events")
+    assert "pairing" not in quiet.stderr
