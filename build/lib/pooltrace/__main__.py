@@ -1,5 +1,0 @@
-"""Entry point for ``python -m pooltrace``."""
-
-from pooltrace.cli import main
-
-main()

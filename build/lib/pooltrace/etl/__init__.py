@@ -1,1 +1,0 @@
-"""Reading (and, for fixtures, writing) Windows .etl trace files without any Windows API."""
