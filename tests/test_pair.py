@@ -219,3 +219,30 @@ def test_alloc_ns_is_exact(tmp_path):
     allocs, _, _ = load(tmp_path / "ds")
     assert allocs[0]["alloc_ns"] == 2_000_000_000 + 1_000_000_000 // 3_579_545
     assert np.int64(allocs[0]["alloc_ns"]) > 0
+
+
+def test_recorder_sidecar_is_joined_automatically(tmp_path):
+    """An unmerged trace from `pooltrace record` gets PDB identities and the tag baseline from its sidecar."""
+    import shutil
+
+    from pooltrace.sidecar import write_sidecar
+
+    trace = tmp_path / "leak.etl"
+    shutil.copy(TRACES / "sample-leak.etl", trace)
+    leaky = kernel_modules(0)["leaky"]
+    entry = {"tag": "Leak", "value": 0x6B61654C, "paged_allocs": 0, "paged_frees": 0, "paged_bytes": 0,
+             "nonpaged_allocs": 120, "nonpaged_frees": 100, "nonpaged_bytes": 5120}
+    write_sidecar(trace, {
+        "format": "pooltrace-sidecar", "version": 1, "trace": "leak.etl", "recording": {"logger": "pooltrace"},
+        "modules": [{"name": "leaky.sys", "nt_path": leaky.path, "path": "C:\\drivers\\leaky.sys",
+                     "base": hex(leaky.base), "size": leaky.size, "timedatestamp": leaky.timedatestamp,
+                     "checksum": 0, "pdb_name": leaky.pdb, "pdb_guid": str(leaky.guid), "pdb_age": leaky.age}],
+        "module_errors": [], "pool_tags": {"filter": ["Leak"], "start": {"utc": "x", "entries": [entry]},
+                                           "stop": None}})
+    meta = pair_trace(trace, tmp_path / "ds")
+    mods = {m["name"]: m for m in pq.read_table(tmp_path / "ds" / "modules.parquet").to_pylist()}
+    assert mods["leaky.sys"]["pdb_guid"] == str(leaky.guid) and mods["leaky.sys"]["pdb_age"] == leaky.age
+    assert mods["ntoskrnl.exe"]["pdb_guid"] is None
+    assert meta["tag_baseline"]["Leak"]["start"] == {"allocs": 20, "bytes": 5120}
+    text = CliRunner().invoke(cli, ["report", str(tmp_path / "ds"), "--no-symbols"]).output
+    assert "before the trace began, the kernel counted 20 outstanding 'Leak' allocations (5,120 bytes)" in text

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from pooltrace import __version__
+
+# module -> the click commands it defines (modules stay importable under their own names)
+COMMANDS = {"info": ["info"], "pair": ["pair"], "report": ["report"], "tags": ["tags"], "diff": ["diff"],
+            "record": ["record", "stop", "profile"]}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,17 +22,10 @@ def cli() -> None:
     """
 
 
-from pooltrace.cli.diff import diff  # noqa: E402 - commands register after the group exists
-from pooltrace.cli.info import info  # noqa: E402
-from pooltrace.cli.pair import pair  # noqa: E402
-from pooltrace.cli.report import report  # noqa: E402
-from pooltrace.cli.tags import tags  # noqa: E402
-
-cli.add_command(info)
-cli.add_command(diff)
-cli.add_command(pair)
-cli.add_command(report)
-cli.add_command(tags)
+for _module, _names in COMMANDS.items():
+    _mod = importlib.import_module(f"pooltrace.cli.{_module}")
+    for _name in _names:
+        cli.add_command(getattr(_mod, _name))
 
 
 def main() -> None:

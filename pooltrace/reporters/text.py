@@ -31,6 +31,12 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None) -
     if lost.get("events") or lost.get("buffers"):
         console.print(Text(f"warning: {lost.get('events', 0):,} events and {lost.get('buffers', 0):,} buffers were "
                            "lost while recording; counts may be incomplete", style="yellow"))
+    baseline = t.get("tag_baseline") or {}
+    shown = {tag for g in report.groups for tag in g.tags}
+    for tag, b in sorted(baseline.items()):
+        if tag in shown and b.get("start"):
+            console.print(Text(f"before the trace began, the kernel counted {b['start']['allocs']:,} outstanding "
+                               f"{tag!r} allocations ({b['start']['bytes']:,} bytes); the trace cannot pair those"))
     if not report.groups:
         console.print(Text("no outstanding allocations match" if t.get("pairing", {}).get("allocs") else
                            "no pool allocations in this trace"))

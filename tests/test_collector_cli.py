@@ -1,0 +1,212 @@
+"""`pooltrace record`, `stop` and `profile` as users run them: the Linux fence, import hygiene, the CLI
+against the recording fake, and the WPR profile validated against WPR's documented structure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import pooltrace.cli.record as cli_record
+from pooltrace.cli.record import profile, record, stop
+from tests.collector_fake import FakeWindows, PoolTag, make_pe
+from tests.conftest import ROOT
+
+NOT_WINDOWS = "pooltrace: error: recording needs Windows; analysis commands work here\n"
+linux_only = pytest.mark.skipif(sys.platform == "win32", reason="checks the non-Windows fence")
+
+
+@linux_only
+@pytest.mark.parametrize("args", [[], ["-o", "x.etl"], ["-o", "x.etl", "--tag", "A", "--tag", "B", "--tag", "C",
+                                                          "--tag", "D", "--tag", "E"], ["--", "repro.exe"]])
+def test_record_off_windows_is_one_line_and_exit_2(args, tmp_path):
+    result = CliRunner().invoke(record, args)
+    assert result.exit_code == 2 and result.output == NOT_WINDOWS
+    assert not (tmp_path / "x.etl").exists()
+
+
+@linux_only
+def test_stop_off_windows_is_one_line_and_exit_2():
+    for args in ([], ["--kernel-logger"]):
+        result = CliRunner().invoke(stop, args)
+        assert result.exit_code == 2 and result.output == NOT_WINDOWS
+
+
+@linux_only
+def test_importing_pooltrace_never_touches_windows_modules():
+    """In a fresh interpreter with tripwires on ctypes' Windows loaders: import everything, run the fenced
+    commands and profile; nothing may load pywintrace (module etw) or the boundary module."""
+    code = r"""
+import ctypes, sys
+touched = []
+class Tripwire:
+    def __getattr__(self, name):
+        touched.append(name)
+        raise AttributeError(name)
+    def __call__(self, *a, **k):
+        touched.append("call")
+        raise OSError("tripwire")
+for attr in ("windll", "oledll", "WinDLL", "OleDLL"):
+    setattr(ctypes, attr, Tripwire())
+import pooltrace, pooltrace.cli, pooltrace.collector, pooltrace.cli.record, pooltrace.collector.session
+import pooltrace.collector.wprp, pooltrace.collector.structs, pooltrace.sidecar
+from click.testing import CliRunner
+from pooltrace.cli.record import record, stop, profile
+assert CliRunner().invoke(record, ["-o", "x.etl"]).exit_code == 2
+assert CliRunner().invoke(stop, []).exit_code == 2
+assert CliRunner().invoke(profile, ["--tag", "Leak"]).exit_code == 0
+bad = [m for m in sys.modules if m == "etw" or m.startswith("etw.") or m == "winreg"
+       or m == "pooltrace.collector.winapi"]
+assert not bad, bad
+assert not touched, touched
+print("clean")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr
+
+
+def test_commands_are_click_objects_with_help():
+    for cmd, name in ((record, "record"), (stop, "stop"), (profile, "profile")):
+        assert isinstance(cmd, click.Command) and cmd.name == name
+        result = CliRunner().invoke(cmd, ["--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output
+    text = CliRunner().invoke(record, ["--help"]).output
+    for option in ("--tag", "--free-stacks", "--duration", "--circular", "--max-size", "--kernel-logger",
+                   "-- COMMAND"):
+        assert option in text
+
+
+@pytest.fixture
+def windows(monkeypatch, tmp_path):
+    """Pretend to be on Windows: the CLI gets the recording fake instead of the real boundary."""
+    (tmp_path / "leaky.sys").write_bytes(make_pe())
+    fake = FakeWindows(pool_tags=[PoolTag(b"Leak", 3, 1, 128)],
+                       modules=[(0xFFFFF80412000000, 0x8000, "\\??\\C:\\drivers\\leaky.sys")],
+                       files={"c:\\drivers\\leaky.sys": tmp_path / "leaky.sys"})
+    monkeypatch.setattr(cli_record, "windows_api", lambda: fake)
+    return fake
+
+
+def test_record_through_the_cli(windows, tmp_path):
+    out = tmp_path / "leak.etl"
+    result = CliRunner().invoke(record, ["-o", str(out), "--tag", "Leak", "--duration", "0.02", "-q"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"wrote {out}: 4.0 KB in 0:00:00 (stopped by --duration); events lost 0, "
+                               "buffers lost 0")
+    assert lines[1] == (f"wrote {out}.pooltrace.json: 1 driver with a PDB identity; pool tag counters at start and "
+                        "stop for Leak")
+    assert lines[-1] == f"next: pooltrace info {out}; pooltrace pair {out}"
+    assert out.exists() and windows.sessions == {}
+
+
+def test_record_a_command_through_the_cli(windows, tmp_path):
+    out = tmp_path / "leak.etl"
+    result = CliRunner().invoke(record, ["-o", str(out), "--", sys.executable, "-c", "import sys; sys.exit(4)"])
+    assert result.exit_code == 0, result.output
+    assert "(stopped by the command exiting)" in result.output
+    assert "the command exited with code 4" in result.output
+
+
+def test_record_cli_errors(windows, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(record, [])
+    assert r.exit_code == 2 and r.output == "pooltrace: error: -o OUT.etl is required\n"
+    r = runner.invoke(record, ["-o", str(tmp_path / "x.etl")] + [a for t in "ABCDE" for a in ("--tag", t)])
+    assert r.exit_code == 2 and "at most 4 pool tags" in r.output and "analysis time" in r.output
+    assert "StartTraceW" not in windows.names()
+    windows.fail[("TraceSetInformation", 4)] = KeyboardInterrupt
+    r = runner.invoke(record, ["-o", str(tmp_path / "x.etl")])
+    assert r.exit_code == 2
+    assert r.output == "pooltrace: error: interrupted before the recording started; nothing was written\n"
+    assert windows.sessions == {}
+
+
+def test_stop_through_the_cli(windows, tmp_path):
+    partial = tmp_path / "old.etl.partial"
+    partial.write_bytes(b"x")
+    windows.running("pooltrace", log_file=str(partial))
+    r = CliRunner().invoke(stop, [])
+    assert r.exit_code == 0
+    assert r.output == (f"stopped pooltrace: events lost 0, buffers lost 0\ntrace: {tmp_path / 'old.etl'} "
+                        "(without sidecar: no driver PDB identities, no tag baseline)\n")
+    r = CliRunner().invoke(stop, [])
+    assert r.exit_code == 2 and r.output == "pooltrace: error: no pooltrace session is running\n"
+
+
+# --- the WPR profile ---------------------------------------------------------------------------------------
+def parse_profile(text: str) -> ET.Element:
+    root = ET.fromstring(text)
+    assert root.tag == "WindowsPerformanceRecorder" and root.get("Version") == "1.0"
+    (profiles,) = list(root)
+    assert profiles.tag == "Profiles"
+    kinds = [e.tag for e in profiles]
+    # WPR: collectors, then system providers, then profiles
+    assert kinds == sorted(kinds, key=["SystemCollector", "SystemProvider", "Profile"].index)
+    collectors = profiles.findall("SystemCollector")
+    providers = profiles.findall("SystemProvider")
+    assert len(collectors) == 1 and len(providers) == 1
+    c = collectors[0]
+    assert c.get("Id") and c.get("Name")
+    assert int(c.find("BufferSize").get("Value")) > 0 and int(c.find("Buffers").get("Value")) > 0
+    p = providers[0]
+    assert p.get("Id") and ":" not in p.get("Id") and " " not in p.get("Id")
+    assert [e.tag for e in p] in (["Keywords", "Stacks"], ["Keywords", "Stacks", "PoolTags"])
+    names = set()
+    modes = set()
+    for prof in profiles.findall("Profile"):
+        name, level, mode = prof.get("Name"), prof.get("DetailLevel"), prof.get("LoggingMode")
+        assert prof.get("Id") == f"{name}.{level}.{mode}" and prof.get("Description")
+        assert level in ("Verbose", "Light") and mode in ("File", "Memory")
+        names.add(name)
+        modes.add(mode)
+        if prof.get("Base") is None:
+            sc = prof.find("Collectors/SystemCollectorId")
+            assert sc.get("Value") == c.get("Id")
+            assert sc.find("SystemProviderId").get("Value") == p.get("Id")
+        else:
+            assert profiles.find(f"Profile[@Id='{prof.get('Base')}']") is not None
+    assert names == {"pooltrace"} and modes == {"File", "Memory"}  # every profile in both logging modes
+    return root
+
+
+def test_profile_default():
+    r = CliRunner().invoke(profile, [])
+    assert r.exit_code == 0
+    root = parse_profile(r.output)
+    p = root.find("Profiles/SystemProvider")
+    assert [k.get("Value") for k in p.findall("Keywords/Keyword")] == ["ProcessThread", "Loader", "Pool"]
+    assert [s.get("Value") for s in p.findall("Stacks/Stack")] == ["PoolAllocation", "PoolAllocationSession"]
+    assert p.find("PoolTags") is None
+
+
+def test_profile_with_tags_and_free_stacks(tmp_path):
+    out = tmp_path / "pool.wprp"
+    r = CliRunner().invoke(profile, ["-o", str(out), "--tag", "Leak", "--tag", "Ab", "--tag", "Mm*",
+                                     "--free-stacks"])
+    assert r.exit_code == 0 and f"wpr -start {out}!pooltrace -filemode" in r.output
+    root = parse_profile(out.read_text(encoding="utf-8"))
+    p = root.find("Profiles/SystemProvider")
+    assert [s.get("Value") for s in p.findall("Stacks/Stack")] == ["PoolAllocation", "PoolAllocationSession",
+                                                                     "PoolFree", "PoolFreeSession"]
+    tags = p.find("PoolTags")
+    assert tags.get("Operation") == "Set"
+    values = [t.get("Value") for t in tags.findall("PoolTag")]
+    assert values == ["Leak", "Ab  ", "Mm*"] and all(1 <= len(v) <= 4 for v in values)
+
+
+def test_profile_rejects_what_wpr_cannot_take():
+    r = CliRunner().invoke(profile, [a for t in "ABCDE" for a in ("--tag", t)])
+    assert r.exit_code == 2 and "at most 4 pool tags" in r.output
+    r = CliRunner().invoke(profile, ["--tag", "\\x01ab"])
+    assert r.exit_code == 2 and "a WPR profile cannot express" in r.output
+
+
+def test_committed_profile_is_what_pooltrace_profile_writes():
+    r = CliRunner().invoke(profile, [])
+    committed = (ROOT / "providers" / "pooltrace.wprp").read_text(encoding="utf-8")
+    assert committed == r.output, "regenerate with: pooltrace profile -o providers/pooltrace.wprp"
