@@ -40,14 +40,16 @@ def kernel_modules(shift: int = 0) -> dict[str, Module]:
     """Kernel images; `shift` moves every base (a different boot / ASLR layout)."""
     k = 0xFFFFF80412000000 + shift
     return {
-        "nt": Module("ntoskrnl.exe", k, 0x1046000, r"\SystemRoot\system32\ntoskrnl.exe", "ntkrnlmp.pdb",
-                     uuid.UUID("3844dbb9-2017-4967-be7a-a4a2c20430fa")),
+        # nt and leaky are the symbol fixtures (tests/fixtures/symbols, layout.json): their real SizeOfImage,
+        # TimeDateStamp and PDB identity, so the sample reports resolve with the PDBs in traces/symbols
+        "nt": Module("ntoskrnl.exe", k, 0x6000, r"\SystemRoot\system32\ntoskrnl.exe", "ntkrnlmp.pdb",
+                     uuid.UUID("b739d544-1a8e-bb9e-4c4c-44205044422e"), age=1, timedatestamp=0x5F80B584),
         "hal": Module("hal.dll", k + 0x2000000, 0x6F000, r"\SystemRoot\system32\hal.dll", "hal.pdb",
                       uuid.UUID("0b1d4c1e-6d67-4b59-9d9e-7c4a0d53a8b1")),
         "ntfs": Module("Ntfs.sys", k + 0x3000000, 0x2F9000, r"\SystemRoot\System32\Drivers\Ntfs.sys", "ntfs.pdb",
                        uuid.UUID("f5a3b0f6-2c4c-4b0f-8b5e-5d1c7e3f2a11")),
-        "leaky": Module("leaky.sys", k + 0x7A40000, 0x8000, r"\??\C:\drivers\leaky.sys", "leaky.pdb",
-                        uuid.UUID("6c5a0b8e-9f1d-4e1b-a7c2-3d4e5f607182"), age=2),
+        "leaky": Module("leaky.sys", k + 0x7A40000, 0x5000, r"\??\C:\drivers\leaky.sys", "leaky.pdb",
+                        uuid.UUID("8ac9c1fc-370f-91ac-4c4c-44205044422e"), age=2, timedatestamp=0x6A7D8326),
         "w32k": Module("win32kbase.sys", 0xFFFFF96000000000 + shift, 0x2A0000,
                        r"\SystemRoot\System32\win32kbase.sys", "win32kbase.pdb",
                        uuid.UUID("a1b2c3d4-e5f6-4711-8899-aabbccddeeff")),
@@ -55,26 +57,32 @@ def kernel_modules(shift: int = 0) -> dict[str, Module]:
 
 
 # Call sites as (module key, rva) frames, innermost first; the first frame is inside ntoskrnl's allocator.
-NT_ALLOC = ("nt", 0x3A41F2)  # ExAllocatePoolWithTag+0x52
-SYSCALL_TAIL = [("nt", 0x40C235), ("nt", 0x6A1F08), ("nt", 0x6A0B54), ("nt", 0x41D5B5)]
+# Every nt/leaky frame is the return address after a call instruction in the fixture images (layout.json
+# "calls"), so the sample reports show the functions that really make those calls.
+NT_ALLOC = ("nt", 0x108D)  # ExAllocatePoolWithTag+0x4d, after its call to ExAllocateHeapPool
+SYSCALL_TAIL = [("nt", 0x1161),  # IopSynchronousServiceTail+0x11
+                ("nt", 0x119E),  # IopXxxControlFile+0x2e
+                ("nt", 0x11C7),  # NtDeviceIoControlFile+0x17
+                ("nt", 0x11ED)]  # KiSystemServiceCopyEnd+0x1d
 
 
 def _sites() -> dict[str, dict]:
+    call_driver = ("nt", 0x1142)  # IofCallDriver+0x22, after calling the driver's dispatch routine
     return {
-        "leak": {"tag": "Leak", "pool": NONPAGED_NX, "size": 0x100,
-                 "frames": [NT_ALLOC, ("leaky", 0x1127), ("leaky", 0x1310), ("nt", 0x2E6D85)] + SYSCALL_TAIL},
-        "leak_ok": {"tag": "Leak", "pool": NONPAGED_NX, "size": 0x60,
-                    "frames": [NT_ALLOC, ("leaky", 0x1450), ("leaky", 0x1318), ("nt", 0x2E6D85)] + SYSCALL_TAIL},
-        "new_leak": {"tag": "Lea2", "pool": PAGED, "size": 0x40,
-                     "frames": [NT_ALLOC, ("leaky", 0x15A0), ("leaky", 0x1320), ("nt", 0x2E6D85)] + SYSCALL_TAIL},
-        "irp": {"tag": "Irp ", "pool": NONPAGED_NX, "size": 0x118,
-                "frames": [NT_ALLOC, ("nt", 0x2F1A40), ("ntfs", 0x1B3C0), ("nt", 0x2E6D85)] + SYSCALL_TAIL},
-        "mmst": {"tag": "MmSt", "pool": PAGED, "size": 0x1F0,
-                 "frames": [NT_ALLOC, ("nt", 0x7A1C64), ("nt", 0x7A0F12), ("nt", 0x6B3A10)] + SYSCALL_TAIL},
-        "file": {"tag": "File", "pool": NONPAGED_NX, "size": 0xD8,
-                 "frames": [NT_ALLOC, ("nt", 0x6F2A18), ("nt", 0x6F1C0A), ("ntfs", 0x10A4C)] + SYSCALL_TAIL},
+        "leak": {"tag": "Leak", "pool": NONPAGED_NX, "size": 0x100,  # AllocateLeakyBuffer+0x22, DispatchIoctl+0x2f
+                 "frames": [NT_ALLOC, ("leaky", 0x1022), ("leaky", 0x11BF), call_driver] + SYSCALL_TAIL},
+        "leak_ok": {"tag": "Leak", "pool": NONPAGED_NX, "size": 0x60,  # AllocateScratchBuffer+0x1d, DispatchIoctl+0x5d
+                    "frames": [NT_ALLOC, ("leaky", 0x10BD), ("leaky", 0x11ED), call_driver] + SYSCALL_TAIL},
+        "new_leak": {"tag": "Lea2", "pool": PAGED, "size": 0x40,  # AllocateTelemetry+0x1d, DispatchIoctl+0x4d
+                     "frames": [NT_ALLOC, ("leaky", 0x110D), ("leaky", 0x11DD), call_driver] + SYSCALL_TAIL},
+        "irp": {"tag": "Irp ", "pool": NONPAGED_NX, "size": 0x118,  # IoAllocateIrp+0x33
+                "frames": [NT_ALLOC, ("nt", 0x1103), ("ntfs", 0x1B3C0), call_driver] + SYSCALL_TAIL},
+        "mmst": {"tag": "MmSt", "pool": PAGED, "size": 0x1F0,  # MiCreateImageFileMap, MmCreateSection, NtCreateSection
+                 "frames": [NT_ALLOC, ("nt", 0x1287), ("nt", 0x12A5), ("nt", 0x12E4)] + SYSCALL_TAIL},
+        "file": {"tag": "File", "pool": NONPAGED_NX, "size": 0xD8,  # ObpAllocateObject+0x24, ObCreateObject+0x12
+                 "frames": [NT_ALLOC, ("nt", 0x1224), ("nt", 0x1242), ("ntfs", 0x10A4C)] + SYSCALL_TAIL},
         "ntfr": {"tag": "Ntfr", "pool": PAGED, "size": 0x2000,
-                 "frames": [NT_ALLOC, ("ntfs", 0x2A7C1), ("ntfs", 0x28E10), ("nt", 0x2E6D85)]},
+                 "frames": [NT_ALLOC, ("ntfs", 0x2A7C1), ("ntfs", 0x28E10), call_driver]},
         "gh05": {"tag": "Gh05", "pool": PAGED | 0x20, "size": 0x80, "session": 1,
                  "frames": [NT_ALLOC, ("w32k", 0x2C1F0), ("w32k", 0x2B0A4)] + SYSCALL_TAIL},
     }

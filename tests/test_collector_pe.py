@@ -35,9 +35,9 @@ def test_pe_without_usable_debug_info_has_no_pdb_identity():
 
 
 @pytest.mark.parametrize(("data", "words"), [
-    (b"", "truncated"),
+    (b"", "no MZ header"),
     (b"ZM" + bytes(62), "no MZ header"),
-    (make_pe()[:0x90], "truncated"),
+    (make_pe()[:0x90], "bad e_lfanew"),
     (make_pe().replace(b"PE\0\0", b"PX\0\0", 1), "no PE signature"),
 ])
 def test_damaged_pe_files_raise_pe_error(data, words):

@@ -17,7 +17,7 @@ from pooltrace.cli import cli
 from pooltrace.dataset import pair_trace
 from pooltrace.errors import PooltraceError
 from pooltrace.etl.writer import TraceWriter
-from pooltrace.synthetic import _sites, kernel_modules
+from pooltrace.synthetic import NT_ALLOC, _sites, kernel_modules
 from tests.conftest import ROOT
 
 TRACES = ROOT / "traces"
@@ -115,7 +115,7 @@ def test_csv_and_folded(sample):
     assert rows[0] == ["rank", "bytes", "count", "tags", "frames"] and rows[1][1] == "128000"
     folded = run(ds, "--format", "folded", "--no-symbols").splitlines()
     stack, value = folded[0].rsplit(" ", 1)
-    assert value == "128000" and stack.split(";")[-1] == "ntoskrnl.exe+0x3a41f2"  # innermost last
+    assert value == "128000" and stack.split(";")[-1] == f"ntoskrnl.exe+0x{NT_ALLOC[1]:x}"  # innermost last
 
 
 def test_pprof_parses_as_profile_proto(sample, tmp_path):
@@ -163,7 +163,7 @@ def test_pprof_parses_as_profile_proto(sample, tmp_path):
     locs = {loc.id: funcs[loc.line[0].function_id] for loc in p.location}
     first = p.sample[0]
     assert list(first.value) == [500, 128000]
-    assert locs[first.location_id[0]] == "ntoskrnl.exe+0x3a41f2" and site_text("leak") in [
+    assert locs[first.location_id[0]] == f"ntoskrnl.exe+0x{NT_ALLOC[1]:x}" and site_text("leak") in [
         locs[i] for i in first.location_id]
     assert s[p.default_sample_type] == "inuse_space"
 
@@ -259,3 +259,14 @@ def test_tags_poolmon_view(sample):
     assert order == sorted(order, reverse=True)
     text = CliRunner().invoke(cli, ["tags", str(ds)]).output
     assert text.splitlines()[2].startswith("Leak")
+
+
+def test_tags_with_pooltag_descriptions(sample):
+    ds, _ = sample
+    pooltag = ROOT / "tests" / "fixtures" / "symbols" / "pooltag.txt"
+    rows = json.loads(CliRunner().invoke(cli, ["tags", str(ds), "--format", "json", "--pooltag", str(pooltag)]).output)
+    desc = {r["tag"]: r["description"] for r in rows}
+    assert desc["Leak"] == "leaky test driver, request buffers (leaky.sys)"
+    assert "I/O request packets" in desc["Irp "]
+    text = CliRunner().invoke(cli, ["tags", str(ds), "--pooltag", str(pooltag)]).output
+    assert "leaky test driver" in text

@@ -10,7 +10,7 @@ from pooltrace import __version__
 
 # module -> the click commands it defines (modules stay importable under their own names)
 COMMANDS = {"info": ["info"], "pair": ["pair"], "report": ["report"], "tags": ["tags"], "diff": ["diff"],
-            "record": ["record", "stop", "profile"]}
+            "whose": ["whose"], "record": ["record", "stop", "profile"]}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,6 +13,7 @@ from pooltrace.analysis import BY, NULL_NS, Filters, FrameRenderer, build_report
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.errors import PooltraceError
 from pooltrace.reporters import structured, text
+from pooltrace.symbols import Symbolizer
 
 FORMATS = ("text", "json", "csv", "folded", "pprof", "html")
 LIST_LIMIT = 1000
@@ -20,10 +21,6 @@ LIST_LIMIT = 1000
 
 def make_symbolizer(ds, symbols: str | None, no_symbols: bool, input_path: Path, quiet: bool):
     """The Symbolizer for a dataset, searching the trace's own directory (shipped sample PDBs) offline."""
-    try:
-        from pooltrace.symbols import Symbolizer
-    except ImportError:  # TODO(integration): symbols package lands with issue 5
-        return None
     local = [input_path.parent if input_path.is_file() else input_path, ds.path]
     return Symbolizer(ds.modules, symbol_path=symbols, enabled=not no_symbols, local_dirs=local,
                       progress=not quiet, warn=lambda m: click.echo(f"warning: {m}", err=True))

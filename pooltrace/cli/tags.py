@@ -12,14 +12,11 @@ from rich.table import Table
 from pooltrace.analysis import Filters, FrameRenderer, open_input, parse_window, tag_rows
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.cli.report import make_symbolizer
+from pooltrace.symbols.pooltag import find_pooltag, load_pooltag
 
 
 def _descriptions(pooltag: Path | None):
     """Tag descriptions from the user's pooltag.txt (given, or where Debugging Tools install it)."""
-    try:
-        from pooltrace.symbols.pooltag import find_pooltag, load_pooltag
-    except ImportError:  # TODO(integration): pooltag.txt parsing lands with issue 5
-        return None
     path = pooltag or find_pooltag()
     return load_pooltag(path) if path else None
 

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.errors import PooltraceError
 from pooltrace.modulemap import ModuleMap, frame_text
-from pooltrace.symbols.pe import PeError, parse_pe
+from pooltrace.pe import PeError, parse_pe
 from pooltrace.symbols.pooltag import find_pooltag, read_pooltag
 
 ANY = -1
