@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from pooltrace.dataset import MODULES_SCHEMA  # noqa: E402
+from pooltrace.pe import parse_pe  # noqa: E402
 from pooltrace.symbols import Symbolizer  # noqa: E402
 from pooltrace.symbols.pdbtable import FunctionTable, read_pdb  # noqa: E402
-from pooltrace.symbols.pe import parse_pe  # noqa: E402
 
 FX = ROOT / "tests" / "fixtures" / "symbols"
 OUT = ROOT / "benchmarks" / "out"
