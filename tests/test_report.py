@@ -270,3 +270,16 @@ def test_tags_with_pooltag_descriptions(sample):
     assert "I/O request packets" in desc["Irp "]
     text = CliRunner().invoke(cli, ["tags", str(ds), "--pooltag", str(pooltag)]).output
     assert "leaky test driver" in text
+
+
+def test_by_function_with_symbols_names_the_functions(sample):
+    """With the shipped fixture PDBs (found beside the trace) call sites become functions."""
+    ds, truth = sample
+    trace = TRACES / "sample-leak.etl"
+    data = json.loads(run(trace, "--format", "json", "--by", "function", "--tag", "Leak"))
+    got = {g["frames"][0]: g["count"] for g in data["groups"]}
+    t = truth["truth"]["outstanding"]
+    assert got == {"leaky.sys!AllocateLeakyBuffer": t["leak"], "leaky.sys!AllocateScratchBuffer": t["leak_ok"]}
+    stack = json.loads(run(trace, "--format", "json", "--top", "1"))["groups"][0]["frames"]
+    assert stack[:3] == ["ntoskrnl.exe!ExAllocatePoolWithTag+0x4d", "leaky.sys!AllocateLeakyBuffer+0x22",
+                         "leaky.sys!DispatchIoctl+0x2f"]
