@@ -260,13 +260,7 @@ class FrameRenderer:
         if self.sym is not None and len(addrs):
             ret = np.ones(len(addrs), dtype=bool)
             ret[0] = False  # frame 0 is the instruction pointer; the others are return addresses
-            syms = [None] * len(addrs)
-            for is_ret in (False, True):
-                sel = np.flatnonzero(ret == is_ret)
-                if len(sel):
-                    got = self.sym.lookup(mod[sel], rva[sel], return_address=is_ret)
-                    for k, s in zip(sel.tolist(), got, strict=True):
-                        syms[k] = s
+            syms = self.sym.lookup(mod, rva, return_address=ret)
         texts = []
         for k, (m, r, a) in enumerate(zip(mod.tolist(), rva.tolist(), addrs.tolist(), strict=True)):
             name = self.map.names[m] if m != NONE else None

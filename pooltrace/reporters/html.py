@@ -14,7 +14,7 @@ from importlib import resources
 
 import numpy as np
 
-from pooltrace.analysis import NULL_NS, Dataset, Report, row_mask
+from pooltrace.analysis import NULL_NS, Dataset, Filters, Report, row_mask
 from pooltrace.reporters.text import _site
 
 POINTS = 120
@@ -37,7 +37,7 @@ def series(ds: Dataset, report: Report) -> dict:
             by_tag[tag] = by_tag.get(tag, 0) + b
     lines = []
     index = {name: i for i, name in enumerate(ds.tags)}
-    base = np.flatnonzero(row_mask(ds, _no_filters()))
+    base = np.flatnonzero(row_mask(ds, Filters()))
     for tag in sorted(by_tag, key=lambda k: -by_tag[k])[:TOP_TAGS]:
         rows = base[r["tag"][base] == index[tag]]
         a, f, s = r["alloc_ns"][rows], r["free_ns"][rows], r["size"][rows].astype(np.int64)
@@ -51,12 +51,6 @@ def series(ds: Dataset, report: Report) -> dict:
         live = cum_a[np.searchsorted(a[oa], t, side="right")] - cum_f[np.searchsorted(f[of], t, side="right")]
         lines.append({"tag": tag, "bytes": live.tolist()})
     return {"t": t.tolist(), "lines": lines}
-
-
-def _no_filters():
-    from pooltrace.analysis import Filters
-
-    return Filters()
 
 
 def to_html(report: Report, ds: Dataset, render=None) -> str:
