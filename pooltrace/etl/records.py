@@ -124,31 +124,37 @@ def _marker_tables() -> tuple[np.ndarray, np.ndarray]:
 MARKER_KIND, MARKER_MIN_SIZE = _marker_tables()
 
 
-def _next_slots(chunk: Chunk) -> np.ndarray:
-    """For every 8-byte slot: the slot where the next record starts if one starts here, END or BAD."""
-    w = chunk.u16.reshape(-1, 4)
+def _next_slots(chunk: Chunk, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """For every 8-byte slot in [lo, hi): the slot where the next record starts if one starts there,
+    END or BAD (indexed from lo)."""
+    w = chunk.u16.reshape(-1, 4)[lo:hi]
     w1 = w[:, 1]
     kind = MARKER_KIND[w1]
     size = np.where(kind == 1, w[:, 2], w[:, 0])
-    nxt = np.arange(len(w), dtype=np.int64)
+    nxt = np.arange(lo, lo + len(w), dtype=np.int64)
     nxt += (size.astype(np.int64) + 7) >> 3
     nxt[(kind == 0) | (size < MARKER_MIN_SIZE[w1])] = BAD
     nxt[kind == 4] = END
     return nxt
 
 
-def _likely_starts(chunk: Chunk, nxt: np.ndarray) -> np.ndarray:
-    """Slots that look like record starts under a strict test (flags byte exactly 0xC0, a known header
-    type, a plausible size; for kernel headers a small version and a known hook group). Payload bytes
-    almost never pass it, so in most buffers these slots are exactly the record chain; walk() checks
-    that and falls back to following the chain one record at a time where it is not."""
+def _likely_starts(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    """Slots that look like record starts under a strict test, and where the next record would start.
+
+    The test — flags byte exactly 0xC0, a SYSTEM/COMPACT/PERFINFO/classic/EVENT header type, a size at
+    least the header's; for kernel headers a small version and a known hook group — is first run on the
+    flags byte alone (one byte per slot), then on the few slots that pass. Payload bytes almost never
+    pass it, so in most buffers these slots are exactly the record chain; walk() proves that."""
+    cand = np.flatnonzero(chunk.data.reshape(-1, 8)[:, 3] == 0xC0)
     w = chunk.u16.reshape(-1, 4)
-    kind = MARKER_KIND[w[:, 1]]
-    strict = ((w[:, 1] >> 8) == 0xC0) & (nxt < END)
+    w0, w1 = w[cand, 0], w[cand, 1]
+    kind = MARKER_KIND[w1]
     kernel = kind == 1
-    strict &= ~kernel | (((w[:, 0] & 0x78FF) < 16) & ((w[:, 3] >> 8) < 0x40))
-    strict &= (kind == 1) | (kind == 2)
-    return np.flatnonzero(strict)
+    size = np.where(kernel, w[cand, 2], w0).astype(np.int64)
+    ok = (kernel | (kind == 2)) & (size >= MARKER_MIN_SIZE[w1])
+    ok &= ~kernel | (((w0 & 0x78FF) < 16) & ((w[cand, 3] >> 8) < 0x40))
+    cand = cand[ok]
+    return cand, cand + ((size[ok] + 7) >> 3)
 
 
 def walk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str]]]:
@@ -157,21 +163,22 @@ def walk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str
 
     Fast path, per buffer: the likely starts form one chain from the buffer's first slot to its end
     (each one's next slot is the following one), which proves they are exactly the records. Otherwise
-    the chain is followed record by record."""
-    nxt = _next_slots(chunk)
+    that buffer's chain is followed record by record."""
     starts = chunk.starts >> 3
     ends = (chunk.ends + 7) >> 3
-    cand = _likely_starts(chunk, nxt)
+    cand, nxt_c = _likely_starts(chunk)
     lo = np.searchsorted(cand, starts)
     hi = np.searchsorted(cand, ends)
-    linked = nxt[cand[:-1]] == cand[1:]
-    broken = np.concatenate([[0], np.cumsum(~linked)])  # broken links before each candidate
     n = hi - lo
-    last = cand[np.maximum(hi - 1, 0)] if len(cand) else np.zeros(len(starts), dtype=np.int64)
-    fast = ((n > 0) & (cand[np.minimum(lo, max(len(cand) - 1, 0))] == starts) if len(cand) else n > 0)
-    fast &= broken[np.maximum(hi - 1, 0)] - broken[np.minimum(lo, len(broken) - 1)] == 0
-    fast &= nxt[last] == ends if len(cand) else fast
-    nx = memoryview(nxt)
+    fast = n > 0
+    if len(cand):
+        linked = nxt_c[:-1] == cand[1:]
+        broken = np.concatenate([[0], np.cumsum(~linked)])  # broken links before each candidate
+        first = np.minimum(lo, len(cand) - 1)
+        last = np.maximum(hi - 1, 0)
+        fast &= cand[first] == starts
+        fast &= broken[last] - broken[first] == 0
+        fast &= nxt_c[last] == ends
     parts = []
     counts = []
     problems = []
@@ -180,11 +187,12 @@ def walk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str
             parts.append(cand[lo[k]:hi[k]])
             counts.append(int(n[k]))
             continue
+        nx = memoryview(_next_slots(chunk, s, e))
         out = array("q")
         app = out.append
         p = s
         while p < e:
-            q = nx[p]
+            q = nx[p - s]
             if q > e:
                 break
             app(p)
