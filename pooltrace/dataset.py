@@ -26,7 +26,7 @@ from pooltrace import __version__
 from pooltrace.definitions import definitions
 from pooltrace.errors import PooltraceError
 from pooltrace.etl.columns import Columns
-from pooltrace.etl.images import image_file_name, join_debug_ids
+from pooltrace.etl.images import join_debug_ids
 from pooltrace.etl.reader import EtlReader
 from pooltrace.pairing import (
     CLOSED_FREE,
@@ -41,7 +41,7 @@ from pooltrace.pairing import (
 from pooltrace.sidecar import merge_pdb_identities, read_sidecar, tag_baseline
 from pooltrace.stackjoin import StackJoiner
 from pooltrace.tags import format_tag
-from pooltrace.traceinfo import EVENT_KINDS
+from pooltrace.traceinfo import events_by_kind
 
 D = definitions()
 H = D.hooks
@@ -127,6 +127,13 @@ class _RowWriter:
         self.writer.close()
 
 
+def _module_row(r: dict, load_ns: int | None) -> dict:
+    """A modules.parquet row from a joined image event (join_debug_ids already named the file)."""
+    return {"base": r["base"], "size": r["size"], "name": r["name"], "path": r["filename"], "pid": r["pid"],
+            "timedatestamp": r["timedatestamp"], "checksum": r["checksum"], "pdb_name": r["pdb_name"],
+            "pdb_guid": r["pdb_guid"], "pdb_age": r["pdb_age"], "load_ns": load_ns, "unload_ns": None}
+
+
 def _modules(tables: dict[str, list[pa.Table]], to_ns) -> pa.Table:
     images = pa.concat_tables(tables["image"]) if tables["image"] else None
     if images is None:
@@ -145,20 +152,13 @@ def _modules(tables: dict[str, list[pa.Table]], to_ns) -> pa.Table:
                     cur[k] = cur[k] or r[k]
                 cur["timedatestamp"] = cur["timedatestamp"] or r["timedatestamp"]
                 continue
-            cur = {"base": r["base"], "size": r["size"], "name": image_file_name(r["filename"]),
-                   "path": r["filename"], "pid": r["pid"], "timedatestamp": r["timedatestamp"],
-                   "checksum": r["checksum"], "pdb_name": r["pdb_name"], "pdb_guid": r["pdb_guid"],
-                   "pdb_age": r["pdb_age"],
-                   # rundown (DCStart/DCEnd) images were loaded before the trace: no load time
-                   "load_ns": int(to_ns(r["ts"])) if r["hook"] == H["ImageLoad"] else None, "unload_ns": None}
+            # rundown (DCStart/DCEnd) images were loaded before the trace: no load time
+            cur = _module_row(r, int(to_ns(r["ts"])) if r["hook"] == H["ImageLoad"] else None)
             open_[key] = cur
             out.append(cur)
         elif r["hook"] == H["ImageUnload"]:
             if cur is None:
-                cur = {"base": r["base"], "size": r["size"], "name": image_file_name(r["filename"]),
-                       "path": r["filename"], "pid": r["pid"], "timedatestamp": r["timedatestamp"],
-                       "checksum": r["checksum"], "pdb_name": r["pdb_name"], "pdb_guid": r["pdb_guid"],
-                       "pdb_age": r["pdb_age"], "load_ns": None, "unload_ns": None}
+                cur = _module_row(r, None)
                 out.append(cur)
             cur["unload_ns"] = int(to_ns(r["ts"]))
             open_.pop(key, None)
@@ -273,10 +273,7 @@ def _remap_stacks(path: Path, remap: np.ndarray) -> None:
 def _trace_json(reader, pairer, joiner, rows, n_stacks, unresolved, modules, window_s) -> dict:
     hdr, st = reader.header, reader.stats
     ps, js = pairer.stats, joiner.stats
-    by = {kind: sum(st.by_hook.get(H[h], 0) for h in hooks) for kind, hooks in EVENT_KINDS.items()}
-    ktc = str(D.guids["KernelTraceControl"])
-    by["ktc_image_id"] = sum(n for (g, op), n in st.by_classic.items() if g == ktc and op == 0)
-    by["ktc_rsds"] = sum(n for (g, op), n in st.by_classic.items() if g == ktc and op in (0x24, 0x25))
+    by = events_by_kind(st)
     pool_events = ps.allocs + ps.frees
     diag = {
         "allocs": ps.allocs, "frees": ps.frees,

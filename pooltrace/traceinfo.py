@@ -35,6 +35,16 @@ EVENT_KINDS = {
 }
 
 
+def events_by_kind(st) -> dict[str, int]:
+    """Record counts of the reader's stats by event kind (EVENT_KINDS), plus KernelTraceControl ImageId
+    and debug-id (RSDS and IL-RSDS) records."""
+    by = {kind: sum(st.by_hook.get(H[h], 0) for h in hooks) for kind, hooks in EVENT_KINDS.items()}
+    ktc = str(D.guids["KernelTraceControl"])
+    by["ktc_image_id"] = sum(n for (g, op), n in st.by_classic.items() if g == ktc and op == 0)
+    by["ktc_rsds"] = sum(n for (g, op), n in st.by_classic.items() if g == ktc and op in (0x24, 0x25))
+    return by
+
+
 @dataclass
 class TraceSummary:
     data: dict = field(default_factory=dict)
@@ -83,10 +93,7 @@ def _summarize(reader: EtlReader, progress) -> TraceSummary:
             t = batch.get(name)
             if t is not None:
                 stack_keys.append(_owner_key(t["cpu"], t["event_ts"]))
-    by = {kind: sum(st.by_hook.get(H[h], 0) for h in hooks) for kind, hooks in EVENT_KINDS.items()}
-    ktc = D.guids["KernelTraceControl"]
-    by["ktc_image_id"] = sum(n for (g, op), n in st.by_classic.items() if g == str(ktc) and op == 0)
-    by["ktc_rsds"] = sum(n for (g, op), n in st.by_classic.items() if g == str(ktc) and op in (0x24, 0x25))
+    by = events_by_kind(st)
     images = pa.concat_tables(tables["image"]) if tables["image"] else None
     rsds = pa.concat_tables(tables["ktc_rsds"]) if tables["ktc_rsds"] else None
     by["rsds_joined_to_images"] = count_joined(images, rsds)
