@@ -26,6 +26,7 @@ from pooltrace import __version__
 from pooltrace.definitions import definitions
 from pooltrace.errors import PooltraceError
 from pooltrace.etl.columns import Columns
+from pooltrace.etl.decode import IS_ALLOC, IS_SESSION, in_set
 from pooltrace.etl.images import join_debug_ids
 from pooltrace.etl.reader import EtlReader
 from pooltrace.pairing import (
@@ -45,8 +46,6 @@ from pooltrace.traceinfo import events_by_kind
 
 D = definitions()
 H = D.hooks
-ALLOC_HOOKS = np.array([H["PoolAlloc"], H["PoolAllocSession"]])
-SESSION_HOOKS = np.array([H["PoolAllocSession"], H["PoolFreeSession"]])
 FATES = {CLOSED_FREE: "freed", CLOSED_LOST_FREE: "lost_free", FREE_WITHOUT_ALLOC: "free_without_alloc",
          OUTSTANDING: "outstanding"}
 DEFAULT_WINDOW_S = 2.0
@@ -71,10 +70,10 @@ def default_output(trace: Path) -> Path:
 
 def _pool_events(t: pa.Table) -> PoolEvents:
     hook = t["hook"].to_numpy()
-    session = np.isin(hook, SESSION_HOOKS)
+    session = in_set(IS_SESSION, hook)
     sid = t["session_id"].fill_null(0).to_numpy().astype(np.uint32)
     return PoolEvents(
-        ts=t["ts"].to_numpy(), alloc=np.isin(hook, ALLOC_HOOKS),
+        ts=t["ts"].to_numpy(), alloc=in_set(IS_ALLOC, hook),
         namespace=np.where(session, sid.astype(np.int64) + 1, 0), address=t["entry"].to_numpy(),
         tag=t["tag"].to_numpy(), pool_type=t["pool_type"].to_numpy(), size=t["size"].to_numpy(),
         session_id=np.where(session, sid, np.uint32(0xFFFFFFFF)).astype(np.uint32), cpu=t["cpu"].to_numpy(),

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
 
 from pooltrace.definitions import definitions
+from pooltrace.etl.decode import IS_ALLOC, in_set
 from pooltrace.etl.images import count_joined
 from pooltrace.etl.reader import EtlReader
 from pooltrace.etl.stackkeys import StackKeyResolver
@@ -20,7 +20,6 @@ from pooltrace.tags import format_tag
 D = definitions()
 H = D.hooks
 STACK_SAMPLE = 1_000_000  # pool allocations checked for an attached stack
-ALLOC_HOOKS = [H["PoolAlloc"], H["PoolAllocSession"]]
 POOL_BIT_INDEX, POOL_BIT = D.mask_index_bit(D.group_masks["PERF_POOL"])
 
 EVENT_KINDS = {
@@ -85,7 +84,7 @@ def _summarize(reader: EtlReader, progress) -> TraceSummary:
         if pool is not None:
             tags.update(np.unique(pool["tag"].to_numpy()).tolist())
             if sampled < STACK_SAMPLE:  # recorders take stacks for allocations, frees only on request
-                allocs = pool.filter(pa.compute.is_in(pool["hook"], pa.array(ALLOC_HOOKS, pa.uint16())))
+                allocs = pool.filter(in_set(IS_ALLOC, pool["hook"].to_numpy()))
                 take = allocs.slice(0, STACK_SAMPLE - sampled)
                 sample_pool.append(_owner_key(take["cpu"], take["ts"]))
                 sampled += take.num_rows

@@ -45,6 +45,7 @@ def _hook_set(hooks) -> np.ndarray:
 
 IS_POOL = _hook_set(POOL_HOOKS.tolist())
 IS_SESSION = _hook_set(SESSION_HOOKS.tolist())
+IS_ALLOC = _hook_set([H["PoolAlloc"], H["PoolAllocSession"]])
 IS_KEY_REF = _hook_set(KEY_REF_HOOKS.tolist())
 IS_KEY_DEF = _hook_set(KEY_DEF_HOOKS.tolist())
 IS_RARE = _hook_set(RARE_LAYOUTS)
