@@ -9,7 +9,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from pooltrace.cli.whose import ANY, scan_files, tag_slots, whose
+from pooltrace.cli.whose import whose
+from pooltrace.owners import ANY, scan_files, tag_slots
 from pooltrace.symbols.pooltag import parse_pooltag, read_pooltag
 from tests.conftest import ROOT
 
