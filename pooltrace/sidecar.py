@@ -42,10 +42,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from pooltrace.errors import PooltraceError
+
+if TYPE_CHECKING:  # pyarrow is loaded by the commands that read datasets, not by `pooltrace record`
+    import pyarrow as pa
 
 SIDECAR_SUFFIX = ".pooltrace.json"
 FORMAT, VERSION = "pooltrace-sidecar", 1
@@ -123,7 +125,11 @@ def merge_pdb_identities(modules: pa.Table, sidecar: dict | None) -> pa.Table:
         if not r["timedatestamp"] and hit.get("timedatestamp"):
             r["timedatestamp"] = int(hit["timedatestamp"])
         changed = True
-    return pa.Table.from_pylist(rows, schema=modules.schema) if changed else modules
+    if not changed:
+        return modules
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=modules.schema)
 
 
 def tag_baseline(sidecar: dict | None) -> dict[str, dict]:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from pooltrace import __version__
-from pooltrace.cli import cli, common
+from pooltrace.cli import SHORT_HELP, cli, common
 from tests.conftest import ROOT
 
 
@@ -19,10 +19,27 @@ def test_version_and_module_entry_point():
     assert out.returncode == 0 and out.stdout.strip() == f"pooltrace, version {__version__}"
 
 
-@pytest.mark.parametrize("command", sorted(cli.commands))
+@pytest.mark.parametrize("command", cli.list_commands(None))
 def test_help_on_every_command(command):
     result = CliRunner().invoke(cli, [command, "--help"])
     assert result.exit_code == 0 and "Usage: " in result.output and "--help" in result.output
+
+
+@pytest.mark.parametrize("command", cli.list_commands(None))
+def test_listed_short_help_is_the_commands_own(command):
+    """`pooltrace --help` lists commands without importing them: its table must say what they say."""
+    assert cli.get_command(None, command).get_short_help_str(limit=1000) == SHORT_HELP[command]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["record", "--help"], ["profile", "--help"]])
+def test_start_up_imports_no_data_libraries(argv):
+    """Lazy command loading: help for the group and for `record` load neither pyarrow, numpy nor rich."""
+    code = ("import sys; from pooltrace.cli import cli\n"
+            f"try: cli.main({argv!r}, prog_name='pooltrace')\n"
+            "except SystemExit: pass\n"
+            "print(sorted(m for m in ('pyarrow', 'numpy', 'rich') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "Usage: " in out.stdout and out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_unknown_option_is_a_usage_error():

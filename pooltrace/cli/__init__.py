@@ -1,4 +1,9 @@
-"""The ``pooltrace`` command line: a click group listing one module per verb."""
+"""The ``pooltrace`` command line: a click group listing one module per verb.
+
+Commands are loaded lazily: ``pooltrace --help`` imports none of them (their one-line help is listed in
+SHORT_HELP, checked against the commands by a test), and ``pooltrace VERB`` imports only VERB's module, so
+pyarrow, numpy and rich are loaded only by the commands that use them.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,53 @@ import click
 
 from pooltrace import __version__
 
-# module -> the click commands it defines (modules stay importable under their own names)
-COMMANDS = {"info": ["info"], "pair": ["pair"], "report": ["report"], "tags": ["tags"], "diff": ["diff"],
-            "whose": ["whose"], "record": ["record", "stop", "profile"]}
+# command -> the module defining it (modules stay importable under their own names)
+COMMANDS = {"info": "info", "pair": "pair", "report": "report", "tags": "tags", "diff": "diff", "whose": "whose",
+            "record": "record", "stop": "record", "profile": "record"}
+SHORT_HELP = {
+    "diff": "Compare outstanding allocations of BASE and NEW (.etl files or datasets, e.g. before and after a fix).",
+    "info": "OS build, CPUs, clock, duration, events by kind, losses, pool tracing/stack status, and a verdict.",
+    "pair": "Match every pool allocation with its free, attach stacks, and write allocations.parquet, "
+            "stacks.parquet, modules.parquet and trace.json (schema in the README).",
+    "profile": "Write a WPR profile (.wprp) with the settings `pooltrace record` uses, for recording with WPR.",
+    "record": "Record kernel pool allocations with their stacks into OUT.etl (Windows 7+, administrator).",
+    "report": "Outstanding pool allocations (allocated inside the window, not freed by its end — WPA's AIFO), "
+              "grouped and symbolized.",
+    "stop": "Stop a recording session left behind by a crashed `pooltrace record` (Windows, administrator).",
+    "tags": "Per tag and pool type: allocs, frees, diff, outstanding bytes, bytes per alloc, owner modules (from "
+            "the allocating stacks) and the pooltag.txt description.",
+    "whose": "Who owns pool tag TAG: call sites in a trace (PATH: a .etl or a dataset directory), the user's "
+             "pooltag.txt, and the driver files holding the tag (PATH: directories or files to scan).",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose commands are imported when used, not when the group is built."""
+
+    def list_commands(self, ctx: click.Context | None) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module = importlib.import_module(f"pooltrace.cli.{COMMANDS[cmd_name]}")
+            self.add_command(getattr(module, cmd_name))
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = [(n, click.utils.make_default_short_help(SHORT_HELP[n], limit)) for n in names]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pooltrace")
 def cli() -> None:
     """Find Windows kernel pool leaks down to the call stack, from .etl traces, on any OS.
 
     Exit codes: 0 ok, 1 a check failed, 2 bad input or usage.
     """
-
-
-for _module, _names in COMMANDS.items():
-    _mod = importlib.import_module(f"pooltrace.cli.{_module}")
-    for _name in _names:
-        cli.add_command(getattr(_mod, _name))
 
 
 def main() -> None:

@@ -10,15 +10,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pooltrace.errors import PooltraceError
 
 PROGRESS_MIN_BYTES = 4 << 20  # no bar for traces smaller than this
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-stderr = Console(stderr=True, highlight=False)
+_stderr = None
+
+
+def stderr_console():
+    """The rich console on stderr, made on first use (rich is imported only by commands that draw)."""
+    global _stderr
+    if _stderr is None:
+        from rich.console import Console
+
+        _stderr = Console(stderr=True, highlight=False)
+    return _stderr
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -49,10 +57,13 @@ def progress_bar(path: Path, quiet: bool, label: str):
     except OSError:
         size = 0
     forced = _forced()
-    if quiet or size < PROGRESS_MIN_BYTES or not (stderr.is_terminal or forced):
+    if quiet or size < PROGRESS_MIN_BYTES or not (forced or stderr_console().is_terminal):
         yield None
         return
-    console = Console(stderr=True, force_terminal=True) if forced else stderr
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True, force_terminal=True) if forced else stderr_console()
     with Progress(TextColumn(f"{label} {path.name}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeRemainingColumn(), console=console, transient=not forced) as bar:
         task = bar.add_task(label, total=1)

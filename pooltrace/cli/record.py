@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import click
-from rich.live import Live
-from rich.text import Text
 
-from pooltrace.cli.common import quiet_option, stderr, user_errors
+from pooltrace.cli import common
+from pooltrace.cli.common import quiet_option, user_errors
 from pooltrace.collector import NOT_WINDOWS
 from pooltrace.collector.session import (
     LiveStatus,
@@ -48,6 +47,11 @@ class LiveUi:
     """The live status line on stderr (rich), shown only on a terminal and without --quiet."""
 
     def __init__(self, quiet: bool):
+        from rich.live import Live  # rich only when recording, not for --help
+        from rich.text import Text
+
+        self._text = Text
+        stderr = common.stderr_console()
         self.live = Live(Text(""), console=stderr, transient=True, auto_refresh=False) \
             if not quiet and stderr.is_terminal else None
 
@@ -62,7 +66,7 @@ class LiveUi:
 
     def tick(self, status: LiveStatus) -> None:
         if self.live:
-            self.live.update(Text(status_line(status)), refresh=True)
+            self.live.update(self._text(status_line(status)), refresh=True)
 
     def warning(self, text: str) -> None:
         if self.live:
