@@ -159,4 +159,9 @@ def _verdict(d: dict) -> str:
     if n_lost:
         v += (f"; WARNING: {lost['events_lost']} events and {lost['buffers_lost']} buffers lost while recording, "
               f"{lost['buffers_skipped']} buffers unreadable")
+    if d["warnings"] or lost["bytes_skipped"]:
+        # a truncated or damaged file is never just "ready": say what is missing
+        what = d["warnings"][0] if d["warnings"] else "damaged records"
+        more = f" (+{len(d['warnings']) - 1} more warnings)" if len(d["warnings"]) > 1 else ""
+        v += f"; DAMAGED: {lost['bytes_skipped']:,} bytes not read: {what}{more}"
     return v

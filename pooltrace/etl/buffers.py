@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyfwnt
-from dissect.util.compression import lzxpress
+
+from pooltrace.etl import xpress
 
 BUFFER_HEADER_SIZE = 0x48
 _HDR = struct.Struct("<IIIIqQQHHIIHH")  # BufferSize .. BufferType (0x00..0x38)
@@ -77,11 +78,16 @@ class FileBytes:
 
 
 class BufferSource:
-    """Random access to the decompressed data areas of a file's buffers."""
+    """Random access to the decompressed data areas of a file's buffers.
+
+    Every area is checked for records hidden past its filled end (a damaged Offset field, header 0x30):
+    such buffers are listed in ``hidden`` as (buffer, bytes, records) for the reader to report."""
 
     def __init__(self, data: bytes | memoryview, index: BufferIndex):
         self.data = data
         self.index = index
+        self.max_area = MAX_BUFFER_DATA  # the reader lowers it to the logger's buffer size once known
+        self.hidden: list[tuple[int, int, int]] = []
 
     def area(self, i: int) -> bytes:
         """Data area of buffer i (records, without the 0x48-byte header), decompressed.
@@ -89,29 +95,67 @@ class BufferSource:
         off = int(self.index.offset[i])
         size = int(self.index.size[i])
         filled = int(self.index.filled[i])
+        n = filled - BUFFER_HEADER_SIZE
         if self.index.flags[i] & FLAG_COMPRESSED:
-            return decompress(self.data[off + BUFFER_HEADER_SIZE: off + size], filled - BUFFER_HEADER_SIZE,
-                              int(self.index.state[i]))
+            comp = self.data[off + BUFFER_HEADER_SIZE: off + size]
+            out = decompress(comp, n, int(self.index.state[i]), slack=_PEEK)
+            if len(out) > n and self._starts_record(i, out[_align8(n):]):
+                try:
+                    full = decompress(comp, n, int(self.index.state[i]), slack=max(0, self.max_area - n))
+                except ValueError:
+                    full = out
+                self._hide(i, full[_align8(n):])
+            return out[:n]
+        tail = off + BUFFER_HEADER_SIZE + _align8(n)
+        if tail + 0x18 <= off + size and self._starts_record(i, bytes(self.data[tail:tail + _PEEK])):
+            self._hide(i, bytes(self.data[tail:off + size]))
         return bytes(self.data[off + BUFFER_HEADER_SIZE: off + filled])
 
+    def _starts_record(self, i: int, head: bytes) -> bool:
+        """A record header starts right after the filled end, not older than the buffer's first record
+        (stale records left from the buffer's previous use would be older)."""
+        ts = _first_ts(head)
+        if ts is None:
+            return False
+        known = int(self.index.first_ts[i])
+        return known == np.iinfo(np.int64).min or ts >= known
 
-def decompress(comp: bytes | memoryview, out_size: int, state: int) -> bytes:
+    def _hide(self, i: int, tail: bytes) -> None:
+        from pooltrace.etl.records import Chunk, walk
+
+        slots, _owner, _problems = walk(Chunk([tail], [0]))
+        if len(slots) and slots[0] == 0:
+            end = len(tail) if len(slots) == 1 else int(slots[-1]) * 8
+            self.hidden.append((i, max(end, 8), len(slots)))
+
+
+_PEEK = 0x20  # bytes looked at past a buffer's filled end
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def decompress(comp: bytes | memoryview, out_size: int, state: int, slack: int = 0, prefix: bool = False) -> bytes:
+    """Decompress a buffer's data area to `out_size` bytes (up to `slack` more when the stream holds
+    more: a damaged fill size; only the first `out_size` with `prefix`). Output never grows past that
+    bound, whatever the stream says."""
     fmt = state & 0xFFFF
     if fmt not in DECOMPRESSORS:
         raise ValueError(f"unknown compression format {fmt} in buffer State")
     name, func = DECOMPRESSORS[fmt]
     try:
-        out = func(bytes(comp), out_size)
+        out = func(bytes(comp), out_size + slack)
     except (OSError, ValueError) as exc:
         if fmt != 3:
             raise ValueError(f"{name} data is corrupt ({exc})") from None
         # libfwnt refuses LZXpress matches longer than 32771 bytes, which MS-XCA allows; the pure-Python
-        # decoder of dissect.util handles them (rare: only for buffers libfwnt rejects).
+        # decoder handles them (rare: only for buffers libfwnt rejects), never writing past out_size.
         try:
-            out = lzxpress.decompress(bytes(comp))[:out_size]
-        except Exception:  # noqa: BLE001 - any failure of the fallback means corrupt data
-            raise ValueError(f"{name} data is corrupt ({exc})") from None
-    if len(out) != out_size:
+            out = xpress.decompress(comp, out_size, prefix=prefix)
+        except ValueError as exc2:
+            raise ValueError(f"{name} data is corrupt ({exc2})") from None
+    if len(out) < out_size:
         raise ValueError(f"{name} data decompressed to {len(out)} bytes, expected {out_size}")
     return out
 
@@ -160,7 +204,8 @@ def scan_buffers(data: bytes | memoryview) -> BufferIndex:
             continue
         if compressed:
             try:
-                head = decompress(data[off + BUFFER_HEADER_SIZE: off + bsize], min(32, filled - 0x48), state)
+                head = decompress(data[off + BUFFER_HEADER_SIZE: off + bsize], min(32, filled - 0x48), state,
+                                  prefix=True)
             except ValueError:
                 head = b""
         else:

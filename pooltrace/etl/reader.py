@@ -147,6 +147,7 @@ class EtlReader:
         self.index = scan_buffers(self._data)
         self.source = BufferSource(self._data, self.index)
         self.header = self._read_header()
+        self.source.max_area = max(64 << 10, min(self.header.buffer_size, self.source.max_area))
         for w in self.index.warnings:
             self.stats.warn(w)
         circular = self.header.log_file_mode & 0x2  # EVENT_TRACE_FILE_MODE_CIRCULAR
@@ -253,6 +254,12 @@ class EtlReader:
                 st.buffers_skipped += 1
                 st.bytes_skipped += int(self.index.size[b])
                 st.warn(f"buffer {b} at offset 0x{int(self.index.offset[b]):x} skipped: {exc}")
+        for b, nbytes, nrec in self.source.hidden:
+            st.bytes_skipped += nbytes
+            st.warn(f"buffer {b} at offset 0x{int(self.index.offset[b]):x} is damaged: {nrec} records "
+                    f"({nbytes} bytes) follow the end its header gives (filled size "
+                    f"{int(self.index.filled[b])}); they were not read")
+        self.source.hidden.clear()
         if not areas:
             return {}, 0
         chunk = Chunk(areas, cpus)

@@ -1,4 +1,5 @@
-"""Encoder for plain LZ77 "LZXpress" (MS-XCA §2.3, ``COMPRESSION_FORMAT_XPRESS`` = 3).
+"""Plain LZ77 "LZXpress" (MS-XCA §2.3, ``COMPRESSION_FORMAT_XPRESS`` = 3): an encoder, and a decoder bounded
+by the declared output size.
 
 Windows relogged/merged .etl files store each data buffer's record area compressed with this format
 (etl-format.md §1.8). pooltrace only ever *decompresses* real traces (with libfwnt-python); this encoder
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["compress", "MAX_OFFSET", "MIN_MATCH", "PYFWNT_MAX_MATCH"]
+__all__ = ["compress", "decompress", "MAX_OFFSET", "MIN_MATCH", "PYFWNT_MAX_MATCH"]
 
 MIN_MATCH = 3
 MAX_OFFSET = 8192  # 13 bits of (offset - 1)
@@ -174,3 +175,89 @@ def compress(data: bytes, *, max_match: int | None = PYFWNT_MAX_MATCH) -> bytes:
             sink.literal(data[i])
             i += 1
     return sink.finish()
+
+
+def decompress(stream: bytes, out_size: int, *, prefix: bool = False) -> bytes:
+    """Decode a plain LZXpress stream that must produce exactly ``out_size`` bytes (every MS-XCA length form).
+
+    The fallback for streams libfwnt rejects (matches longer than :data:`PYFWNT_MAX_MATCH`). Unlike
+    ``dissect.util``'s decoder it never writes past ``out_size``: the output buffer is allocated once at
+    that size and a stream that would go past it, refer before its start or end early raises ValueError.
+    Sizes read from a damaged trace therefore cannot make memory grow beyond what the buffer declares.
+    ``prefix=True`` asks for the first ``out_size`` bytes only: a match crossing that end is cut there."""
+    src = memoryview(bytes(stream))
+    n = len(src)
+    out = bytearray(out_size)
+    pos = 0
+    i = 0
+    flags = 0
+    nflags = 0
+    nibble_at = -1
+    u16 = struct.Struct("<H").unpack_from
+    u32 = struct.Struct("<I").unpack_from
+    while pos < out_size:
+        if nflags == 0:
+            if i + 4 > n:
+                raise ValueError(f"stream ends after {pos} of {out_size} bytes")
+            flags = u32(src, i)[0]
+            i += 4
+            nflags = 32
+        nflags -= 1
+        if not (flags >> nflags) & 1:
+            if i >= n:
+                raise ValueError(f"stream ends after {pos} of {out_size} bytes")
+            out[pos] = src[i]
+            pos += 1
+            i += 1
+            continue
+        if i + 2 > n:
+            raise ValueError(f"stream ends after {pos} of {out_size} bytes")
+        word = u16(src, i)[0]
+        i += 2
+        offset = (word >> 3) + 1
+        length = word & 7
+        if length == 7:
+            if nibble_at < 0:
+                if i >= n:
+                    raise ValueError("stream ends inside a match length")
+                nibble_at = i
+                length = src[i] & 15
+                i += 1
+            else:
+                length = src[nibble_at] >> 4
+                nibble_at = -1
+            if length == 15:
+                if i >= n:
+                    raise ValueError("stream ends inside a match length")
+                length = src[i]
+                i += 1
+                if length == 255:
+                    if i + 2 > n:
+                        raise ValueError("stream ends inside a match length")
+                    length = u16(src, i)[0]
+                    i += 2
+                    if length == 0:
+                        if i + 4 > n:
+                            raise ValueError("stream ends inside a match length")
+                        length = u32(src, i)[0]
+                        i += 4
+                    if length < 15 + 7:
+                        raise ValueError("invalid match length")
+                    length -= 15 + 7
+                length += 15
+            length += 7
+        length += MIN_MATCH
+        if offset > pos:
+            raise ValueError(f"match refers {offset} bytes back at output position {pos}")
+        if length > out_size - pos:
+            if prefix:
+                length = out_size - pos
+            else:
+                raise ValueError(f"stream decompresses past the declared {out_size} bytes")
+        start = pos - offset
+        end = pos + length
+        while pos < end:  # overlapping copy: the source run doubles each step
+            k = min(end - pos, pos - start)
+            out[pos:pos + k] = out[start:start + k]
+            pos += k
+    return bytes(out)

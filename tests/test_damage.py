@@ -1,0 +1,143 @@
+"""Damage in a trace is bounded and said: decompression never grows past a buffer's declared size, and
+records hidden behind a damaged fill size (buffer header 0x30) are reported, not silently dropped."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import tracemalloc
+
+import pytest
+from click.testing import CliRunner
+
+from pooltrace.cli import cli
+from pooltrace.etl import xpress
+from pooltrace.etl.buffers import FLAG_COMPRESSED, decompress, scan_buffers
+from tests.conftest import ROOT, read_all
+
+TRACES = ROOT / "traces"
+SHIPPED = sorted(TRACES.glob("*.etl"))
+
+# literal "a", then a match one byte back whose 32-bit length form says 4 GiB
+BOMB = struct.pack("<I", 0x40000000) + b"a" + struct.pack("<HBBHI", 7, 0x0F, 255, 0, 0xFFFFFFFF)
+
+
+def test_bounded_decoder_round_trips_every_length_form():
+    data = b"\x00" * 70_000 + bytes(range(256)) * 30 + b"x" * 300 + b"end"
+    assert xpress.decompress(xpress.compress(data, max_match=None), len(data)) == data
+
+
+def test_bounded_decoder_stops_at_the_declared_size():
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="past the declared 4096 bytes"):
+            xpress.decompress(BOMB, 4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert xpress.decompress(BOMB, 100, prefix=True) == b"a" * 100
+
+
+@pytest.mark.parametrize("stream", [b"", b"\x00\x00\x00\x00", struct.pack("<I", 0x80000000) + b"\x08\x00"])
+def test_bounded_decoder_rejects_short_and_backward_streams(stream):
+    with pytest.raises(ValueError):
+        xpress.decompress(stream, 64)
+
+
+def test_buffer_decompression_of_a_bomb_is_an_error_not_gigabytes():
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="corrupt|decompressed to"):
+        decompress(BOMB, 65_000, 3)
+    assert time.monotonic() - t0 < 2
+
+
+def test_fallback_decoder_is_bounded_too(monkeypatch):
+    """The path `sample-leak-fixed.etl` with `ff 00 00 00` at offset 9736 took (2.5 GB before the bound):
+    libfwnt refuses the stream and the fallback decoder must stop at the declared size."""
+    import pooltrace.etl.buffers as buffers
+
+    def refuse(stream, size):
+        raise OSError("libfwnt refused")
+
+    monkeypatch.setitem(buffers.DECOMPRESSORS, 3, ("LZXpress", refuse))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="corrupt .*past the declared 65000 bytes"):
+            decompress(BOMB, 65_000, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def _compressed_buffers(data: bytes) -> list[tuple[int, int, int]]:
+    idx = scan_buffers(data)
+    return [(int(idx.offset[i]), int(idx.size[i]), int(idx.filled[i])) for i in range(len(idx))
+            if idx.flags[i] & FLAG_COMPRESSED]
+
+
+def _shipped_compressed():
+    for p in SHIPPED:
+        if _compressed_buffers(p.read_bytes()):
+            return p
+    pytest.skip("no shipped sample with compressed buffers")
+
+
+def test_a_decompression_bomb_inside_a_trace_is_skipped_and_said(tmp_path):
+    src = _shipped_compressed()
+    data = bytearray(src.read_bytes())
+    off, _size, _filled = _compressed_buffers(bytes(data))[0]
+    data[off + 0x48: off + 0x48 + len(BOMB)] = BOMB
+    bad = tmp_path / "bomb.etl"
+    bad.write_bytes(bytes(data))
+    t0 = time.monotonic()
+    r = CliRunner().invoke(cli, ["info", "--format", "json", str(bad)])
+    assert time.monotonic() - t0 < 10
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["lost"]["buffers_skipped"] == 1
+    assert any("corrupt" in w for w in d["warnings"])
+    assert "DAMAGED" in d["verdict"]
+
+
+@pytest.mark.parametrize("src", SHIPPED, ids=lambda p: p.name)
+def test_shrunk_fill_size_is_reported_as_damage(tmp_path, src):
+    data = src.read_bytes()
+    reader, _, _ = read_all(src)
+    whole = reader.stats.records
+    assert reader.stats.warnings == []
+    idx = scan_buffers(data)
+    victim = len(idx) // 2
+    off = int(idx.offset[victim])
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, off + 0x30, 0x48)
+    path = tmp_path / src.name
+    path.write_bytes(bytes(bad))
+    reader, _, _ = read_all(path)
+    lost = whole - reader.stats.records
+    assert lost > 0
+    assert len(reader.stats.warnings) == 1
+    assert f"buffer {victim} at offset 0x{off:x} is damaged: {lost} records" in reader.stats.warnings[0]
+    assert reader.stats.bytes_skipped > 0
+    r = CliRunner().invoke(cli, ["info", "--format", "json", str(path)])
+    d = json.loads(r.output)
+    assert "DAMAGED" in d["verdict"] and f"{lost} records" in d["verdict"]
+    r = CliRunner().invoke(cli, ["pair", str(path), "-o", str(tmp_path / "ds")])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "ds" / "trace.json").read_text())
+    assert any(f"{lost} records" in w for w in meta["warnings"])
+    assert meta["pairing"]["bytes_skipped"] > 0
+
+
+@pytest.mark.parametrize("src", SHIPPED, ids=lambda p: p.name)
+def test_intact_buffers_have_no_hidden_records(src):
+    reader, _, _ = read_all(src)
+    assert reader.stats.warnings == [] and reader.stats.bytes_skipped == 0
+
+
+def test_real_samples_have_no_hidden_records(samples):
+    for path in sorted(samples.glob("*.etl")):
+        reader, _, _ = read_all(path)
+        assert not any("follow the end its header gives" in w for w in reader.stats.warnings), path
