@@ -2,6 +2,9 @@
 
 A StackWalk event (or a stack-key reference) belongs to the event on the **same CPU with the same
 timestamp** (its EventTimeStamp; etl-format.md §2.2 — the timestamp alone mis-pairs on real traces).
+Pool events carry a SYSTEM header with their ThreadId: then (StackThread, EventTimeStamp) must equal the
+event's (ThreadId, timestamp), and the CPU only breaks ties, so a stack logged on another CPU, or two CPUs
+logging the same timestamp, still attach exactly.
 A kernel part and a user part may arrive separately, the user part when the thread returns to user mode,
 sometimes much later and on another CPU: a part that matches no event on its CPU is matched by
 (thread, timestamp) to an event whose thread is known. The final stack is kernel frames then user
@@ -325,6 +328,10 @@ class StackJoiner:
             at = np.searchsorted(skey, pkey)
             hit = (at < n) & (skey[np.minimum(at, n - 1)] == pkey)
             owner = np.where(hit, order[np.minimum(at, n - 1)], -1)
+            # an event that names its thread (SYSTEM header) only takes a part of that thread; another
+            # event of the same CPU and timestamp, or one on another CPU, gets it below
+            etid = tid[np.maximum(owner, 0)]
+            owner[(owner >= 0) & (etid != NO_ID) & (etid != c["tid"])] = -1
             self._apply(owner, c, kfrag, ufrag, tid, pid)
             # parts on another CPU: by (thread, timestamp) against events whose thread is now known
             left = np.flatnonzero(owner < 0)

@@ -125,12 +125,15 @@ USER_FRAMES = [0x7FFE1C8CD0C4, USER_IMAGE.base + 0x1A2B, USER_IMAGE.base + 0x2C3
 def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1, cpus: int = 2,
                  pointer_size: int = 8, compressed: bool = False, seed: int = 1, shift: int = 0,
                  duration_s: float = 10.0, with_user_stacks: bool = True, debug_ids: bool | None = None,
-                 lost_frees: int = 3, frees_before: int = 40) -> tuple[TraceWriter, Truth]:
+                 lost_frees: int = 3, frees_before: int = 40,
+                 pool_header: str = "system") -> tuple[TraceWriter, Truth]:
     """The classic case. `fixed` makes the leaking site free its blocks; `new_leak` plants a second leak
     (tag Lea2); `scale` multiplies the event volume; `shift` moves kernel module bases (ASLR).
     `debug_ids` (default: when compressed, i.e. a merged trace) adds KernelTraceControl ImageId and
     DbgID_RSDS records; `lost_frees` free events are dropped (counted in the header's EventsLost) and
-    their addresses reused; `frees_before` frees hit blocks allocated before the trace."""
+    their addresses reused; `frees_before` frees hit blocks allocated before the trace. Pool records have a
+    SYSTEM header with the thread and process, as the kernel writes them; `pool_header="perfinfo"` writes
+    the PERFINFO variant without them (the stacks then name the thread)."""
     if pointer_size != 8:
         raise ValueError("the classic scenario is an x64 trace; see tests for x86 traces")
     rng = random.Random(seed)
@@ -143,6 +146,10 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
     if debug_ids is None:
         debug_ids = compressed
     truth = Truth()
+
+    def pool(cpu: int, ts: int, hook: int, s: dict, addr: int, pid: int, tid: int) -> None:
+        ids = {"tid": tid, "pid": pid} if pool_header != "perfinfo" else {}
+        w.pool(cpu, ts, hook, s["pool"], s["tag"], s["size"], addr, s.get("session"), header=pool_header, **ids)
     # rundown at the start: images (kernel, then the app), processes, threads
     ts = start + 10
     for m in list(mods.values()) + [USER_IMAGE]:
@@ -172,7 +179,7 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
         for _ in range(n):
             events.append((rng.randrange(start + 1000, end - PERF_FREQ // 2), site))
     events.sort()
-    pending_frees: list[tuple[int, int, str]] = []  # (free ts, addr, site)
+    pending_frees: list[tuple[int, int, str, int, int]] = []  # (free ts, addr, site, pid, tid)
     never_freed = {"leak"} if not fixed else set()
     if new_leak:
         never_freed.add("new_leak")
@@ -191,7 +198,7 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
 
     def flush_frees(until: int) -> None:
         while pending_frees and pending_frees[0][0] <= until:
-            fts, addr, site = heapq.heappop(pending_frees)
+            fts, addr, site, fpid, ftid = heapq.heappop(pending_frees)
             s = sites[site]
             cpu = rng.randrange(cpus)
             if site == "irp" and dropped[0] < lost_frees:  # the free event is lost; the block is reused
@@ -201,7 +208,7 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
                 reuse.add(addr)
                 continue
             hook = HOOK["free_session"] if "session" in s else HOOK["free"]
-            w.pool(cpu, fts, hook, s["pool"], s["tag"], s["size"], addr, s.get("session"))
+            pool(cpu, fts, hook, s, addr, fpid, ftid)
             truth.frees[site] += 1
             live.pop(addr, None)
             free_addrs.append(addr)
@@ -217,7 +224,7 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
         pid = 4242 if site in ("leak", "leak_ok", "new_leak", "gh05") else 4
         tid = rng.choice(threads[pid])
         hook = HOOK["alloc_session"] if "session" in s else HOOK["alloc"]
-        w.pool(cpu, ets, hook, s["pool"], s["tag"], s["size"], addr, s.get("session"))
+        pool(cpu, ets, hook, s, addr, pid, tid)
         frames = [mods[m].base + rva for m, rva in s["frames"]]
         w.stack(cpu, ets, ets, pid, tid, frames)
         truth.stacks += 1
@@ -230,14 +237,14 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
         if lifetime_free:
             fts = ets + rng.randrange(100, PERF_FREQ // 4)
             if fts < end:
-                heapq.heappush(pending_frees, (fts, addr, site))
+                heapq.heappush(pending_frees, (fts, addr, site, pid, tid))
                 continue
         # stays outstanding: remember it so its address is not reused
     flush_frees(end)
     # frees of blocks allocated before the trace began (AOFI)
     for k in range(frees_before):
         fts = start + 500 + k * 997
-        w.pool(k % cpus, fts, HOOK["free"], NONPAGED_NX, "Irp ", 0x118, 0xFFFFA27000000000 + 0x200 * k)
+        pool(k % cpus, fts, HOOK["free"], sites["irp"], 0xFFFFA27000000000 + 0x200 * k, 4, threads[4][k % 3])
         truth.free_without_alloc += 1
     for (site,) in live.values():
         truth.outstanding[site] += 1

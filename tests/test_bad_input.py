@@ -27,7 +27,7 @@ def small_trace(compressed=False, n=400, cpus=2) -> bytes:
     for i in range(n):
         ts += 5
         cpu = i % cpus
-        w.pool(cpu, ts, 0x0E20, 0, "Leak", 64, 0xFFFF000000000000 + 64 * i)
+        w.pool(cpu, ts, 0x0E20, 0, "Leak", 64, 0xFFFF000000000000 + 64 * i, tid=8, pid=4)
         w.stack(cpu, ts, ts, 4, 8, [rng.randrange(1 << 64) for _ in range(12)])
     return w.to_bytes()
 
@@ -140,7 +140,7 @@ def test_corrupt_compressed_buffer_is_skipped_and_named(tmp_path):
 def test_corrupt_record_size_inside_a_buffer(tmp_path):
     data = bytearray(small_trace())
     offs = buffer_offsets(bytes(data))
-    rec = offs[2] + 0x48 + 40 + 8 * 4 + 8 * 12  # third record of the buffer (pool 40 bytes, stack 128)
+    rec = offs[2] + 0x48 + 56 + 8 * 4 + 8 * 12  # third record of the buffer (pool 56 bytes, stack 128)
     struct.pack_into("<H", data, rec + 4, 3)
     path = tmp_path / "t.etl"
     path.write_bytes(bytes(data))

@@ -105,7 +105,7 @@ def test_trace_markup_is_text_in_the_browser(tmp_path):
     w = TraceWriter(pointer_size=8, cpus=1)
     t = w.start_qpc + 10
     w.image(0, t, 0x1403, 0xFFFFF80000000000, 0x10000, 0, "\\SystemRoot\\<img src=x onerror=alert(1)>.sys")
-    w.pool(0, t + 5, 0x0E20, 0, "<b>\x00", 64, 0xFFFFA00000001000)
+    w.pool(0, t + 5, 0x0E20, 0, "<b>\x00", 64, 0xFFFFA00000001000, tid=8, pid=4)
     w.stack(0, t + 5, t + 5, 4, 8, [0xFFFFF80000000100])
     w.save(tmp_path / "evil.etl")
     page = tmp_path / "e.html"

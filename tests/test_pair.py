@@ -118,13 +118,16 @@ def scenario(seed: int, n: int):
     return evs
 
 
-def write(evs, path, cpus, buffer_size, compressed, seed):
+def write(evs, path, cpus, buffer_size, compressed, seed, header="system"):
     rng = random.Random(seed)
     w = TraceWriter(pointer_size=8, cpus=cpus, compressed=compressed, buffer_size=buffer_size)
+    ids = {"tid": 0, "pid": 4} if header != "perfinfo" else {}
     for ts, is_alloc, session, addr, size, tag, frames, user, tid in evs:
         cpu = rng.randrange(cpus)
         hook = (0x0E20 if is_alloc else 0x0E22) + (1 if session else 0)
-        w.pool(cpu, ts, hook, 0x200 | (0x21 if session else 0), tag, size, addr, session)
+        if ids:
+            ids["tid"] = tid
+        w.pool(cpu, ts, hook, 0x200 | (0x21 if session else 0), tag, size, addr, session, header=header, **ids)
         w.stack(cpu, ts, ts, 4, tid, frames)
         if user:  # the user part comes later, sometimes on another CPU
             w.stack(rng.randrange(cpus), ts + rng.randrange(1, 5000), ts, 4, tid, user)
@@ -142,12 +145,13 @@ def canonical(ds):
 
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), cpus=st.integers(1, 4), compressed=st.booleans(),
-       buffer_size=st.sampled_from([0x400, 0x1000, 0x10000]))
-def test_pipeline_independent_of_cpu_and_buffer_layout(tmp_path_factory, seed, cpus, compressed, buffer_size):
+       buffer_size=st.sampled_from([0x400, 0x1000, 0x10000]), header=st.sampled_from(["system", "perfinfo"]))
+def test_pipeline_independent_of_cpu_and_buffer_layout(tmp_path_factory, seed, cpus, compressed, buffer_size,
+                                                       header):
     evs = scenario(seed, 300)
     base = tmp_path_factory.mktemp("p")
-    write(evs, base / "one.etl", 1, 0x10000, False, seed)
-    write(evs, base / "many.etl", cpus, buffer_size, compressed, seed + 1)
+    write(evs, base / "one.etl", 1, 0x10000, False, seed, header)
+    write(evs, base / "many.etl", cpus, buffer_size, compressed, seed + 1, header)
     pair_trace(base / "one.etl", base / "one")
     pair_trace(base / "many.etl", base / "many")
     one, d1 = canonical(base / "one")
@@ -179,10 +183,10 @@ def test_stack_keys_resolve_through_placeholders(tmp_path):
     w = TraceWriter(pointer_size=8, cpus=2)
     t = w.start_qpc + 100
     key = 0xFFFFC00000001000
-    w.pool(0, t, 0x0E20, 0, "Leak", 32, 0xA000)
+    w.pool(0, t, 0x0E20, 0, "Leak", 32, 0xA000, tid=8, pid=4)
     w.stack_key_ref(0, t, t, 4, 8, key)
     w.stack_key_def(1, t + 10, key, [1, 2, 3])  # evicted: generation 0 = [1, 2, 3]
-    w.pool(1, t + 20, 0x0E20, 0, "Leak", 32, 0xB000)
+    w.pool(1, t + 20, 0x0E20, 0, "Leak", 32, 0xB000, tid=8, pid=4)
     w.stack_key_ref(1, t + 20, t + 20, 4, 8, key)
     w.stack(1, t + 25, t + 20, 4, 8, [0x7FF600001111])  # user part, explicit
     w.stack_key_def(0, t + 50_000_000, key, [7, 8, 9], rundown=True)  # 5 s later: generation 1
@@ -199,7 +203,7 @@ def test_perfinfo_and_system_pool_headers(tmp_path):
     w = TraceWriter(pointer_size=4, cpus=1)
     t = w.start_qpc
     w.pool(0, t + 1, 0x0E20, 1, "MmSt", 100, 0x81000000, header="system", tid=77, pid=9)
-    w.pool(0, t + 2, 0x0E20, 1, "MmSt", 100, 0x81001000)
+    w.pool(0, t + 2, 0x0E20, 1, "MmSt", 100, 0x81001000, header="perfinfo")
     w.stack(0, t + 2, t + 2, 5, 66, [0x80401000, 0x80402000])
     w.save(tmp_path / "x86.etl")
     pair_trace(tmp_path / "x86.etl", tmp_path / "ds")

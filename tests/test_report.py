@@ -174,7 +174,7 @@ def test_html_is_self_contained_and_escapes_trace_strings(tmp_path):
     evil = "<img src=x onerror=alert(1)>.sys"
     w.image(0, t, 0x1403, 0xFFFFF80000000000, 0x10000, 0, "\\SystemRoot\\" + evil)
     w.process(0, t, 0x0303, 4, 0, "<script>alert(1)</script>.exe", "</script><b>x</b>")
-    w.pool(0, t + 5, 0x0E20, 0, "<b>\x00", 64, 0xFFFFA00000001000)
+    w.pool(0, t + 5, 0x0E20, 0, "<b>\x00", 64, 0xFFFFA00000001000, tid=8, pid=4)
     w.stack(0, t + 5, t + 5, 4, 8, [0xFFFFF80000000100, 0xFFFFF80000000200])
     w.save(tmp_path / "evil.etl")
     out = tmp_path / "r.html"

@@ -158,10 +158,11 @@ def full_trace(pointer_size: int = 8, compressed: bool = False, **kw) -> TraceWr
     for i in range(400):
         cpu = i % 2
         ts = START_QPC + 1000 + i * 37
-        w.pool(cpu, ts, 0x0E20, 0x200, "Leak", 0x100, kbase + 0x10000 + i * 0x200)
+        w.pool(cpu, ts, 0x0E20, 0x200, "Leak", 0x100, kbase + 0x10000 + i * 0x200, tid=4300, pid=4242)
         w.stack(cpu, ts, ts, 4242, 4300, [kbase + 0x3A41F2 + k for k in range(i % 30 + 1)])
         if i % 5 == 0:
-            w.pool(cpu, ts + 20, 0x0E23, 0x21, "Gh05", 0x80, kbase + 0x900000 + i * 0x80, session_id=1)
+            w.pool(cpu, ts + 20, 0x0E23, 0x21, "Gh05", 0x80, kbase + 0x900000 + i * 0x80, session_id=1,
+                   tid=4300, pid=4242)
             w.stack_key_ref(cpu, ts + 20, ts + 20, 4242, 4300, 0xFFFFC00000001000 if pointer_size == 8 else 0x9000)
             w.stack_key_ref(cpu, ts + 21, ts + 20, 4242, 4300, 0x2000, user=True)
     w.stack_key_def(1, START_QPC + 50_000, 0x2000, [0x7FF61000 + k for k in range(6)], rundown=True)
@@ -259,10 +260,26 @@ def only_record(w: TraceWriter) -> bytes:
 
 
 @pytest.mark.parametrize("pointer_size", [8, 4])
+def test_pool_record_default_is_system_header(pointer_size):
+    """The kernel logs pool events with a SYSTEM header: ThreadId at +8, ProcessId at +12, payload at 0x20."""
+    w = TraceWriter(pointer_size)
+    entry = 0xFFFF_A001_2345_6780 if pointer_size == 8 else 0x8123_4560
+    w.pool(1, START_QPC + 5, 0x0E20, 0x200, "Leak", 0x100, entry, tid=0x1234, pid=0x4242)
+    rec = only_record(w)
+    marker, size, hook, tid, pid, ts = system(rec)
+    assert marker == (0xC0020002 if pointer_size == 8 else 0xC0010002)
+    assert size == 0x20 + (24 if pointer_size == 8 else 16) == len(rec)
+    assert (hook, tid, pid, ts) == (0x0E20, 0x1234, 0x4242, START_QPC + 5)
+    assert struct.unpack_from("<II", rec, 0x18) == (0, 0)  # KernelTime, UserTime
+    p = "Q" if pointer_size == 8 else "I"
+    assert struct.unpack_from(f"<II{p}{p}", rec, 0x20) == (0x200, 0x6B61654C, 0x100, entry)
+
+
+@pytest.mark.parametrize("pointer_size", [8, 4])
 def test_pool_record_perfinfo(pointer_size):
     w = TraceWriter(pointer_size)
     entry = 0xFFFF_A001_2345_6780 if pointer_size == 8 else 0x8123_4560
-    w.pool(1, START_QPC + 5, 0x0E20, 0x200, "Leak", 0x100, entry)
+    w.pool(1, START_QPC + 5, 0x0E20, 0x200, "Leak", 0x100, entry, header="perfinfo")
     rec = only_record(w)
     marker, size, hook, ts = perfinfo(rec)
     assert marker == (0xC0110002 if pointer_size == 8 else 0xC0100002)
@@ -276,7 +293,7 @@ def test_pool_record_perfinfo(pointer_size):
 @pytest.mark.parametrize("pointer_size", [8, 4])
 def test_pool_record_session_variant(pointer_size):
     w = TraceWriter(pointer_size)
-    w.pool(0, START_QPC, 0x0E21, 0x21, 0x35306847, 0x80, 0x1000, 3)
+    w.pool(0, START_QPC, 0x0E21, 0x21, 0x35306847, 0x80, 0x1000, 3, header="perfinfo")
     rec = only_record(w)
     marker, size, hook, _ = perfinfo(rec)
     body = 28 if pointer_size == 8 else 20
@@ -300,7 +317,7 @@ def test_pool_record_system_and_compact_headers():
 def test_pmc_counters_set_marker_bits_and_shift_payload(count):
     w = TraceWriter()
     counters = [0x1111_0000 + k for k in range(count)]
-    w.pool(0, START_QPC, 0x0E20, 1, "Leak", 0x40, 0x7000, pmc=counters)
+    w.pool(0, START_QPC, 0x0E20, 1, "Leak", 0x40, 0x7000, pmc=counters, header="perfinfo")
     rec = only_record(w)
     marker, size, _, _ = perfinfo(rec)
     assert marker == 0xC0110002 | count << 8
@@ -560,8 +577,8 @@ def test_alignment_padding_tail_and_offsets():
         for h, nxt in zip(mine, mine[1:], strict=False):
             first = records(buffer_area(data, nxt))[0][1]
             assert h["Offset"] + ((len(first) + 7) & ~7) > 4096
-    # Size excludes the padding: the session pool record (0x10 + 28 = 44 bytes) is not a multiple of 8
-    assert any(hook_of(r) == 0x0E23 and perfinfo(r)[1] == 44 for _, _, r in all_data_records(data))
+    # Size excludes the padding: the session pool record (0x20 + 28 = 60 bytes) is not a multiple of 8
+    assert any(hook_of(r) == 0x0E23 and system(r)[1] == 60 for _, _, r in all_data_records(data))
 
 
 def test_buffers_interleave_cpus_in_flush_order():
@@ -595,7 +612,7 @@ def test_records_are_sorted_per_cpu_stably():
     w.pool(0, START_QPC + 10, 0x0E20, 1, "AAAA", 1, 0x10)
     w.pool(0, START_QPC + 20, 0x0E20, 1, "BBB1", 1, 0x21)
     w.pool(0, START_QPC + 20, 0x0E20, 1, "BBB2", 1, 0x22)
-    tags = [r[0x14:0x18] for _, _, r in all_data_records(w.to_bytes())]
+    tags = [r[0x24:0x28] for _, _, r in all_data_records(w.to_bytes())]  # SYSTEM header: payload at 0x20
     assert tags == [b"AAAA", b"BBB1", b"BBB2", b"CCCC"]
 
 
@@ -657,7 +674,7 @@ def test_compressed_trace(pointer_size):
         lambda w: w.pool(0, START_QPC, 0x0E20, 1, "Lea", 1, 1),
         lambda w: w.pool(0, START_QPC, 0x0E20, 1, "Leaks", 1, 1),
         lambda w: w.pool(0, START_QPC, 0x0E20, 1, "Leak", 1, 1, 5),  # SessionId on a non-session hook
-        lambda w: w.pool(0, START_QPC, 0x0E20, 1, "Leak", 1, 1, tid=5),  # PERFINFO has no TID
+        lambda w: w.pool(0, START_QPC, 0x0E20, 1, "Leak", 1, 1, tid=5, header="perfinfo"),  # PERFINFO: no TID
         lambda w: w.pool(0, START_QPC, 0x0E20, 1, "Leak", 1, 1, header="full"),
         lambda w: w.pool(0, START_QPC, 0x0E20, 1, "Leak", 1, 1, pmc=[0] * 8),
         lambda w: w.pool(0, START_QPC, 0x0E20, 1, "Leak", 1, 1 << 32),  # pointer too wide for x86

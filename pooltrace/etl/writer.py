@@ -304,14 +304,18 @@ class TraceWriter:
         entry: int,
         session_id: int | None = None,
         *,
-        header: str = "perfinfo",
+        header: str = "system",
         tid: int = 0,
         pid: int = 0,
         pmc: Sequence[int] = (),
     ) -> None:
         """Pool event 0x0E20..0x0E23 (ETW_POOL_EVENT, §2.1): ``u32 PoolType; u32 Tag; ptr NumberOfBytes;
         ptr Entry`` plus ``u32 SessionId`` for the session hooks (0x0E21/0x0E23; ``session_id`` None there
-        means 0, and giving one for the other hooks is an error)."""
+        means 0, and giving one for the other hooks is an error).
+
+        The kernel logs pool events with a SYSTEM header (32 bytes, marker type 0x02/0x01) carrying the
+        allocating thread and process (``tid``/``pid``); that is the default here. ``header="perfinfo"``
+        writes the 16-byte PERFINFO variant without them (etl-format.md, Corrections)."""
         if hook not in _hooks("PoolAlloc", "PoolAllocSession", "PoolFree", "PoolFreeSession"):
             raise ValueError(f"pool hook must be 0x0E20..0x0E23, got {hook:#06x}")
         session = hook in _hooks("PoolAllocSession", "PoolFreeSession")
