@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from pooltrace.analysis import BY, Filters, FrameRenderer, build_report, open_input, parse_window
+from pooltrace import api
+from pooltrace.analysis import BY, Filters, open_input
 from pooltrace.cli.common import EXIT_CHECK_FAILED, progress_bar, quiet_option, user_errors
-from pooltrace.cli.report import common_options, make_symbolizer
+from pooltrace.cli.report import common_options, warn
 from pooltrace.compare import diff_reports, gate, parse_threshold
 from pooltrace.errors import PooltraceError
 from pooltrace.reporters import diffout
@@ -47,9 +48,8 @@ def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, n
     for path in (base, new):
         with progress_bar(path, quiet, "pairing") as progress:
             ds = open_input(path, progress=progress)
-        render = FrameRenderer(ds, make_symbolizer(ds, symbols, no_symbols, path, quiet))
-        reports.append(build_report(ds, window=parse_window(window, ds.trace.get("duration_ns")), by=by,
-                                    filters=filters, render=render, top=None))
+        reports.append(api.analyze(ds, path, by=by, window=window, filters=filters, symbols=symbols,
+                                   no_symbols=no_symbols, quiet=quiet, warn=warn)[0])
     d = diff_reports(reports[0], reports[1], normalize)
     if fmt == "text":
         if output:

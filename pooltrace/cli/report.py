@@ -9,21 +9,23 @@ import click
 import numpy as np
 from rich.console import Console
 
-from pooltrace.analysis import BY, NULL_NS, Filters, FrameRenderer, build_report, open_input, parse_window
+from pooltrace import api
+from pooltrace.analysis import BY, NULL_NS, Filters, open_input
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.errors import PooltraceError
 from pooltrace.reporters import structured, text
-from pooltrace.symbols import Symbolizer
 
 FORMATS = ("text", "json", "csv", "folded", "pprof", "html")
 LIST_LIMIT = 1000
 
 
 def make_symbolizer(ds, symbols: str | None, no_symbols: bool, input_path: Path, quiet: bool):
-    """The Symbolizer for a dataset, searching the trace's own directory (shipped sample PDBs) offline."""
-    local = [input_path.parent if input_path.is_file() else input_path, ds.path]
-    return Symbolizer(ds.modules, symbol_path=symbols, enabled=not no_symbols, local_dirs=local,
-                      progress=not quiet, warn=lambda m: click.echo(f"warning: {m}", err=True))
+    """The Symbolizer for a dataset (pooltrace.api's), with warnings on stderr."""
+    return api.make_symbolizer(ds, input_path, symbols, no_symbols, quiet, warn)
+
+
+def warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def common_options(func):
@@ -61,12 +63,12 @@ def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_byt
         raise PooltraceError("--format pprof is binary: give -o FILE")
     with progress_bar(input_path, quiet, "pairing") as progress:
         ds = open_input(input_path, progress=progress)
-    win = parse_window(window, ds.trace.get("duration_ns"))
     filters = Filters(list(tags), pool, list(pids), list(modules), min_bytes)
-    render = FrameRenderer(ds, make_symbolizer(ds, symbols, no_symbols, input_path, quiet))
     if top is None and fmt == "text":
         top = 20
-    rep = build_report(ds, window=win, by=by, filters=filters, render=render, top=top)
+    rep, render = api.analyze(ds, input_path, by=by, window=window, filters=filters, symbols=symbols,
+                              no_symbols=no_symbols, top=top, quiet=quiet, warn=warn)
+    win = rep.window
     blocks = _blocks(ds, rep, render, win) if list_blocks else None
     if fmt == "text":
         if output:

@@ -18,8 +18,9 @@ def trace_summary(report: Report) -> dict:
             "buffers_lost": t.get("lost", {}).get("buffers", 0)}
 
 
-def to_json(report: Report) -> str:
-    data = {
+def report_data(report: Report) -> dict:
+    """The JSON report as data (the API's DataFrames are built from it too)."""
+    return {
         "trace": trace_summary(report),
         "window": {"start_ns": report.window.start_ns, "end_ns": report.window.end_ns},
         "by": report.by,
@@ -27,7 +28,10 @@ def to_json(report: Report) -> str:
                    "lifetimes": report.lifetimes},
         "groups": [{"frames": g.key, "count": g.count, "bytes": g.bytes, "tags": g.tags} for g in report.groups],
     }
-    return json.dumps(data, indent=2) + "\n"
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report_data(report), indent=2) + "\n"
 
 
 def to_csv(report: Report) -> str:
