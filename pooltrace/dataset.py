@@ -222,7 +222,7 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress) -> dict:
     rows = _RowWriter(out / "allocations.parquet", to_ns)
     rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": []}
     try:
-        for batch in reader.batches(progress):
+        for batch in reader.batches(progress, fragments=joiner.fragments):
             for name in rare:
                 if batch.get(name) is not None:
                     rare[name].append(batch.get(name))

@@ -19,89 +19,18 @@ references become placeholders (key, generation) resolved when the key's definit
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from pooltrace.etl.columns import Columns
+from pooltrace.etl.fragments import FragmentStore, Interner
 from pooltrace.pairing import NO_STACK
 
 NO_ID = 0xFFFFFFFF
 PLACEHOLDER = 1 << 40  # fragment ids at or above this are stack-key placeholders
 CPU_BITS = 12  # ETW processor index < 2048
-M1, M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(30))
-    x = x * M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * M2
-    return x ^ (x >> np.uint64(31))
-
-
-def hash_segments(values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two independent 64-bit hashes of every segment values[offsets[i]:offsets[i+1]] (order-sensitive)."""
-    counts = np.diff(offsets)
-    if not len(counts):
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    pos = (np.arange(len(values), dtype=np.int64) - np.repeat(offsets[:-1], counts)).astype(np.uint64)
-    v = values.astype(np.uint64)
-    h = []
-    for seed in (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD1B54A32D192ED03)):
-        x = _mix(v ^ (pos * seed + seed))
-        s = np.add.reduceat(x, offsets[:-1]) if len(x) else np.zeros(len(counts), np.uint64)
-        s = np.where(counts > 0, s, np.uint64(0))
-        h.append(_mix(s ^ (counts.astype(np.uint64) * seed)))
-    return h[0], h[1]
-
-
-def intern(ids: dict[tuple, int], keys: np.ndarray, store: Callable[[int, tuple], None]) -> np.ndarray:
-    """Ids of the distinct rows of `keys` (one row per distinct key of a batch): known keys keep their id,
-    new ones are numbered in order of first use and handed to `store(row, key)`."""
-    out = np.empty(len(keys), dtype=np.int64)
-    for k, key in enumerate(map(tuple, keys.tolist())):
-        i = ids.get(key)
-        if i is None:
-            i = ids[key] = len(ids)
-            store(k, key)
-        out[k] = i
-    return out
-
-
-class FragmentStore:
-    """Distinct frame sequences (stack fragments), by id."""
-
-    def __init__(self) -> None:
-        self._ids: dict[tuple[int, int], int] = {}
-        self._frames: list[np.ndarray] = []
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    def add(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Ids of the segments, creating new ones for frame sequences not seen before."""
-        h1, h2 = hash_segments(values, offsets)
-        # group by the first hash (a fast 1-D sort); the second must then agree within every group
-        u1, first, inverse = np.unique(h1, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        if not (h2 == h2[first][inverse]).all():  # a 64-bit collision between different stacks
-            u, first, inverse = np.unique(np.stack([h1, h2], axis=1), axis=0, return_index=True,
-                                          return_inverse=True)
-            inverse = inverse.reshape(-1)
-        def store(k: int, _key) -> None:
-            j = int(first[k])
-            self._frames.append(values[offsets[j]:offsets[j + 1]].copy())
-
-        ids = intern(self._ids, np.stack([h1[first], h2[first]], axis=1), store)
-        return ids[inverse]
-
-    def frames(self, frag: int) -> np.ndarray:
-        return self._frames[frag]
-
-
 class KeyPlaceholders:
     """Stack-key references as (key, generation) placeholders: generation g of a key resolves to the
     g-th definition of that key (0-based, time order) — the earliest definition at or after the ref."""
@@ -185,8 +114,12 @@ class StackTable:
     def __init__(self, fragments: FragmentStore, keys: KeyPlaceholders) -> None:
         self.fragments = fragments
         self.keys = keys
-        self._ids: dict[tuple[int, int], int] = {}
-        self.pairs: list[tuple[int, int]] = []
+        self._ids = Interner()  # _compact(kernel) << 32 | _compact(user) -> stack id
+        self._pairs: list[np.ndarray] = []  # (kernel, user) fragment ids of new stacks, in blocks
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [tuple(p) for p in np.concatenate(self._pairs).tolist()] if self._pairs else []
 
     def ids(self, kfrag: np.ndarray, ufrag: np.ndarray) -> np.ndarray:
         has = (kfrag >= 0) | (ufrag >= 0)
@@ -197,7 +130,9 @@ class StackTable:
         code = (_compact(k) << 32) | _compact(u)  # one int64 per pair: a fast 1-D unique
         ucode, first, inverse = np.unique(code, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
-        ids = intern(self._ids, np.stack([k[first], u[first]], axis=1), lambda _k, key: self.pairs.append(key))
+        ids, new = self._ids.ids(ucode, len(self._ids))
+        if new.any():
+            self._pairs.append(np.stack([k[first[new]], u[first[new]]], axis=1))
         out[has] = ids[inverse]
         return out
 
@@ -252,7 +187,9 @@ class StackJoiner:
         refs = batch.get("key_refs")
         defs = batch.get("key_defs")
         parts = []
-        if stacks is not None and stacks.num_rows:
+        if stacks is not None and stacks.num_rows and "frag" in stacks.column_names:  # interned by the reader
+            parts.append(self._parts(stacks, stacks["frag"].to_numpy(), stacks["user"].to_numpy(zero_copy_only=False)))
+        elif stacks is not None and stacks.num_rows:
             frames = stacks["frames"].combine_chunks()
             offsets = frames.offsets.to_numpy().astype(np.int64)
             offsets = offsets - offsets[0]

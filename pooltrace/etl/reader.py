@@ -31,6 +31,7 @@ from pooltrace.etl.buffers import (
 )
 from pooltrace.etl.columns import Columns
 from pooltrace.etl.decode import decode_chunk
+from pooltrace.etl.fragments import FragmentStore
 from pooltrace.etl.logfile import LogfileHeader
 from pooltrace.etl.records import (
     HEADER_TYPE_NAMES,
@@ -148,6 +149,8 @@ class EtlReader:
         self.source = BufferSource(self._data, self.index)
         self.header = self._read_header()
         self.source.max_area = max(64 << 10, min(self.header.buffer_size, self.source.max_area))
+        self.user_limit = np.uint64(0x0000800000000000 if self.header.pointer_size == 8 else 0x80000000)
+        self._fragments: FragmentStore | None = None
         for w in self.index.warnings:
             self.stats.warn(w)
         circular = self.header.log_file_mode & 0x2  # EVENT_TRACE_FILE_MODE_CIRCULAR
@@ -190,9 +193,14 @@ class EtlReader:
 
     # -- streaming -------------------------------------------------------------------------------
 
-    def batches(self, progress: Callable[[int, int], None] | None = None) -> Iterator[Batch]:
+    def batches(self, progress: Callable[[int, int], None] | None = None,
+                fragments: FragmentStore | None = None) -> Iterator[Batch]:
         """Decoded events in global time order, a batch at a time. Single pass; stats fill as it goes.
-        `progress(done, total)` is called with buffers read so far after every chunk."""
+        `progress(done, total)` is called with buffers read so far after every chunk. With `fragments`,
+        the frames of Stack events are interned there as each chunk is decoded, and the stacks table
+        carries `frag` (fragment id) and `user` (a user-mode part) instead of `frames`: the time merge
+        then moves fixed-width columns only."""
+        self._fragments = fragments
         idx = self.index
         st = self.stats
         st.buffers = len(idx)
@@ -272,6 +280,11 @@ class EtlReader:
         self._count(recs)
         dec = decode_chunk(chunk, recs, seq0)
         st.malformed.update(dec.malformed)
+        stacks = dec.tables.get("stacks")
+        if self._fragments is not None and stacks is not None:
+            offsets, values = stacks.lists.pop("frames")
+            stacks.cols["frag"] = self._fragments.add(values, offsets)
+            stacks.cols["user"] = values[offsets[:-1]] < self.user_limit
         return dec.tables, len(recs)
 
     def _count(self, recs) -> None:
