@@ -39,7 +39,7 @@ from pooltrace.pairing import (
     Pairer,
     PoolEvents,
 )
-from pooltrace.sidecar import merge_pdb_identities, read_sidecar, tag_baseline
+from pooltrace.sidecar import load_sidecar, merge_pdb_identities, tag_baseline
 from pooltrace.stackjoin import StackJoiner
 from pooltrace.tags import format_tag
 from pooltrace.traceinfo import events_by_kind
@@ -248,13 +248,15 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress) -> dict:
         [pa.array(np.arange(len(frames), dtype=np.int64)),
          pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.uint64)))],
         schema=STACKS_SCHEMA), out / "stacks.parquet", compression="zstd")
-    sidecar = read_sidecar(reader.path)  # `pooltrace record` writes PDB identities and tag counters beside it
+    # `pooltrace record` writes PDB identities and tag counters beside it; a bad one is a warning, not an error
+    sidecar, sidecar_warnings = load_sidecar(reader.path)
     modules = merge_pdb_identities(_modules(rare, to_ns), sidecar)
     pq.write_table(modules, out / "modules.parquet", compression="zstd")
     meta = _trace_json(reader, pairer, joiner, rows, len(frames), unresolved, modules, window_s)
     if sidecar is not None:
         meta["recording"] = {k: v for k, v in (sidecar.get("recording") or {}).items()}
         meta["tag_baseline"] = tag_baseline(sidecar)
+    meta["warnings"].extend(sidecar_warnings)
     return meta
 
 
