@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pooltrace import __version__
 from pooltrace.errors import PooltraceError
+from pooltrace.growth import Growth, class_rank, growth_table, times
 from pooltrace.modulemap import NONE, ModuleMap, frame_text
 
 LIFETIMES = ("AIFI", "AIFO", "AOFI", "AOFO")
@@ -296,6 +297,7 @@ class Group:
     tags: dict[str, int]
     stack_ids: list[int]
     first_row: int  # a representative row (for pid / time when rendering)
+    growth: Growth | None = None  # set by build_report (growth.py)
 
 
 def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRenderer, f: Filters,
@@ -369,14 +371,67 @@ class Report:
     by: str
     groups: list[Group]
     rows: np.ndarray  # indices of the outstanding rows (after filters)
+    times_ns: list[int] = field(default_factory=list)  # the time of each point of the groups' growth series
+    sort: str = "bytes"
+    likely: list[Group] = field(default_factory=list)  # likely leaks among ALL groups (leak, then growing)
+
+
+LIKELY_LEAKS = 10
+
+
+SORTS = ("bytes", "growth")
+
+
+def effective_end(ds: Dataset, window: Window) -> int:
+    """The window's end clipped to the trace (a window without an end stops where the trace stops)."""
+    dur = ds.trace.get("duration_ns")
+    if dur is None:
+        a = ds.rows["alloc_ns"]
+        dur = int(a[a != NULL_NS].max()) if (a != NULL_NS).any() else window.start_ns
+    return max(window.start_ns + 1, min(window.end_ns, int(dur) + 1))
+
+
+def attach_growth(ds: Dataset, mask: np.ndarray, groups: list[Group], by: str, window: Window) -> list[int]:
+    """Compute every group's growth (one pass over the window's rows); returns the series' times."""
+    r = ds.rows
+    end = effective_end(ds, window)
+    if by == "tag":
+        code = {t: i for i, t in enumerate(ds.tags)}
+        lookup = np.full(len(ds.tags) + 1, -1, dtype=np.int64)
+        for gi, g in enumerate(groups):
+            lookup[code[g.key[0]]] = gi
+        gid = lookup[r["tag"]]
+    else:
+        lookup = np.full(len(ds.stacks) + 2, -1, dtype=np.int64)
+        for gi, g in enumerate(groups):
+            lookup[np.asarray(g.stack_ids, dtype=np.int64) + 1] = gi
+        gid = np.take(lookup, r["alloc_stack"] + 1, mode="clip")
+    if not mask.all():
+        gid = np.where(mask, gid, -1)
+    table = growth_table(r["alloc_ns"], r["free_ns"], r["size"], gid, len(groups), window.start_ns, end, NULL_NS)
+    for g, gr in zip(groups, table, strict=True):
+        g.growth = gr
+    return times(window.start_ns, end).tolist()
+
+
+def sort_groups(groups: list[Group], sort: str) -> list[Group]:
+    """`bytes`: outstanding bytes, largest first; `growth`: leak, growing, plateau, transient, each by
+    bytes/s (fastest growth first)."""
+    if sort == "growth":
+        return sorted(groups, key=lambda g: (class_rank(g.growth), -(g.growth.bytes_per_s if g.growth else 0),
+                                             -g.bytes, g.key))
+    return groups
 
 
 def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, render: FrameRenderer,
-                 top: int | None) -> Report:
+                 top: int | None, sort: str = "bytes") -> Report:
     mask = row_mask(ds, filters)
     cls = lifetimes(ds.rows, window)
     sel = np.flatnonzero(mask & (cls == AIFO))
     groups = outstanding_groups(ds, sel, by, render, filters, None)
+    times_ns = attach_growth(ds, mask, groups, by, window)
+    likely = [g for g in sort_groups(groups, "growth") if g.growth.cls in ("leak", "growing")][:LIKELY_LEAKS]
+    groups = sort_groups(groups, sort)
     if filters.modules or filters.min_bytes:  # totals follow the group filters
         keep = set()
         for g in groups:
@@ -385,7 +440,7 @@ def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, rend
             sel = sel[np.isin(ds.rows["alloc_stack"][sel], list(keep))]
     total_bytes = int(ds.rows["size"][sel].astype(np.int64).sum())
     return Report(ds.trace, window, lifetime_totals(ds.rows["size"], np.where(mask, cls, OUTSIDE)),
-                  len(sel), total_bytes, by, groups[:top] if top else groups, sel)
+                  len(sel), total_bytes, by, groups[:top] if top else groups, sel, times_ns, sort, likely)
 
 
 # ---- the poolmon view --------------------------------------------------------------------------------

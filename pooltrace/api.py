@@ -54,15 +54,15 @@ def make_symbolizer(ds: Dataset, input_path: Path, symbols: str | None = None, n
 def analyze(ds: Dataset, input_path: Path, *, by: str = "stack", window: str | None = None,
             filters: Filters | None = None, symbols: str | None = None, no_symbols: bool = False,
             top: int | None = None, quiet: bool = True, warn: Warn | None = None,
-            render: FrameRenderer | None = None) -> tuple[Report, FrameRenderer]:
+            render: FrameRenderer | None = None, sort: str = "bytes") -> tuple[Report, FrameRenderer]:
     """The outstanding report of one dataset, as `pooltrace report` builds it, and its frame renderer
-    (`render`: reuse one, with its symbols, across calls on the same dataset)."""
+    (`render`: reuse one, with its symbols, across calls on the same dataset); `sort`: bytes or growth."""
     if by not in BY:
         raise PooltraceError(f"by={by!r}: one of {', '.join(BY)}")
     if render is None:
         render = FrameRenderer(ds, make_symbolizer(ds, input_path, symbols, no_symbols, quiet, warn))
     rep = build_report(ds, window=parse_window(window, ds.trace.get("duration_ns")), by=by,
-                       filters=filters or Filters(), render=render, top=top)
+                       filters=filters or Filters(), render=render, top=top, sort=sort)
     return rep, render
 
 
@@ -173,12 +173,12 @@ class TraceDataset:
                     top: int | None = None) -> pd.DataFrame:
         """Outstanding allocations (allocated in `window` and not freed by its end) grouped `by` stack,
         function, module or tag: one row per group, largest first, with the columns of the JSON report's
-        groups (frames, count, bytes, tags). ``.attrs`` holds the totals and the window."""
+        groups (frames, count, bytes, tags, growth). ``.attrs`` holds the totals and the window."""
         from pooltrace.reporters.structured import report_data
 
         data = report_data(self.report(by=by, window=window, tag=tag, pool=pool, pid=pid, module=module,
                                        min_bytes=min_bytes, top=top))
-        df = _groups_frame(data["groups"], ["count", "bytes", "tags"])
+        df = _groups_frame(data["groups"], ["count", "bytes", "tags", "growth"])
         df = df.astype({"count": "int64", "bytes": "int64"})
         df.attrs.update({k: v for k, v in data.items() if k != "groups"})
         return df

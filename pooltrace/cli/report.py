@@ -10,7 +10,7 @@ import numpy as np
 from rich.console import Console
 
 from pooltrace import api
-from pooltrace.analysis import BY, NULL_NS, Filters, open_input
+from pooltrace.analysis import BY, NULL_NS, SORTS, Filters, open_input
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.errors import PooltraceError
 from pooltrace.reporters import structured, text
@@ -50,12 +50,15 @@ def common_options(func):
               help="Group by allocating stack, call site (first frame outside ntoskrnl), its module, or tag.")
 @common_options
 @click.option("--top", type=click.IntRange(min=1), help="Show the N largest groups [text: 20].")
+@click.option("--sort", type=click.Choice(SORTS), default="bytes", show_default=True,
+              help="bytes: outstanding bytes, largest first; growth: leak, growing, plateau, transient, each "
+                   "fastest-growing first.")
 @click.option("--list", "list_blocks", is_flag=True, help="Also list the outstanding blocks themselves.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write to FILE.")
 @quiet_option
 @user_errors
-def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, top,
+def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, top, sort,
            list_blocks, fmt, output, quiet) -> None:
     """Outstanding pool allocations (allocated inside the window, not freed by its end — WPA's AIFO),
     grouped and symbolized. INPUT is an .etl (paired on the fly into INPUT.pooltrace/) or a dataset."""
@@ -67,7 +70,7 @@ def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_byt
     if top is None and fmt == "text":
         top = 20
     rep, render = api.analyze(ds, input_path, by=by, window=window, filters=filters, symbols=symbols,
-                              no_symbols=no_symbols, top=top, quiet=quiet, warn=warn)
+                              no_symbols=no_symbols, top=top, quiet=quiet, warn=warn, sort=sort)
     win = rep.window
     blocks = _blocks(ds, rep, render, win) if list_blocks else None
     if fmt == "text":

@@ -8,6 +8,7 @@ import io
 import json
 
 from pooltrace.analysis import Report
+from pooltrace.growth import THRESHOLDS
 
 
 def trace_summary(report: Report) -> dict:
@@ -26,7 +27,12 @@ def report_data(report: Report) -> dict:
         "by": report.by,
         "totals": {"outstanding_count": report.outstanding_count, "outstanding_bytes": report.outstanding_bytes,
                    "lifetimes": report.lifetimes},
-        "groups": [{"frames": g.key, "count": g.count, "bytes": g.bytes, "tags": g.tags} for g in report.groups],
+        "sort": report.sort,
+        "growth": {"points": len(report.times_ns), "times_ns": report.times_ns, "thresholds": THRESHOLDS},
+        "likely_leaks": [{"frames": g.key, "count": g.count, "bytes": g.bytes,
+                          "growth": g.growth.as_dict(series=False)} for g in report.likely],
+        "groups": [{"frames": g.key, "count": g.count, "bytes": g.bytes, "tags": g.tags,
+                    "growth": g.growth.as_dict() if g.growth else None} for g in report.groups],
     }
 
 
@@ -34,13 +40,19 @@ def to_json(report: Report) -> str:
     return json.dumps(report_data(report), indent=2) + "\n"
 
 
+GROWTH_COLUMNS = ["class", "bytes_per_s", "blocks_per_s", "r2", "late_bytes_per_s", "still_growing", "alloc_per_s",
+                  "free_per_s", "survivor_position", "age_spread"]
+
+
 def to_csv(report: Report) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(["rank", "bytes", "count", "tags", report.by if report.by != "stack" else "frames"])
+    w.writerow(["rank", "bytes", "count", "tags", *GROWTH_COLUMNS, report.by if report.by != "stack" else "frames"])
     for i, g in enumerate(report.groups, 1):
         tags = ";".join(f"{t}={b}" for t, b in g.tags.items())
-        w.writerow([i, g.bytes, g.count, tags, " <- ".join(g.key) if report.by == "stack" else g.key[0]])
+        figures = g.growth.as_dict(series=False) if g.growth else {}
+        w.writerow([i, g.bytes, g.count, tags, *(figures.get(c, "") for c in GROWTH_COLUMNS),
+                    " <- ".join(g.key) if report.by == "stack" else g.key[0]])
     return out.getvalue()
 
 

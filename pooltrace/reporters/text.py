@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pooltrace.analysis import KERNEL_IMAGES, LIFETIMES, Report
+from pooltrace.growth import human_rate
 
 TREE_STACKS = 5
 MAX_INDENT = 12
@@ -41,16 +42,18 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None) -
         console.print(Text("no outstanding allocations match" if t.get("pairing", {}).get("allocs") else
                            "no pool allocations in this trace"))
         return
+    likely_leaks(report, console)
     table = Table(show_edge=False, pad_edge=False, expand=False)
     table.add_column("#", justify="right")
     table.add_column("bytes", justify="right")
     table.add_column("blocks", justify="right")
+    table.add_column("trend")
     table.add_column("tags")
     table.add_column({"stack": "allocating frame (call site)"}.get(report.by, report.by), overflow="fold")
     for i, g in enumerate(report.groups, 1):
         tags = ", ".join(g.tags)
         label = _site(g.key) if report.by == "stack" else g.key[0]
-        table.add_row(str(i), f"{g.bytes:,}", f"{g.count:,}", tags, Text(label))
+        table.add_row(str(i), f"{g.bytes:,}", f"{g.count:,}", trend(g), tags, Text(label))
     console.print(table)
     if report.by == "stack" and report.groups:
         console.print(Text(f"caller tree of the {min(TREE_STACKS, len(report.groups))} largest stacks "
@@ -65,6 +68,29 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None) -
             bt.add_row(f"0x{b['address']:x}", b["tag"], f"{b['size']:,}", f"{b['age_ns'] / 1e9:.3f} s", str(b["pid"]),
                        Text(b["frames"][0] if b["frames"] else "<no stack>"))
         console.print(bt)
+
+
+def trend(g) -> str:
+    """The trend column: growth class and, for growing groups, the rate."""
+    if g.growth is None:
+        return ""
+    if g.growth.cls in ("leak", "growing"):
+        return f"{g.growth.cls} {human_rate(g.growth.bytes_per_s)}"
+    return g.growth.cls
+
+
+def likely_leaks(report: Report, console: Console) -> None:
+    """The section on top: groups whose outstanding bytes grow (class leak, then growing), fastest first,
+    whatever their size; or a line saying that none does."""
+    if not report.likely:
+        console.print(Text("likely leaks: none (no group keeps growing through the window; see the trend column)"))
+        return
+    console.print(Text("likely leaks (outstanding bytes growing through the window; fastest first)", style="bold"))
+    for g in report.likely:
+        label = _site(g.key) if report.by == "stack" else g.key[0]
+        console.print(Text(f"  {g.growth.cls:<8} {human_rate(g.growth.bytes_per_s):>13}  {g.bytes:>12,} B "
+                           f"{g.count:>8,} blocks  {label}"), overflow="fold")
+    console.print()
 
 
 def caller_tree(groups) -> list[str]:

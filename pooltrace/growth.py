@@ -1,0 +1,150 @@
+"""Growth of outstanding memory per report group over the window, and a leak/cache classification.
+
+For every group of a report (any `--by`), from `alloc_ns`/`free_ns` of the rows allocated inside the
+window (filters applied), in one vectorized pass (bincount over group x time bin, then cumsum):
+
+- the outstanding-bytes and outstanding-blocks series over time, `POINTS` points, each the value at the
+  end of its bin (the last point equals the group's outstanding bytes/blocks at the end of the window);
+- `bytes_per_s` / `blocks_per_s`: least-squares slope of those series over the window, `r2` how well a
+  straight line explains the bytes series (0 when it is flat);
+- `late_bytes_per_s`: the slope over the last third, and `still_growing`;
+- `alloc_per_s` / `free_per_s`: allocations inside the window and their frees inside it, per second;
+- `survivor_position`: where in the window the outstanding blocks were allocated, on average (0 = start,
+  1 = end), and `age_spread`: their spread, 1.0 for survivors uniformly spread over the window (a leak),
+  near 0 when they were all allocated at about the same time (a cache filled once, a burst).
+
+Classes, tested in this order (thresholds in `THRESHOLDS`, documented in the README):
+
+- `transient`: survivor_position >= 0.8 — the outstanding blocks were allocated, on average, in the last
+  fifth of the window: outstanding only because the window ended (a burst, short-lived requests in flight);
+- `plateau`: not still growing — the bytes series rose by at most 10 % of its final value over the last
+  third of the window, or fell: a cache, a lookaside list, objects that live for the whole run;
+- `leak`: still growing, r2 >= 0.8 and age_spread >= 0.5 — steady growth with survivors of every age;
+- `growing`: still growing, but noisy or in steps (r2 or age_spread below those thresholds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+POINTS = 64
+THRESHOLDS = {"transient_position": 0.8, "late_share": 0.1, "leak_r2": 0.8, "leak_spread": 0.5}
+CLASSES = ("leak", "growing", "plateau", "transient")
+_UNIFORM_STD = 1 / np.sqrt(12)  # the standard deviation of a uniform position over [0, 1]
+
+
+@dataclass
+class Growth:
+    cls: str
+    bytes_per_s: float
+    blocks_per_s: float
+    r2: float
+    late_bytes_per_s: float
+    still_growing: bool
+    alloc_per_s: float
+    free_per_s: float
+    survivor_position: float
+    age_spread: float
+    series_bytes: list[int]
+    series_blocks: list[int]
+
+    def as_dict(self, series: bool = True) -> dict:
+        out = {"class": self.cls, "bytes_per_s": round(self.bytes_per_s, 3),
+               "blocks_per_s": round(self.blocks_per_s, 6), "r2": round(self.r2, 4),
+               "late_bytes_per_s": round(self.late_bytes_per_s, 3), "still_growing": self.still_growing,
+               "alloc_per_s": round(self.alloc_per_s, 6), "free_per_s": round(self.free_per_s, 6),
+               "survivor_position": round(self.survivor_position, 4), "age_spread": round(self.age_spread, 4)}
+        if series:
+            out["series"] = {"bytes": self.series_bytes, "blocks": self.series_blocks}
+        return out
+
+
+def class_rank(g: Growth | None) -> int:
+    """Sort order of `--sort growth`: leak, growing, plateau, transient."""
+    return CLASSES.index(g.cls) if g is not None else len(CLASSES)
+
+
+def times(start_ns: int, end_ns: int, points: int = POINTS) -> np.ndarray:
+    """The time (ns) of every point: the end of each of `points` equal bins over [start, end)."""
+    return start_ns + (np.arange(1, points + 1, dtype=np.float64) * (end_ns - start_ns) / points).astype(np.int64)
+
+
+def growth_table(alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, gid: np.ndarray, groups: int,
+                 start_ns: int, end_ns: int, null_ns: int, points: int = POINTS) -> list[Growth]:
+    """Growth of `groups` groups from the rows allocated inside [start, end): `gid` is each row's group
+    (0..groups-1). Rows with gid < 0 or allocated outside the window are ignored.
+
+    One pass: every row adds its size to (group, allocation bin) and, when freed inside the window,
+    removes it at (group, free bin); a cumulative sum over the bins gives the series. Rows that are not
+    counted go to an extra group, frees after the window to an extra bin, so nothing is compressed."""
+    span = max(1, end_ns - start_ns)
+    width = span / points
+    stride = points + 1  # bin `points`: not freed inside the window
+    af = (alloc_ns.astype(np.float64) - start_ns) / width  # NULL (allocated before the trace) is negative
+    g = np.where((af >= 0) & (af < points) & (gid >= 0), gid, groups).astype(np.int64)
+    g *= stride
+    ff = (free_ns.astype(np.float64) - start_ns) / width
+    freed = (free_ns != null_ns) & (ff < points)
+    ia = af.astype(np.int64)
+    np.clip(ia, 0, points - 1, out=ia)
+    ia += g
+    fi = np.where(freed, ff.astype(np.int64), points)
+    fi += g
+    n = (groups + 1) * stride
+    w = size.astype(np.float64)
+    shape = (groups + 1, stride)
+    up_b = np.bincount(ia, weights=w, minlength=n).reshape(shape)[:groups, :points]
+    up_n = np.bincount(ia, minlength=n).reshape(shape)[:groups, :points]
+    down_b = np.bincount(fi, weights=w, minlength=n).reshape(shape)[:groups]
+    down_n = np.bincount(fi, minlength=n).reshape(shape)[:groups]
+    # survivors (outstanding at the end) by allocation bin: the rows whose free index is the extra bin
+    surv = np.bincount(ia, weights=(~freed).astype(np.float64), minlength=n).reshape(shape)[:groups, :points]
+    ybytes = np.cumsum(up_b - down_b[:, :points], axis=1)
+    yblocks = np.cumsum(up_n - down_n[:, :points], axis=1)
+    secs = span / 1e9
+    x = np.arange(1, points + 1, dtype=np.float64) * secs / points
+
+    def slope(y: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        xc = xs - xs.mean()
+        return (y - y.mean(axis=1, keepdims=True)) @ xc / max(float(xc @ xc), 1e-30)
+
+    bps = slope(ybytes, x)
+    nps = slope(yblocks.astype(np.float64), x)
+    fit = ybytes.mean(axis=1, keepdims=True) + bps[:, None] * (x - x.mean())
+    ss_tot = ((ybytes - ybytes.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+    ss_res = ((ybytes - fit) ** 2).sum(axis=1)
+    r2 = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 0.0)
+    third = points - points // 3 - 1  # the point at two thirds of the window
+    late = slope(ybytes[:, third:], x[third:]) if points - third > 1 else bps
+    final = ybytes[:, -1]
+    still = (final - ybytes[:, third] > THRESHOLDS["late_share"] * final) & (late > 0)
+    centers = (np.arange(points) + 0.5) / points
+    cnt = surv.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nan_to_num(surv @ centers / cnt)
+        var = np.nan_to_num(surv @ (centers * centers) / cnt - mean * mean)
+    spread = np.sqrt(np.clip(var, 0, None)) / _UNIFORM_STD
+    allocs = up_n.sum(axis=1) / secs
+    frees = down_n[:, :points].sum(axis=1) / secs
+    cls = np.where(mean >= THRESHOLDS["transient_position"], 3,
+                   np.where(~still, 2, np.where((r2 >= THRESHOLDS["leak_r2"]) &
+                                                (spread >= THRESHOLDS["leak_spread"]), 0, 1)))
+    yb = np.rint(ybytes).astype(np.int64).tolist()
+    yn = yblocks.tolist()
+    return [Growth(CLASSES[c], b, nb, q, lt, st, al, fr, m, sp, yb[i], yn[i])
+            for i, (c, b, nb, q, lt, st, al, fr, m, sp) in enumerate(zip(
+                cls.tolist(), bps.tolist(), nps.tolist(), r2.tolist(), late.tolist(), still.tolist(),
+                allocs.tolist(), frees.tolist(), mean.tolist(), spread.tolist(), strict=True))]
+
+
+def human_rate(bps: float) -> str:
+    """Bytes per second with a binary unit: `+1.2 KiB/s`."""
+    v, unit = abs(bps), "B/s"
+    for u in ("KiB/s", "MiB/s", "GiB/s"):
+        if v < 1024:
+            break
+        v /= 1024
+        unit = u
+    return f"{'+' if bps >= 0 else '-'}{v:.1f} {unit}" if unit != "B/s" else f"{bps:+.0f} B/s"
