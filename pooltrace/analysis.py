@@ -11,7 +11,6 @@ are shown.
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pooltrace import __version__
+from pooltrace.datasetcheck import check_no_nulls, check_stacks, read_parquet, read_trace_json, verify_dataset
 from pooltrace.errors import PooltraceError
 from pooltrace.growth import Growth, class_rank, growth_table, times
 from pooltrace.modulemap import NONE, ModuleMap, frame_text
@@ -69,7 +68,10 @@ def open_input(path: Path, *, progress: Callable | None = None) -> Dataset:
 
     cache = default_output(path)
     if is_dataset(cache) and _fresh(cache, path):
-        return load_dataset(cache)
+        try:
+            return load_dataset(cache)
+        except PooltraceError:
+            pass  # a damaged cache is rebuilt, not trusted
     try:
         pair_trace(path, cache, progress=progress)
         return load_dataset(cache)
@@ -84,23 +86,26 @@ def open_input(path: Path, *, progress: Callable | None = None) -> Dataset:
 
 
 def _fresh(cache: Path, trace: Path) -> bool:
+    """The cache beside a trace was written by this version from this very file (size and time)."""
     try:
-        meta = json.loads((cache / "trace.json").read_text())
-        return (meta.get("pooltrace_version") == __version__ and
+        meta = read_trace_json(cache)
+        return (meta["pooltrace_version"] == __version__ and
                 (cache / "trace.json").stat().st_mtime >= trace.stat().st_mtime and
-                meta.get("source", {}).get("size") == trace.stat().st_size)
-    except (OSError, ValueError):
+                (meta.get("source") or {}).get("size") == trace.stat().st_size)
+    except (OSError, PooltraceError):
         return False
 
 
 def load_dataset(path: Path) -> Dataset:
-    try:
-        trace = json.loads((path / "trace.json").read_text())
-        table = pq.read_table(path / "allocations.parquet", columns=COLUMNS, read_dictionary=["tag", "fate"])
-        stacks = pq.read_table(path / "stacks.parquet")
-        modules = pq.read_table(path / "modules.parquet")
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        raise PooltraceError(f"{path}: unreadable dataset ({exc})") from None
+    """Open a dataset directory: its schema is checked first (verify_dataset), so a tampered or truncated
+    file is a one-line error naming it, whatever reads the dataset next."""
+    trace = verify_dataset(path, COLUMNS)
+    table = read_parquet(path / "allocations.parquet", columns=COLUMNS, read_dictionary=["tag", "fate"])
+    stacks = read_parquet(path / "stacks.parquet")
+    modules = read_parquet(path / "modules.parquet")
+    check_no_nulls(path / "allocations.parquet", table,
+                   ["tag", "fate", "pool_type", "size", "address", "pid", "tid", "cpu", "paged", "session"])
+    check_no_nulls(path / "stacks.parquet", stacks, ["stack_id"])
     tag = _dictionary(table["tag"])
     rows = {"tag": tag.indices.to_numpy(zero_copy_only=False).astype(np.int32), "fate": _dictionary(table["fate"])}
     for name in ("pool_type", "size", "address", "pid", "tid", "cpu"):
@@ -116,7 +121,9 @@ def load_dataset(path: Path) -> Dataset:
     names = fate.dictionary.to_pylist()
     for flag, value in (("outstanding_at_end", "outstanding"), ("lost_free", "lost_free")):
         rows[flag] = np.isin(codes, [i for i, v in enumerate(names) if v == value])
-    order = np.argsort(stacks["stack_id"].to_numpy())
+    stack_id = stacks["stack_id"].to_numpy()
+    check_stacks(path, stack_id, rows["alloc_stack"])
+    order = np.argsort(stack_id)
     frames = stacks["frames"].combine_chunks().take(pa.array(order)) if stacks.num_rows else \
         pa.array([], pa.list_(pa.uint64()))
     return Dataset(path, trace, rows, tag.dictionary.to_pylist(), frames, modules)

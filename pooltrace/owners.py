@@ -16,7 +16,6 @@ character and ``*`` the rest (``Lea?``, ``Ntf*``).
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import re
@@ -29,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pooltrace.errors import PooltraceError
 from pooltrace.modulemap import ModuleMap, frame_text
@@ -43,6 +41,7 @@ ALLOCATOR = re.compile(r"(Exp?Allocate\w*|ExpAllocateFrom\w*|Vf\w*Allocate\w*|Ve
 MAX_SCAN_FILE = 512 << 20
 MAX_OFFSETS = 16
 DATASET_FILES = ("allocations.parquet", "stacks.parquet", "modules.parquet", "trace.json")
+OWNER_COLUMNS = ["tag", "size", "alloc_ns", "fate", "pid", "alloc_stack"]  # of allocations.parquet
 # instruction bytes right before an imm32 and what they mean (x64 calling convention: rcx, rdx, r8, r9)
 _LOADS = [(b"\x41\xb8", "mov r8d, imm32 (3rd argument: the Tag of ExAllocatePool*)"),
           (b"\x41\xb9", "mov r9d, imm32 (4th argument)"),
@@ -114,20 +113,24 @@ def _slots_regex(slots: list[int]) -> re.Pattern:
 def open_dataset(path: Path, progress=None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """The dataset directory for `path`: itself, an up-to-date ``<trace>.pooltrace/``, or a fresh pairing
     into a temporary directory (returned too, for the caller to clean up)."""
+    from pooltrace.analysis import _fresh
+    from pooltrace.datasetcheck import verify_dataset
+
     if path.is_dir():
         missing = [f for f in DATASET_FILES if not (path / f).exists()]
         if missing:
             raise PooltraceError(f"{path}: not a pooltrace dataset (missing {', '.join(missing)})")
+        verify_dataset(path, OWNER_COLUMNS)
         return path, None
     from pooltrace.dataset import default_output, pair_trace
 
     ds = default_output(path)
-    try:
-        if all((ds / f).exists() for f in DATASET_FILES) and \
-                (ds / "trace.json").stat().st_mtime >= path.stat().st_mtime:
+    if all((ds / f).exists() for f in DATASET_FILES) and _fresh(ds, path):
+        try:
+            verify_dataset(ds, OWNER_COLUMNS)
             return ds, None
-    except OSError:
-        pass
+        except PooltraceError:
+            pass  # a damaged cache is not trusted: pair again (into a temporary directory)
     tmp = tempfile.TemporaryDirectory(prefix="pooltrace-whose-")
     try:
         pair_trace(path, Path(tmp.name) / "ds", progress=progress)
@@ -139,9 +142,11 @@ def open_dataset(path: Path, progress=None) -> tuple[Path, tempfile.TemporaryDir
 
 def trace_owners(ds: Path, slots: list[int], *, symbols: str | None, enabled: bool, local_dirs: list[Path],
                  quiet: bool, top: int, warn) -> dict:
-    meta = json.loads((ds / "trace.json").read_text())
-    allocs = pq.read_table(ds / "allocations.parquet", columns=["tag", "size", "alloc_ns", "fate", "pid",
-                                                                 "alloc_stack"])
+    from pooltrace.datasetcheck import check_no_nulls, check_stacks, read_parquet, read_trace_json
+
+    meta = read_trace_json(ds)
+    allocs = read_parquet(ds / "allocations.parquet", columns=OWNER_COLUMNS)
+    check_no_nulls(ds / "allocations.parquet", allocs, ["tag", "size", "fate", "pid"])
     tags = pc.unique(allocs["tag"]).to_pylist()
     wanted = [t for t in tags if t is not None and slots_match(slots, _tag_bytes(t))]
     rows = allocs.filter(pc.and_(pc.is_in(allocs["tag"], pa.array(wanted, pa.string())),
@@ -173,10 +178,12 @@ def trace_owners(ds: Path, slots: list[int], *, symbols: str | None, enabled: bo
     ns = rows["alloc_ns"].to_numpy()[has]
     for k, j in enumerate(inv.tolist()):
         first.setdefault(j, k)
-    st = pq.read_table(ds / "stacks.parquet")
+    st = read_parquet(ds / "stacks.parquet")
+    check_no_nulls(ds / "stacks.parquet", st, ["stack_id"])
+    check_stacks(ds, st["stack_id"].to_numpy(), sid)
     st = st.filter(pc.is_in(st["stack_id"], pa.array(ids, pa.int64())))
     frames_by_id = dict(zip(st["stack_id"].to_pylist(), st["frames"].to_pylist(), strict=True))
-    modules = pq.read_table(ds / "modules.parquet")
+    modules = read_parquet(ds / "modules.parquet")
     mm = ModuleMap(modules, int(meta.get("pointer_size") or 8))
     flat, f_pid, f_ns, f_ret, owner_of = [], [], [], [], []
     for j, s in enumerate(ids.tolist()):

@@ -40,14 +40,12 @@ non-zero TimeDateStamp, else on lowercased file name + base address.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pooltrace.errors import PooltraceError
+from pooltrace.jsonrules import DROP, U32, U64, Field, load_json, opt, validate
 
 if TYPE_CHECKING:  # pyarrow is loaded by the commands that read datasets, not by `pooltrace record`
     import pyarrow as pa
@@ -61,38 +59,14 @@ def sidecar_path(etl_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + SIDECAR_SUFFIX)
 
 
-MAX_SIDECAR_BYTES = 64 << 20  # a recorder writes a few hundred kilobytes at most
-
-
 def read_sidecar(etl_path: str | os.PathLike) -> dict | None:
     """The sidecar of a trace, or None when there is none. A sidecar that is not ours or is damaged is an
     error (PooltraceError), so a stale or foreign file is never joined silently. The content is as written
     (not validated): analysis uses :func:`load_sidecar`."""
     path = sidecar_path(etl_path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except OSError as exc:
-        raise PooltraceError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise PooltraceError(f"{path} is not a regular file")
-    if st.st_size > MAX_SIDECAR_BYTES:
-        raise PooltraceError(f"{path} is {st.st_size:,} bytes, too large for a sidecar")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PooltraceError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PooltraceError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    try:
-        data = json.loads(text, parse_constant=_non_finite, parse_float=_finite_float)
-    except json.JSONDecodeError as exc:
-        raise PooltraceError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    except RecursionError:
-        raise PooltraceError(f"{path} is not a pooltrace sidecar (JSON nested too deeply)") from None
+    data = load_json(path, "pooltrace sidecar")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PooltraceError(f"{path} is not a pooltrace sidecar")
     if data.get("version") != VERSION:
@@ -111,8 +85,9 @@ def load_sidecar(etl_path: str | os.PathLike) -> tuple[dict | None, list[str]]:
         return None, [f"sidecar ignored: {exc}"]
     if data is None:
         return None, []
-    problems: list[str] = []
-    clean = _check(data, SCHEMA, "", problems)
+    clean, problems = validate(data, SCHEMA)
+    if clean is DROP:
+        return None, [f"sidecar ignored: {sidecar_path(etl_path)}: {problems[0]}"]
     if not problems:
         return clean, []
     shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -121,151 +96,34 @@ def load_sidecar(etl_path: str | os.PathLike) -> tuple[dict | None, list[str]]:
 
 # ---- the schema of what pooltrace reads from a sidecar ------------------------------------------------
 
-class _NonFinite:
-    """NaN/Infinity in the JSON text: never a valid value."""
-
-    def __repr__(self) -> str:
-        return "non-finite number"
-
-
-_NON_FINITE = _NonFinite()
-
-
-def _non_finite(_text: str) -> _NonFinite:
-    return _NON_FINITE
-
-
-def _finite_float(text: str) -> float | _NonFinite:
-    value = float(text)
-    return value if math.isfinite(value) else _NON_FINITE
-
-
-class Field:
-    """One value's rule: `kind` (str, int, number, hex, guid, filename, list, object), an integer range,
-    nullable, required (an object lacking it is dropped), item or member rules."""
-
-    def __init__(self, kind: str, *, lo: int = 0, hi: int = (1 << 64) - 1, null: bool = False,
-                 required: bool = False, item: Field | None = None, members: dict[str, Field] | None = None):
-        self.kind, self.lo, self.hi, self.null, self.required = kind, lo, hi, null, required
-        self.item, self.members = item, members
-
-
-U32, U64 = (1 << 32) - 1, (1 << 64) - 1
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
-_HEX = re.compile(r"^(0[xX])?[0-9a-fA-F]{1,16}$")
-
-
-def _opt(kind: str, **kw) -> Field:
-    return Field(kind, null=True, **kw)
-
-
 _SNAPSHOT = Field("object", null=True, members={
-    "utc": _opt("str"),
+    "utc": opt("str"),
     "entries": Field("list", required=True, item=Field("object", members={
-        "tag": Field("str", required=True), "value": _opt("int", hi=U32),
+        "tag": Field("str", required=True), "value": opt("int", hi=U32),
         **{f"{pool}_{what}": Field("int", required=True, hi=U32 if what != "bytes" else U64)
            for pool in ("paged", "nonpaged") for what in ("allocs", "frees", "bytes")}})),
 })
 SCHEMA = Field("object", members={
-    "format": Field("str"), "version": Field("int"), "trace": _opt("str"), "created_by": _opt("str"),
-    "recording": _opt("object", members={
-        "windows": _opt("str"), "pointer_size": _opt("int", hi=8), "logger": _opt("str"),
-        "logger_kind": _opt("str"), "log_file_mode": _opt("int", hi=U32), "max_file_mb": _opt("int", hi=U64),
-        "buffer_size_kb": _opt("int", hi=U32), "minimum_buffers": _opt("int", hi=U32),
-        "maximum_buffers": _opt("int", hi=U32), "stacks": _opt("list", item=Field("str")),
-        "tag_filter": _opt("list", item=Field("str")), "started_utc": _opt("str"), "stopped_utc": _opt("str"),
-        "seconds": _opt("number"), "stopped_by": _opt("str"), "command": _opt("list", item=Field("str")),
-        "command_exit_code": _opt("int", lo=-(1 << 63), hi=U64), "events_lost": _opt("int", hi=U64),
-        "buffers_lost": _opt("int", hi=U64), "realtime_buffers_lost": _opt("int", hi=U64),
-        "buffers_written": _opt("int", hi=U64)}),
-    "modules": _opt("list", item=Field("object", members={
-        "name": Field("str", required=True), "nt_path": _opt("str"), "path": _opt("str"), "base": _opt("hex"),
-        "size": _opt("int", hi=U64), "timedatestamp": _opt("int", hi=U32), "checksum": _opt("int", hi=U32),
-        "pdb_name": _opt("filename"), "pdb_guid": _opt("guid"), "pdb_age": _opt("int", hi=U32)})),
-    "module_errors": _opt("list", item=Field("object", members={
-        "nt_path": _opt("str"), "path": _opt("str"), "error": _opt("str")})),
-    "pool_tags": _opt("object", members={
-        "filter": _opt("list", item=Field("str")), "start": _SNAPSHOT, "stop": _SNAPSHOT}),
+    "format": Field("str"), "version": Field("int"), "trace": opt("str"), "created_by": opt("str"),
+    "recording": opt("object", members={
+        "windows": opt("str"), "pointer_size": opt("int", hi=8), "logger": opt("str"),
+        "logger_kind": opt("str"), "log_file_mode": opt("int", hi=U32), "max_file_mb": opt("int", hi=U64),
+        "buffer_size_kb": opt("int", hi=U32), "minimum_buffers": opt("int", hi=U32),
+        "maximum_buffers": opt("int", hi=U32), "stacks": opt("list", item=Field("str")),
+        "tag_filter": opt("list", item=Field("str")), "started_utc": opt("str"), "stopped_utc": opt("str"),
+        "seconds": opt("number"), "stopped_by": opt("str"), "command": opt("list", item=Field("str")),
+        "command_exit_code": opt("int", lo=-(1 << 63), hi=U64), "events_lost": opt("int", hi=U64),
+        "buffers_lost": opt("int", hi=U64), "realtime_buffers_lost": opt("int", hi=U64),
+        "buffers_written": opt("int", hi=U64)}),
+    "modules": opt("list", item=Field("object", members={
+        "name": Field("str", required=True), "nt_path": opt("str"), "path": opt("str"), "base": opt("hex"),
+        "size": opt("int", hi=U64), "timedatestamp": opt("int", hi=U32), "checksum": opt("int", hi=U32),
+        "pdb_name": opt("filename"), "pdb_guid": opt("guid"), "pdb_age": opt("int", hi=U32)})),
+    "module_errors": opt("list", item=Field("object", members={
+        "nt_path": opt("str"), "path": opt("str"), "error": opt("str")})),
+    "pool_tags": opt("object", members={
+        "filter": opt("list", item=Field("str")), "start": _SNAPSHOT, "stop": _SNAPSHOT}),
 })
-
-_DROP = object()
-
-
-def _plain(value):
-    """Unknown content kept as it is, with non-finite numbers made null (trace.json stays valid JSON)."""
-    if value is _NON_FINITE:
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _why(value, f: Field) -> str | None:
-    """Why `value` breaks rule `f` (None: it does not), for scalar kinds."""
-    k = f.kind
-    if k == "str":
-        return None if isinstance(value, str) else "not a string"
-    if k == "filename":
-        return None if isinstance(value, str) and value and not re.search(r"[\\/:\x00]", value) \
-            else "not a plain file name"
-    if k == "guid":
-        return None if isinstance(value, str) and _GUID.match(value) else "not a GUID"
-    if k == "hex":
-        if isinstance(value, str):
-            return None if _HEX.match(value.strip()) else "not a hex address"
-        k = "int"
-    if k == "number":
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-        return None if ok else "not a finite non-negative number"
-    if k == "int":
-        if not isinstance(value, int) or isinstance(value, bool):
-            return "not an integer"
-        return None if f.lo <= value <= f.hi else f"out of range {f.lo}..{f.hi}"
-    return None
-
-
-def _check(value, f: Field, where: str, problems: list[str]):
-    """`value` cleaned by rule `f`, or _DROP; what was dropped is added to `problems`."""
-    if value is None and f.null:
-        return None
-    if f.kind == "object":
-        if not isinstance(value, dict):
-            problems.append(f"{where or 'the file'} (not an object)")
-            return _DROP
-        out = {}
-        for key, v in value.items():
-            rule = (f.members or {}).get(key)
-            if rule is None:
-                out[key] = _plain(v)
-                continue
-            c = _check(v, rule, f"{where}.{key}" if where else key, problems)
-            if c is _DROP:
-                if rule.required:
-                    return _DROP
-                continue
-            out[key] = c
-        for key, rule in (f.members or {}).items():
-            if rule.required and key not in out:
-                problems.append(f"{where or 'the file'} (no {key!r})")
-                return _DROP
-        return out
-    if f.kind == "list":
-        if not isinstance(value, list):
-            problems.append(f"{where} (not a list)")
-            return _DROP
-        out = []
-        for i, v in enumerate(value):
-            c = _check(v, f.item, f"{where}[{i}]", problems)
-            if c is not _DROP:
-                out.append(c)
-        return out
-    why = "null" if value is None else _why(value, f)
-    if why:
-        problems.append(f"{where} ({why})")
-        return _DROP
-    return value
 
 
 def write_sidecar(etl_path: str | os.PathLike, data: dict) -> Path:

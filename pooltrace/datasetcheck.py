@@ -1,0 +1,133 @@
+"""Check a dataset directory (`pooltrace pair`'s output) once, when a command opens it: trace.json against its
+rules, each Parquet file's schema against what `pair` writes, and the references between the files. A
+dataset that fails is a one-line error naming the file and the problem ("re-run `pooltrace pair`"), never a
+traceback from deep inside an analysis; the detail (pyarrow's message) is only its first line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pooltrace.errors import PooltraceError
+from pooltrace.jsonrules import DROP, U32, U64, Field, load_json, opt, validate
+
+FILES = ("trace.json", "allocations.parquet", "stacks.parquet", "modules.parquet")
+I64 = (-(1 << 63), (1 << 63) - 1)
+
+_COUNT = opt("int", hi=U64)
+TRACE_RULES = Field("object", members={
+    "pooltrace_version": Field("str", required=True),
+    "source": opt("object", members={"path": opt("str"), "size": _COUNT}),
+    "os": opt("object"), "pointer_size": Field("int", required=True, lo=4, hi=8), "cpus": opt("int", hi=U32),
+    "clock": opt("str"), "start_time": opt("str"), "duration_ns": opt("int", lo=I64[0], hi=I64[1]),
+    "events": opt("object", values=_COUNT), "records": _COUNT,
+    "lost": opt("object", members={"events": _COUNT, "buffers": _COUNT}),
+    "modules": _COUNT, "modules_with_pdb": _COUNT,
+    "pairing": Field("object", required=True, members={
+        "outstanding": opt("object", members={"count": _COUNT, "bytes": _COUNT}),
+        "allocs": _COUNT, "frees": _COUNT, "freed": _COUNT, "lost_free": _COUNT, "free_without_alloc": _COUNT,
+        "bytes_skipped": _COUNT, "buffers_unreadable": _COUNT, "events_lost": _COUNT, "buffers_lost": _COUNT,
+        "malformed_records": opt("object", values=_COUNT), "stack_window_s": opt("number"),
+    }),
+    "notes": Field("list", required=True, item=Field("str")),
+    "warnings": Field("list", required=True, item=Field("str")),
+    "recording": opt("object"),
+    "tag_baseline": opt("object", values=Field("object", members={
+        w: opt("object", members={"allocs": _COUNT, "bytes": _COUNT}) for w in ("start", "stop")})),
+})
+
+
+def _rerun(path: Path, problem: str) -> PooltraceError:
+    return PooltraceError(f"{path}: {problem}; re-run `pooltrace pair`")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_trace_json(ds: Path) -> dict:
+    """trace.json of dataset `ds`, checked (PooltraceError otherwise)."""
+    path = ds / "trace.json"
+    try:
+        data = load_json(path, "pooltrace dataset's trace.json")
+    except PooltraceError as exc:
+        raise PooltraceError(f"{exc}; re-run `pooltrace pair`") from None
+    clean, problems = validate(data, TRACE_RULES)
+    if clean is DROP or problems:
+        raise _rerun(path, f"not a pooltrace trace.json ({problems[0] if problems else 'invalid'})")
+    if clean["pointer_size"] not in (4, 8):
+        raise _rerun(path, f"pointer_size {clean['pointer_size']} (expected 4 or 8)")
+    return clean
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_large_string(t):
+        return pa.string()
+    return t
+
+
+def parquet_schema(path: Path, expected: pa.Schema, columns: list[str] | None = None) -> int:
+    """Check that `path` is a readable Parquet file holding `columns` (default: all of `expected`) with
+    their expected types; returns its row count."""
+    if not path.is_file():
+        raise _rerun(path, "missing or not a regular file")
+    try:
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise _rerun(path, f"not a readable Parquet file ({_first_line(exc)})") from None
+    for name in columns or expected.names:
+        want = expected.field(name).type
+        if name not in schema.names:
+            raise _rerun(path, f"no column {name!r}")
+        got = schema.field(name).type
+        if _plain_type(got) != _plain_type(want):
+            raise _rerun(path, f"column {name!r} is {got}, expected {want}")
+    return meta.num_rows
+
+
+def verify_dataset(ds: Path, alloc_columns: list[str] | None = None) -> dict:
+    """Check dataset directory `ds` before anything reads it: trace.json and the schemas of the three Parquet
+    files (of allocations.parquet only `alloc_columns` when given). Returns trace.json's content."""
+    from pooltrace.dataset import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA
+
+    ds = Path(ds)
+    if not ds.is_dir():
+        raise PooltraceError(f"{ds}: not a directory")
+    trace = read_trace_json(ds)
+    parquet_schema(ds / "allocations.parquet", ALLOCATIONS_SCHEMA, alloc_columns)
+    parquet_schema(ds / "stacks.parquet", STACKS_SCHEMA)
+    parquet_schema(ds / "modules.parquet", MODULES_SCHEMA)
+    return trace
+
+
+def read_parquet(path: Path, **kw) -> pa.Table:
+    """pq.read_table for a file verify_dataset accepted: a body damaged past its footer is the same one-line
+    error."""
+    try:
+        return pq.read_table(path, **kw)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise _rerun(path, f"unreadable ({_first_line(exc)})") from None
+
+
+def check_stacks(ds: Path, stack_id: np.ndarray, referenced: np.ndarray) -> None:
+    """stack ids are 0..n-1 (each once) and every stack an allocation refers to exists."""
+    n = len(stack_id)
+    if n and (stack_id.min() != 0 or stack_id.max() != n - 1 or len(np.unique(stack_id)) != n):
+        raise _rerun(ds / "stacks.parquet", "stack_id is not 0..n-1")
+    ref = referenced[referenced >= 0]
+    if len(ref) and (ref.max() >= n or referenced.min() < -1):
+        raise _rerun(ds / "allocations.parquet", f"refers to stack {int(ref.max())} of {n}")
+
+
+def check_no_nulls(path: Path, table: pa.Table, columns: list[str]) -> None:
+    for name in columns:
+        if table[name].null_count:
+            raise _rerun(path, f"column {name!r} has {table[name].null_count:,} nulls")
