@@ -462,6 +462,8 @@ class TagRow:
     outstanding_count: int
     allocated_bytes: int
     owners: list[str]  # call-site modules, most allocations first
+    in_use_start_bytes: int | None = None  # bytes in use at the trace's start / stop by the baseline
+    in_use_end_bytes: int | None = None  # (None: no baseline for this tag and pool)
 
     @property
     def diff(self) -> int:
@@ -502,8 +504,19 @@ def tag_rows(ds: Dataset, window: Window, filters: Filters, render: FrameRendere
                                       int(r["alloc_ns"][row]))
             owners[mod] = owners.get(mod, 0) + int(c)
         t, kd = divmod(k, 3)
+        start, end = _in_use(ds.trace.get("tag_baseline") or {}, ds.tags[t], kd)
         rows.append(TagRow(ds.tags[t], ("Nonp", "Paged", "Sess")[kd], int(ai.sum()), int(fi.sum()),
                            int(size[out].sum()), int(out.sum()), int(size[ai].sum()),
-                           [m for m, _ in sorted(owners.items(), key=lambda kv: (-kv[1], kv[0]))]))
+                           [m for m, _ in sorted(owners.items(), key=lambda kv: (-kv[1], kv[0]))], start, end))
     rows.sort(key=lambda x: (-x.outstanding_bytes, -x.diff, x.tag))
     return rows
+
+
+def _in_use(baseline: dict, tag: str, kind: int) -> tuple[int | None, int | None]:
+    """Bytes of `tag` in use at the start and the stop by the baseline, for non-paged (kind 0) or paged (1)
+    pool; the kernel's tag counters do not cover session pool (kind 2)."""
+    b = baseline.get(tag)
+    if not b or kind == 2:
+        return None, None
+    key = ("nonpaged_bytes", "paged_bytes")[kind]
+    return tuple((b[w] or {}).get(key) for w in ("start", "stop"))

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pooltrace import __version__
+from pooltrace.baseline import PoolSnapshots, choose, fill_free_without_alloc
 from pooltrace.definitions import definitions
 from pooltrace.errors import PooltraceError
 from pooltrace.etl.columns import Columns
@@ -39,7 +40,7 @@ from pooltrace.pairing import (
     Pairer,
     PoolEvents,
 )
-from pooltrace.sidecar import load_sidecar, merge_pdb_identities, tag_baseline
+from pooltrace.sidecar import load_sidecar, merge_pdb_identities, tag_counters
 from pooltrace.stackjoin import StackJoiner
 from pooltrace.tags import format_tag
 from pooltrace.traceinfo import events_by_kind
@@ -90,11 +91,16 @@ class _RowWriter:
         self.rows = 0
         self.with_stack = 0
         self.without_stack = 0
+        self.snapshots: PoolSnapshots | None = None  # big blocks at the start size pre-trace frees
+        self.sized_from_snapshot = 0
 
     def write(self, rows: Columns) -> None:
         if not len(rows):
             return
         c = rows.cols
+        if self.snapshots is not None:
+            self.sized_from_snapshot += fill_free_without_alloc(c["kind"], c["address"], c["size"], c["tag"],
+                                                                self.snapshots.big_blocks(), FREE_WITHOUT_ALLOC)
         tags = c["tag"]
         uniq, inv = np.unique(tags, return_inverse=True)
         names = [self.tag_cache.setdefault(int(t), format_tag(int(t))) for t in uniq.tolist()]
@@ -220,9 +226,11 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress) -> dict:
     pairer = Pairer()
     to_ns = hdr.ticks_to_ns if hdr.ticks_per_second else (lambda t: t)
     rows = _RowWriter(out / "allocations.parquet", to_ns)
+    rows.snapshots = snapshots = PoolSnapshots()
     rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": []}
     try:
         for batch in reader.batches(progress, fragments=joiner.fragments):
+            snapshots.feed(batch)  # before the joiner releases the pool events of the same time
             for name in rare:
                 if batch.get(name) is not None:
                     rare[name].append(batch.get(name))
@@ -255,8 +263,9 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress) -> dict:
     meta = _trace_json(reader, pairer, joiner, rows, len(frames), unresolved, modules, window_s)
     if sidecar is not None:
         meta["recording"] = {k: v for k, v in (sidecar.get("recording") or {}).items()}
-        meta["tag_baseline"] = tag_baseline(sidecar)
     meta["warnings"].extend(sidecar_warnings)
+    meta["tag_baseline"], meta["tag_baseline_source"] = choose(tag_counters(sidecar), snapshots)
+    meta["pool_snapshot"] = snapshots.summary()
     return meta
 
 
@@ -280,6 +289,7 @@ def _trace_json(reader, pairer, joiner, rows, n_stacks, unresolved, modules, win
         "allocs": ps.allocs, "frees": ps.frees,
         "outstanding": {"count": ps.outstanding, "bytes": ps.outstanding_bytes},
         "freed": ps.freed, "lost_free": ps.lost_free, "free_without_alloc": ps.free_without_alloc,
+        "free_without_alloc_sized_from_snapshot": rows.sized_from_snapshot,
         "allocations_with_stack": rows.with_stack, "allocations_without_stack": rows.without_stack,
         "stack_events": js.stack_events, "stack_events_attached": js.attached,
         "stack_events_attached_by_thread": js.attached_by_thread,

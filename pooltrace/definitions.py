@@ -46,11 +46,16 @@ class Layout:
 
 
 def _compile(name: str, spec: dict, pointer_size: int) -> Layout:
+    """Offsets of a layout's fields: packed (an event payload), or with C alignment when the spec says
+    ``aligned = true`` (a structure such as SYSTEM_POOLTAG: each field at a multiple of its size, the
+    size rounded up to the largest one)."""
     ptr_code = "Q" if pointer_size == 8 else "I"
+    aligned = bool(spec.get("aligned"))
     fmt = "<"
     offset: int | None = 0
     fields = []
     names = []
+    widest = 1
     for fname, ftype in spec["fields"]:
         if ftype == "ptr":
             code, size = ptr_code, pointer_size
@@ -61,6 +66,11 @@ def _compile(name: str, spec: dict, pointer_size: int) -> Layout:
             code, size = None, None
         else:
             raise ValueError(f"providers: layout {name}: unknown type {ftype!r}")
+        if aligned and size is not None and offset is not None and offset % size:
+            pad = size - offset % size
+            fmt += f"{pad}x"
+            offset += pad
+        widest = max(widest, size or 1)
         fields.append(Field(fname, ftype, offset, size))
         if offset is not None and code is not None:
             fmt += code
@@ -68,6 +78,8 @@ def _compile(name: str, spec: dict, pointer_size: int) -> Layout:
             offset += size
         else:
             offset = None
+    if aligned and offset is not None and offset % widest:
+        fmt += f"{widest - offset % widest}x"
     fixed_size = struct.calcsize(fmt)
     return Layout(name, pointer_size, tuple(fields), fmt, fixed_size, tuple(names), "frames" in spec)
 

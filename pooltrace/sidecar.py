@@ -179,20 +179,18 @@ def merge_pdb_identities(modules: pa.Table, sidecar: dict | None) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=modules.schema)
 
 
+def tag_counters(sidecar: dict | None) -> dict[str, list[dict] | None]:
+    """The kernel's per-tag counters saved at the start and at the stop (None where not saved), in the form
+    pooltrace.baseline takes."""
+    pool = (sidecar or {}).get("pool_tags") or {}
+    return {when: ((pool.get(when) or {}).get("entries") if pool.get(when) else None) for when in ("start", "stop")}
+
+
 def tag_baseline(sidecar: dict | None) -> dict[str, dict]:
     """Per tag: outstanding allocations and bytes (paged + nonpaged) by the kernel's counters at the start
     and at the stop of the recording, e.g. ``{"Leak": {"start": {"allocs": 12, "bytes": 4096}, "stop": ...}}``.
     "start" is what was outstanding before the trace began: allocations the trace cannot pair."""
-    out: dict[str, dict] = {}
-    pool = (sidecar or {}).get("pool_tags") or {}
-    for when in ("start", "stop"):
-        snap = pool.get(when)
-        if not snap:
-            continue
-        for e in snap["entries"]:
-            # the counters are 32-bit and wrap on busy tags: the difference is taken modulo 2**32
-            allocs = ((e["paged_allocs"] - e["paged_frees"]) % (1 << 32)
-                      + (e["nonpaged_allocs"] - e["nonpaged_frees"]) % (1 << 32))
-            out.setdefault(e["tag"], {"start": None, "stop": None})[when] = {
-                "allocs": allocs, "bytes": e["paged_bytes"] + e["nonpaged_bytes"]}
-    return out
+    from pooltrace.baseline import from_counters
+
+    return {tag: {when: ({"allocs": e["allocs"], "bytes": e["bytes"]} if e else None) for when, e in v.items()}
+            for tag, v in from_counters(tag_counters(sidecar)).items()}

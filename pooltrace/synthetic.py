@@ -20,6 +20,8 @@ from pooltrace.etl.writer import TraceWriter
 
 HOOK = {"alloc": 0x0E20, "alloc_session": 0x0E21, "free": 0x0E22, "free_session": 0x0E23}
 NONPAGED_NX, PAGED = 0x200, 0x1
+BIG_POOL = 0x10000000  # the kernel marks blocks above 0xFE0 bytes
+BIG_BLOCK = 0xFE0
 PERF_FREQ = 10_000_000
 
 
@@ -100,11 +102,17 @@ class Truth:
     records: int = 0
     lost_free: int = 0
     free_without_alloc: int = 0
+    # the kernel's pool snapshot: per tag, bytes in use at the start and the stop per pool
+    # ({"Leak": {"start": {"paged_bytes", "nonpaged_bytes"}, "stop": {...}}}) and the big blocks before the
+    # trace that it frees ([{"address", "tag", "size"}])
+    baseline: dict = field(default_factory=dict)
+    pre_trace_big_frees: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"allocs": dict(self.allocs), "frees": dict(self.frees), "outstanding": dict(self.outstanding),
                 "outstanding_bytes": dict(self.outstanding_bytes), "stacks": self.stacks, "records": self.records,
-                "lost_free": self.lost_free, "free_without_alloc": self.free_without_alloc}
+                "lost_free": self.lost_free, "free_without_alloc": self.free_without_alloc,
+                "baseline": self.baseline, "pre_trace_big_frees": self.pre_trace_big_frees}
 
     def expected_pair(self) -> dict:
         """The pairing diagnostics `pooltrace pair` must report for this scenario."""
@@ -126,14 +134,16 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
                  pointer_size: int = 8, compressed: bool = False, seed: int = 1, shift: int = 0,
                  duration_s: float = 10.0, with_user_stacks: bool = True, debug_ids: bool | None = None,
                  lost_frees: int = 3, frees_before: int = 40,
-                 pool_header: str = "system") -> tuple[TraceWriter, Truth]:
+                 pool_header: str = "system", snapshots: bool = True) -> tuple[TraceWriter, Truth]:
     """The classic case. `fixed` makes the leaking site free its blocks; `new_leak` plants a second leak
     (tag Lea2); `scale` multiplies the event volume; `shift` moves kernel module bases (ASLR).
     `debug_ids` (default: when compressed, i.e. a merged trace) adds KernelTraceControl ImageId and
     DbgID_RSDS records; `lost_frees` free events are dropped (counted in the header's EventsLost) and
     their addresses reused; `frees_before` frees hit blocks allocated before the trace. Pool records have a
     SYSTEM header with the thread and process, as the kernel writes them; `pool_header="perfinfo"` writes
-    the PERFINFO variant without them (the stacks then name the thread)."""
+    the PERFINFO variant without them (the stacks then name the thread). `snapshots` adds the kernel's pool
+    snapshot at the start and the stop (PoolSnap per-tag counters, BigPoolSnap big blocks), with big blocks
+    allocated before the trace, one of which the trace frees (its free event names neither tag nor size)."""
     if pointer_size != 8:
         raise ValueError("the classic scenario is an x64 trace; see tests for x86 traces")
     rng = random.Random(seed)
@@ -249,6 +259,10 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
     for (site,) in live.values():
         truth.outstanding[site] += 1
         truth.outstanding_bytes[site] += sites[site]["size"]
+    if snapshots:
+        _plant_snapshots(w, truth, sites, live, start, end, cpus, frees_before,
+                         lambda cpu, ts, addr: pool(cpu, ts, HOOK["free"], {"pool": PAGED | BIG_POOL, "tag": 0,
+                                                                            "size": 0}, addr, 4, threads[4][0]))
     # rundown at the end
     ts = end + 100
     for m in list(mods.values()) + [USER_IMAGE]:
@@ -257,3 +271,60 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
         ts += 1
     truth.records = w.record_count
     return w, truth
+
+
+# Tag counters before the trace: (outstanding blocks, bytes per block) for the scenario's tags, plus the
+# kernel's own tracking tables (tag Pool) and enough other tags that the snapshot spans several events.
+_PRE_TRACE = {"Leak": (12, 0x100), "Irp ": (400, 0x118), "MmSt": (90, 0x1F0), "File": (700, 0xD8),
+              "Ntfr": (3, 0x2000), "Lea2": (0, 0x40), "Pool": (2, 0x3000)}
+_BIG_BEFORE = [(0xFFFFA26000000000, "Ntfr", 0x2000, False), (0xFFFFA26000010000, "Ntfr", 0x2000, False),
+               (0xFFFFA26000020000, "Ntfr", 0x2000, False), (0xFFFFA26000030000, "Pool", 0x3000, True),
+               (0xFFFFA26000040000, "Pool", 0x3000, True)]
+_FREED_BIG = 0  # index into _BIG_BEFORE of the pre-trace block the trace frees
+
+
+def _plant_snapshots(w: TraceWriter, truth: Truth, sites: dict, live: dict, start: int, end: int, cpus: int,
+                     frees_before: int, free_event) -> None:
+    """PoolSnap/BigPoolSnap at the start and the stop, consistent with the trace's events: at the stop
+    each tag has the allocations and frees of the trace added (lost free events included: the kernel
+    counted those frees) and its bytes changed by what stayed outstanding and what pre-trace blocks were
+    freed. Session pool (Gh05) is not in the kernel's tag counters."""
+    counters: dict[str, list[int]] = {}  # tag -> [paged allocs, frees, used, nonpaged allocs, frees, used]
+    paged_tag = {s["tag"]: bool(s["pool"] & PAGED) for s in sites.values() if "session" not in s}
+    paged_tag["Pool"] = False
+    for k, (tag, (n, size)) in enumerate(_PRE_TRACE.items()):
+        at = 0 if paged_tag[tag] else 3
+        c = [0] * 6
+        c[at:at + 3] = [50_000 + 7 * k + n, 50_000 + 7 * k, n * size]
+        counters[tag] = c
+    for i in range(110):  # other kernel tags, unchanged during the trace
+        counters[f"K{i:03d}"] = [1000 + i, 990, 0x80 * (i + 1), 20 + i, 20, 0x40 * i]
+    start_counters = {t: list(c) for t, c in counters.items()}
+    # what the trace changed
+    for site, n in truth.allocs.items():
+        s = sites[site]
+        if "session" in s:
+            continue
+        at = 0 if paged_tag[s["tag"]] else 3
+        counters[s["tag"]][at] += n
+        counters[s["tag"]][at + 1] += truth.frees[site] + (truth.lost_free if site == "irp" else 0)
+        counters[s["tag"]][at + 2] += truth.outstanding_bytes[site]
+    counters["Irp "][4] += frees_before
+    counters["Irp "][5] -= frees_before * sites["irp"]["size"]
+    addr, tag, size, _ = _BIG_BEFORE[_FREED_BIG]
+    counters[tag][1] += 1
+    counters[tag][2] -= size
+    free_event(1 % cpus, start + 600, addr)
+    truth.free_without_alloc += 1
+    truth.pre_trace_big_frees.append({"address": addr, "tag": tag, "size": size})
+    for when, snap, ts in (("start", start_counters, start + 20), ("stop", counters, end + 50)):
+        w.pool_snapshot(0, ts, [(t, *c) for t, c in snap.items()], end=when == "stop")
+        for t, c in snap.items():
+            truth.baseline.setdefault(t, {})[when] = {"paged_allocs": c[0] - c[1], "paged_bytes": c[2],
+                                                       "nonpaged_allocs": c[3] - c[4], "nonpaged_bytes": c[5]}
+    big_start = [(a, size, tag, nonpaged) for a, tag, size, nonpaged in _BIG_BEFORE]
+    big_stop = [b for k, b in enumerate(big_start) if k != _FREED_BIG]
+    big_stop += sorted((a, sites[site]["size"], sites[site]["tag"], not sites[site]["pool"] & PAGED)
+                       for a, (site,) in live.items() if sites[site]["size"] > BIG_BLOCK)
+    w.big_pool_snapshot(0, start + 21, big_start)
+    w.big_pool_snapshot(0, end + 51, big_stop, end=True)

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pooltrace.baseline import PoolSnapshots, choose
 from pooltrace.definitions import definitions
 from pooltrace.etl.decode import IS_ALLOC, in_set
 from pooltrace.etl.images import count_joined
 from pooltrace.etl.reader import EtlReader
 from pooltrace.etl.stackkeys import StackKeyResolver
+from pooltrace.sidecar import load_sidecar, tag_counters
 from pooltrace.tags import format_tag
 
 D = definitions()
@@ -72,8 +74,10 @@ def _summarize(reader: EtlReader, progress) -> TraceSummary:
     sample_pool: list[np.ndarray] = []
     sampled = 0
     stack_keys: list[np.ndarray] = []
+    snapshots = PoolSnapshots()
     for batch in reader.batches(progress):
         resolver.feed(batch.get("key_refs"), batch.get("key_defs"))
+        snapshots.feed(batch)
         for name in tables:
             if batch.get(name) is not None:
                 tables[name].append(batch.get(name))
@@ -133,8 +137,18 @@ def _summarize(reader: EtlReader, progress) -> TraceSummary:
         },
         "warnings": list(st.warnings),
     }
+    data["baseline"] = _baseline(reader, snapshots, data["warnings"])
     data["verdict"] = _verdict(data)
     return TraceSummary(data)
+
+
+def _baseline(reader: EtlReader, snapshots: PoolSnapshots, warnings: list[str]) -> dict:
+    """Bytes in use per tag at the start and the stop, and where that comes from: the recorder's sidecar
+    (wins when present) or the kernel's pool snapshot in the trace."""
+    sidecar, problems = load_sidecar(reader.path)
+    warnings.extend(problems)
+    tags, source = choose(tag_counters(sidecar), snapshots)
+    return {"source": source, "tags": tags, "pool_snapshot": snapshots.summary()}
 
 
 def _owner_key(cpu: pa.ChunkedArray, ts: pa.ChunkedArray) -> np.ndarray:

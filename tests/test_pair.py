@@ -46,10 +46,17 @@ def test_samples_pair_to_the_planted_truth(tmp_path, name):
         assert sum(r["size"] for r in rows) == meta["truth"]["outstanding_bytes"].get(site, 0), site
         assert all(r["tag"] == spec["tag"] for r in rows)
     leak = [r for r in allocs if r["tag"] == "Leak" and r["fate"] == "outstanding"]
-    assert all(r["pid"] == 4242 and r["tid"] in (5100, 5104) for r in leak)  # from the stack (PERFINFO pool)
+    assert all(r["pid"] == 4242 and r["tid"] in (5100, 5104) for r in leak)  # from the SYSTEM pool record
     assert all(r["free_ns"] is None for r in allocs if r["fate"] == "outstanding")
     aofi = [r for r in allocs if r["fate"] == "free_without_alloc"]
-    assert len(aofi) == 40 and all(r["alloc_ns"] is None and r["free_ns"] is not None for r in aofi)
+    assert len(aofi) == meta["truth"]["free_without_alloc"]
+    assert all(r["alloc_ns"] is None and r["free_ns"] is not None for r in aofi)
+    # a big block allocated before the trace: its free event names neither tag nor size; the kernel's
+    # BigPoolSnap at the start gives both
+    big = {r["address"]: (r["tag"], r["size"]) for r in aofi if r["address"] in
+           {b["address"] for b in meta["truth"]["pre_trace_big_frees"]}}
+    assert big == {b["address"]: (b["tag"], b["size"]) for b in meta["truth"]["pre_trace_big_frees"]} != {}
+    assert got["free_without_alloc_sized_from_snapshot"] == len(big)
     session = [r for r in allocs if r["tag"] == "Gh05"]
     assert session and all(r["session"] and r["session_id"] == 1 and r["paged"] for r in session)
     assert all(not r["session"] and r["session_id"] is None for r in allocs if r["tag"] == "Leak")
@@ -247,6 +254,10 @@ def test_recorder_sidecar_is_joined_automatically(tmp_path):
     mods = {m["name"]: m for m in pq.read_table(tmp_path / "ds" / "modules.parquet").to_pylist()}
     assert mods["leaky.sys"]["pdb_guid"] == str(leaky.guid) and mods["leaky.sys"]["pdb_age"] == leaky.age
     assert mods["ntoskrnl.exe"]["pdb_guid"] is None
-    assert meta["tag_baseline"]["Leak"]["start"] == {"allocs": 20, "bytes": 5120}
+    assert meta["tag_baseline"]["Leak"]["start"] == {"allocs": 20, "bytes": 5120, "paged_allocs": 0, "paged_bytes": 0,
+                                                     "nonpaged_allocs": 20, "nonpaged_bytes": 5120}
+    assert meta["tag_baseline_source"] == "sidecar"  # the sidecar wins over the trace's own pool snapshot
+    assert set(meta["tag_baseline"]) == {"Leak"}
     text = CliRunner().invoke(cli, ["report", str(tmp_path / "ds"), "--no-symbols"]).output
-    assert "before the trace began, the kernel counted 20 outstanding 'Leak' allocations (5,120 bytes)" in text
+    assert ("before the trace began, the kernel counted 20 outstanding 'Leak' allocations (5,120 bytes; from the "
+            "recorder's sidecar)") in " ".join(text.split())

@@ -7,6 +7,7 @@ import csv
 import gzip
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -248,7 +249,8 @@ def test_tags_poolmon_view(sample):
     rows = {(r["tag"], r["type"]): r for r in json.loads(result.output)}
     irp = rows[("Irp ", "Nonp")]
     assert irp["allocs"] == t["allocs"]["irp"]
-    assert irp["frees"] == t["frees"]["irp"] + t["free_without_alloc"]  # lost frees are not free events
+    pre_trace_irp = t["free_without_alloc"] - len(t["pre_trace_big_frees"])  # the others are big Ntfr blocks
+    assert irp["frees"] == t["frees"]["irp"] + pre_trace_irp  # lost frees are not free events
     assert irp["diff"] == irp["allocs"] - irp["frees"]
     assert irp["outstanding_count"] == t["outstanding"]["irp"] and irp["owners"] == ["Ntfs.sys"]
     leak = rows[("Leak", "Nonp")]
@@ -270,7 +272,7 @@ def test_tags_with_pooltag_descriptions(sample):
     assert desc["Leak"] == "leaky test driver, request buffers (leaky.sys)"
     assert "I/O request packets" in desc["Irp "]
     text = CliRunner().invoke(cli, ["tags", str(ds), "--pooltag", str(pooltag)]).output
-    assert "leaky test driver" in text
+    assert "leakytestdriver" in re.sub(r"[\s│┃]", "", text)  # the Owner column may wrap it
 
 
 def test_by_function_with_symbols_names_the_functions(sample):

@@ -159,7 +159,8 @@ def test_pair_with_a_damaged_sidecar_still_analyzes_and_says_so(tmp_path):
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
     meta = json.loads((tmp_path / "ds" / "trace.json").read_text())
     assert any(str(sidecar_path(etl)) in w and "paged_frees" in w for w in meta["warnings"])
-    assert meta["tag_baseline"] == {}  # the only tag entry was dropped
+    # the only tag entry was dropped: the baseline comes from the trace's own pool snapshot instead
+    assert meta["tag_baseline_source"] == "pool_snapshot" and meta["tag_baseline"]["Leak"]["start"]
     assert meta["recording"]["seconds"] == 10.5
     r = CliRunner().invoke(cli, ["pair", str(clean), "-o", str(tmp_path / "ds2")])
     ref = json.loads((tmp_path / "ds2" / "trace.json").read_text())

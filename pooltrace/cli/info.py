@@ -75,6 +75,11 @@ def render_text(d: dict, console: Console) -> None:
     if p["tag_filter"]:
         console.print(f"[bold]tag filter[/]  pool events carry only {', '.join(p['tag_filter'])} "
                       "(consistent with a kernel pool-tag filter)")
+    b = d.get("baseline") or {}
+    if b.get("source"):
+        where = {"pool_snapshot": "the kernel's pool snapshot in the trace", "sidecar": "the recorder's sidecar"}
+        console.print(f"[bold]baseline[/]  bytes in use per tag at start and stop for {len(b['tags']):,} tags, "
+                      f"from {where[b['source']]}")
     for w in d["warnings"]:
         console.print(f"[yellow]warning:[/] {w}", markup=True)
     console.print(f"[bold]verdict[/]  {d['verdict']}")

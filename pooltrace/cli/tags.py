@@ -47,16 +47,23 @@ def tags(input_path: Path, window, tags, pool, pids, pooltag, symbols, top, fmt,
     if fmt == "json":
         click.echo(json.dumps([{"tag": r.tag, "type": r.pool, "allocs": r.allocs, "frees": r.frees, "diff": r.diff,
                                 "outstanding_bytes": r.outstanding_bytes, "outstanding_count": r.outstanding_count,
-                                "bytes_per_alloc": r.per_alloc, "owners": r.owners, "description": describe(r.tag)}
+                                "bytes_per_alloc": r.per_alloc, "in_use_start_bytes": r.in_use_start_bytes,
+                                "in_use_end_bytes": r.in_use_end_bytes, "owners": r.owners,
+                                "description": describe(r.tag)}
                                for r in rows], indent=2))
         return
     table = Table(show_edge=False, pad_edge=False)
+    # bytes in use when the trace started and stopped, from the baseline (sidecar or the kernel's snapshot)
+    in_use = any(r.in_use_start_bytes is not None or r.in_use_end_bytes is not None for r in rows)
+    extra = (("At Start", "right"), ("At End", "right")) if in_use else ()
     for c, j in (("Tag", "left"), ("Type", "left"), ("Allocs", "right"), ("Frees", "right"), ("Diff", "right"),
-                 ("Bytes", "right"), ("Per Alloc", "right"), ("Owner", "left")):
+                 ("Bytes", "right"), ("Per Alloc", "right"), *extra, ("Owner", "left")):
         table.add_column(c, justify=j, overflow="fold")
     for r in rows:
         owner = ", ".join(r.owners[:3]) + (" …" if len(r.owners) > 3 else "")
         d = describe(r.tag)
+        cells = [f"{v:,}" if v is not None else "-"
+                 for v in (r.in_use_start_bytes, r.in_use_end_bytes)] if in_use else []
         table.add_row(r.tag, r.pool, f"{r.allocs:,}", f"{r.frees:,}", f"{r.diff:,}", f"{r.outstanding_bytes:,}",
-                      f"{r.per_alloc:,}", owner + (f" — {d}" if d else ""))
+                      f"{r.per_alloc:,}", *cells, owner + (f" — {d}" if d else ""))
     Console(width=100, highlight=False).print(table)

@@ -2,7 +2,8 @@
 
 Pool and StackWalk events, which make up nearly all of a pool trace, are decoded column-wise with
 numpy from the layouts in providers/kernel.toml. The rare events (images, processes, threads,
-KernelTraceControl, header extension) are decoded one by one with ``struct`` from the same layouts.
+KernelTraceControl, header extension, pool snapshots) are decoded one by one with ``struct`` from the
+same layouts.
 Records with no decoder are skipped, never guessed; records too short for their layout are counted.
 """
 
@@ -306,6 +307,58 @@ def rare_schema(name: str) -> pa.Schema:
     return pa.schema(fields + _COMMON_SCHEMA)
 
 
+# ---- pool snapshots: a few events at the start and the stop of a trace ------------------------------
+
+SNAPSHOT_LAYOUTS = {h: name for name in ("pool_snap", "big_pool_snap") for h in D.layout_hooks(name)}
+IS_SNAPSHOT = _hook_set(SNAPSHOT_LAYOUTS)
+SNAPSHOT_END_HOOKS = frozenset((H["PoolSnapDCEnd"], H["BigPoolSnapDCEnd"]))
+_SNAPSHOT_COMMON = [("ts", pa.int64()), ("cpu", pa.uint16()), ("seq", pa.int64()), ("end", pa.bool_())]
+
+
+def snapshot_schema(name: str) -> pa.Schema:
+    """One row per snapshot entry: the entry's fields, then its event's time, CPU, sequence and whether it
+    belongs to the snapshot at the stop (DCEnd) rather than at the start (DCStart)."""
+    entry = D.layout_specs[name]["entries"]
+    return pa.schema([(n, _ARROW_TYPES[t]) for n, t in D.layout_specs[entry]["fields"]] + _SNAPSHOT_COMMON)
+
+
+def snapshot_entries(payload: bytes, entry_size: int) -> tuple[int, int] | None:
+    """(offset, count) of the entry array of a snapshot payload, None when it is neither form.
+
+    The kernel writes ``u32 Count`` and then Count entries (decompiled EtwpPoolRunDown: two data
+    descriptors for PoolSnap and BigPoolSnap alike). A payload that is a whole number of entries with no
+    count (how etl-format.md's Corrections describe BigPoolSnap) is read as that many entries; the two forms
+    cannot be confused, as one has 4 bytes more than a multiple of the entry size."""
+    n = len(payload)
+    if n >= 4 and n % entry_size == 4 and struct.unpack_from("<I", payload)[0] * entry_size == n - 4:
+        return 4, (n - 4) // entry_size
+    if n % entry_size == 0:
+        return 0, n // entry_size
+    return None
+
+
+def decode_snapshots(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> dict[str, pa.Table]:
+    """PoolSnap (per-tag counters, SYSTEM_POOLTAG) and BigPoolSnap (big blocks, SYSTEM_BIGPOOL_ENTRY)
+    events as one row per entry."""
+    rows: dict[str, list[dict]] = {}
+    for i in np.flatnonzero(in_set(IS_SNAPSHOT, recs.hook)).tolist():
+        hook = int(recs.hook[i])
+        name = SNAPSHOT_LAYOUTS[hook]
+        entry = D.layout(D.layout_specs[name]["entries"], int(recs.pointer_size[i]))
+        pos = int(recs.payload[i])
+        payload = chunk.data[pos:pos + int(recs.payload_len[i])].tobytes()
+        found = snapshot_entries(payload, entry.fixed_size)
+        if found is None:
+            malformed[name] += 1
+            continue
+        start, count = found
+        common = {"ts": int(recs.ts[i]), "cpu": int(recs.cpu[i]), "seq": seq0 + i, "end": hook in SNAPSHOT_END_HOOKS}
+        out = rows.setdefault(name, [])
+        for values in struct.iter_unpack(entry.fixed_format, payload[start:start + count * entry.fixed_size]):
+            out.append(dict(zip(entry.fixed_names, values, strict=True)) | common)
+    return {name: pa.Table.from_pylist(r, schema=snapshot_schema(name)) for name, r in rows.items() if r}
+
+
 def decode_chunk(chunk: Chunk, recs: Records, seq0: int) -> Decoded:
     malformed: Counter = Counter()
     tables: dict[str, pa.Table] = {}
@@ -316,4 +369,5 @@ def decode_chunk(chunk: Chunk, recs: Records, seq0: int) -> Decoded:
             tables[name] = t
     for name, rows in decode_rare(chunk, recs, seq0, malformed).items():
         tables[name] = pa.Table.from_pylist(rows, schema=rare_schema(name))
+    tables.update(decode_snapshots(chunk, recs, seq0, malformed))
     return Decoded(tables, malformed)

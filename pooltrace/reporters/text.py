@@ -34,10 +34,13 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None) -
                            "lost while recording; counts may be incomplete", style="yellow"))
     baseline = t.get("tag_baseline") or {}
     shown = {tag for g in report.groups for tag in g.tags}
+    source = {"pool_snapshot": "the pool snapshot in the trace", "sidecar": "the recorder's sidecar"}.get(
+        t.get("tag_baseline_source"), "the recorder's sidecar")
     for tag, b in sorted(baseline.items()):
         if tag in shown and b.get("start"):
             console.print(Text(f"before the trace began, the kernel counted {b['start']['allocs']:,} outstanding "
-                               f"{tag!r} allocations ({b['start']['bytes']:,} bytes); the trace cannot pair those"))
+                               f"{tag!r} allocations ({b['start']['bytes']:,} bytes; from {source}); the trace "
+                               "cannot pair those"))
     if not report.groups:
         console.print(Text("no outstanding allocations match" if t.get("pairing", {}).get("allocs") else
                            "no pool allocations in this trace"))
