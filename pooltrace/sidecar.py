@@ -7,20 +7,31 @@
       "trace": "OUT.etl",                       # file name of the trace it describes
       "created_by": "pooltrace 0.1.0",
       "recording": {"windows": "10.0.22631", "pointer_size": 8, "logger": "pooltrace",
-                    "logger_kind": "private" | "kernel", "log_file_mode": ..., "max_file_mb": null | MB,
+                    "logger_kind": "private" | "kernel", "log_file_mode": ..., "max_file_mb": MB,
                     "buffer_size_kb": ..., "minimum_buffers": ..., "maximum_buffers": ...,
+                    "circular": bool,
                     "stacks": ["PoolAlloc", ...], "tag_filter": ["Leak", ...],
+                    "kernel_state": {                 # what the kernel had in effect, read back after setup
+                        "pool_enabled": bool | null, "group_masks": ["0x00000007", ...] | null,
+                        "stacks_enabled": bool | null, "stack_hooks": ["0x0e20", ...] | null,
+                        "stacks_set_by": "TraceSetInformation" | "NtSetSystemInformation",
+                        "group_mask_set_by": ... same ..., "tag_filter": ["Leak"] | null,
+                        "tag_filter_in_effect": bool | null, "unverified": ["what: why", ...]} | null,
+                    "debug_privilege": "enabled" | "not held" | "not enabled: ...",
+                    "module_bases": "real" | "hidden",  # hidden: every base 0, join by TimeDateStamp
                     "started_utc": ISO-8601, "stopped_utc": ISO-8601, "seconds": float,
                     "stopped_by": "ctrl-c" | "ctrl-break" | "duration" | "command" | "console-close"
                                   | "stopped-elsewhere" | "error",
                     "command": [argv] | null, "command_exit_code": int | null,
                     "events_lost": int | null, "buffers_lost": int | null,
                     "realtime_buffers_lost": int | null, "buffers_written": int | null},
-      "modules": [                                # loaded kernel images (at start and at stop), read from disk
+      "modules": [                                # kernel images (loaded at start, at stop, or during the trace)
         {"name": "leaky.sys", "nt_path": "\\??\\C:\\drivers\\leaky.sys", "path": "C:\\drivers\\leaky.sys",
          "base": "0xfffff80412340000",            # hex string; "0x0" where Windows hides kernel addresses
          "size": 32768, "timedatestamp": 1597905451, "checksum": 0,
-         "pdb_name": "leaky.pdb", "pdb_guid": "6c5a0b8e-...", "pdb_age": 2}   # pdb_*: null without RSDS
+         "pdb_name": "leaky.pdb", "pdb_guid": "6c5a0b8e-...", "pdb_age": 2,   # pdb_*: null without RSDS
+         "source": "snapshot" | "trace"}        # trace: named only by the trace's ImageLoad events, checked
+                                                # against the file's TimeDateStamp and SizeOfImage
       ],
       "module_errors": [{"nt_path": ..., "path": ..., "error": "..."}],
       "pool_tags": {                              # the kernel's per-tag counters (what poolmon shows)

@@ -14,7 +14,16 @@ import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+
+from pooltrace.etl.writer import TraceWriter
+
+
+@cache
+def empty_trace() -> bytes:
+    """A valid .etl with a header and nothing else (what a session that saw no event writes)."""
+    return TraceWriter().to_bytes()
 
 # winerror.h
 ERROR_SUCCESS = 0
@@ -25,23 +34,31 @@ ERROR_BAD_LENGTH = 24
 ERROR_NOT_SUPPORTED = 50
 ERROR_INVALID_PARAMETER = 87
 ERROR_ALREADY_EXISTS = 183
+ERROR_MORE_DATA = 234
+ERROR_NOT_ALL_ASSIGNED = 1300
 ERROR_NO_SYSTEM_RESOURCES = 1450
+ERROR_INCORRECT_SIZE = 1462
 ERROR_WMI_INSTANCE_NOT_FOUND = 4201
 # ntstatus.h
 STATUS_SUCCESS = 0
 STATUS_INFO_LENGTH_MISMATCH = 0xC0000004
 STATUS_INVALID_PARAMETER = 0xC000000D
 STATUS_ACCESS_DENIED = 0xC0000022
+STATUS_BUFFER_TOO_SMALL = 0xC0000023
 STATUS_NOT_SUPPORTED = 0xC00000BB
+STATUS_WMI_INSTANCE_NOT_FOUND = 0xC0000296
 
 # ControlTrace codes
 QUERY, STOP, UPDATE, FLUSH = 0, 1, 2, 3
 KERNEL_LOGGER = "NT Kernel Logger"
 SYSTEM_LOGGER_MODE = 0x02000000
 SPTI, POOLTAG_INFO, MODULE_INFO = 0x1F, 22, 11
-# EVENT_TRACE_PROPERTIES (etw-collector.md §1.2)
-OFF = {"EventsLost": 0x58, "BuffersWritten": 0x5C, "LogBuffersLost": 0x60, "RealTimeBuffersLost": 0x64}
-NAME_OFF = {8: (0x70, 0x74), 4: (0x6C, 0x70)}  # (LogFileNameOffset, LoggerNameOffset)
+POOL_GUID = uuid.UUID("0268a8b6-74fd-4302-9dd0-6e8f1795c0cf")
+MATCH_ALL = 0x2A  # the tag slot after StartTrace: '*' (EtwpCheckForPoolTagFilterExtension)
+# EVENT_TRACE_PROPERTIES x64 (etw-collector.md §1.2)
+OFF = {"EventsLost": 0x58, "BuffersWritten": 0x5C, "LogBuffersLost": 0x60, "RealTimeBuffersLost": 0x64,
+       "LogFileMode": 0x40, "EnableFlags": 0x48, "Guid": 0x18}
+LOG_FILE_NAME_OFFSET, LOGGER_NAME_OFFSET = 0x70, 0x74
 
 
 @dataclass
@@ -66,11 +83,20 @@ class PoolTag:
 
 @dataclass
 class Session:
+    """A logger as the kernel keeps it: its group masks, stack-walk hook ids and pool-tag filter slot."""
+
     name: str
     handle: int
     log_file: str
     mode: int
     props: bytes
+    masks: list[int] = field(default_factory=lambda: [0] * 8)
+    hooks: set[int] = field(default_factory=set)
+    tags: list[int] = field(default_factory=lambda: [MATCH_ALL])
+
+    @property
+    def system_logger(self) -> bool:
+        return bool(self.mode & SYSTEM_LOGGER_MODE) or self.name == KERNEL_LOGGER
 
 
 @dataclass
@@ -79,18 +105,25 @@ class FakeWindows:
     ptr: int = 8
     wide: bool = True
     admin: bool = True
-    paging_executive: int | None = 1
     free: int = 1 << 40
     pool_tags: list[PoolTag] = field(default_factory=list)
     modules: list[tuple[int, int, str]] = field(default_factory=list)  # (base, size, NT path)
     files: dict[str, Path] = field(default_factory=dict)  # Windows path (lowercase) -> local file
-    trace_bytes: bytes = b"\0" * 4096
+    trace_bytes: bytes = field(default_factory=lambda: empty_trace())  # what the "kernel" writes to the log file
     windows_dir: str = "C:\\Windows"
     devices: dict[str, str] = field(default_factory=lambda: {"C:": "\\Device\\HarddiskVolume3"})
     events_lost: int = 0
     buffers_written: int = 7
     log_buffers_lost: int = 0
-    group_masks_before: tuple[int, ...] = (0,) * 8
+    acp: int = 1252  # GetACP: the ANSI code page FullPathName is in
+    # Windows 11 24H2: SystemModuleInformation shows ImageBase 0 unless SeDebugPrivilege is enabled
+    hide_bases_without_debug: bool = False
+    debug_privilege_held: bool = True
+    # the silent failures: the call succeeds, the kernel state does not change
+    ignore_stack_guids: bool = False  # TraceSetInformation(TraceStackTracingInfo) drops the PoolGuid entries
+    ignore_native_stacks: bool = False  # ... and so does the class-6 native call
+    ignore_tag_filter: bool = False  # class 10 succeeds, the slot stays '*'
+    ignore_pool_bit: bool = False  # the group mask is set without PERF_POOL
 
     def __post_init__(self):
         self.calls: list[Call] = []
@@ -100,6 +133,7 @@ class FakeWindows:
         self.console_handler = None
         self.lock = threading.Lock()
         self.next_handle = 0x23
+        self.debug_enabled = False
 
     # -- helpers
     def _record(self, function: str, /, **args) -> Call:
@@ -134,8 +168,12 @@ class FakeWindows:
                 out.append(c.name)
         return out
 
-    def running(self, name: str, handle: int = 0x99, log_file: str = "C:\\other.etl") -> None:
-        self.sessions[name] = Session(name, handle, log_file, 0, b"")
+    def running(self, name: str, handle: int = 0x99, log_file: str = "C:\\other.etl", mode: int = 0) -> Session:
+        self.sessions[name] = session = Session(name, handle, log_file, mode, b"")
+        return session
+
+    def session_by_handle(self, handle: int) -> Session | None:
+        return next((s for s in self.sessions.values() if s.handle == handle), None)
 
     def _write_stats(self, props: bytearray, session: Session | None) -> None:
         struct.pack_into("<I", props, OFF["EventsLost"], self.events_lost)
@@ -143,9 +181,9 @@ class FakeWindows:
         struct.pack_into("<I", props, OFF["LogBuffersLost"], self.log_buffers_lost)
         struct.pack_into("<I", props, OFF["RealTimeBuffersLost"], 0)
         if session is not None:
-            file_off, name_off = NAME_OFF[self.ptr]
-            for off, text in ((struct.unpack_from("<I", props, file_off)[0], session.log_file),
-                              (struct.unpack_from("<I", props, name_off)[0], session.name)):
+            struct.pack_into("<I", props, OFF["LogFileMode"], session.mode)
+            for at, text in ((LOG_FILE_NAME_OFFSET, session.log_file), (LOGGER_NAME_OFFSET, session.name)):
+                off = struct.unpack_from("<I", props, at)[0]
                 raw = text.encode("utf-16-le") + b"\0\0"
                 if off and off + len(raw) <= len(props):
                     props[off:off + len(raw)] = raw
@@ -165,13 +203,22 @@ class FakeWindows:
         self._record("IsUserAnAdmin")
         return self.admin
 
-    def registry_dword(self, key, value):
-        self._record("RegQueryValueEx", key=key, value=value)
-        return self.paging_executive
-
     def free_bytes(self, directory):
         self._record("GetDiskFreeSpaceEx", directory=directory)
         return self.free
+
+    def ansi_code_page(self):
+        return self.acp
+
+    def enable_privilege(self, name):
+        self._record("AdjustTokenPrivileges", name=name)
+        over = self._override(("AdjustTokenPrivileges",))
+        if over is not None:
+            return over
+        if not self.debug_privilege_held:
+            return ERROR_NOT_ALL_ASSIGNED  # AdjustTokenPrivileges "succeeds" and GetLastError says this
+        self.debug_enabled = True
+        return ERROR_SUCCESS
 
     def system_root(self):
         return self.windows_dir
@@ -195,23 +242,26 @@ class FakeWindows:
             return ERROR_BAD_LENGTH, 0
         if name in self.sessions:
             return ERROR_ALREADY_EXISTS, 0
-        file_off = struct.unpack_from("<I", properties, NAME_OFF[self.ptr][0])[0]
+        file_off = struct.unpack_from("<I", properties, LOG_FILE_NAME_OFFSET)[0]
         end = file_off
         while properties[end:end + 2] != b"\0\0":
             end += 2
         log_file = bytes(properties[file_off:end]).decode("utf-16-le")
-        mode = struct.unpack_from("<I", properties, 0x40)[0]
+        mode = struct.unpack_from("<I", properties, OFF["LogFileMode"])[0]
         if name == KERNEL_LOGGER:
             handle = 0xFFFF
         else:
             handle, self.next_handle = self.next_handle, self.next_handle + 1
         Path(log_file).write_bytes(self.trace_bytes)
-        self.sessions[name] = Session(name, handle, log_file, mode, bytes(properties))
+        session = Session(name, handle, log_file, mode, bytes(properties))
+        session.masks[0] = struct.unpack_from("<I", properties, OFF["EnableFlags"])[0]
+        self.sessions[name] = session
         call.args["handle"] = handle
         return ERROR_SUCCESS, handle
 
     def control_trace(self, handle, name, properties, code):
-        self._record("ControlTraceW", handle=handle, name=name, code=code, props=bytes(properties))
+        self._record("ControlTraceW", handle=handle, name=name, code=code, props=bytes(properties),
+                     guid=uuid.UUID(bytes_le=bytes(properties[OFF["Guid"]:OFF["Guid"] + 16])))
         over = self._override(("ControlTraceW", code), ("ControlTraceW", None))
         if over is not None:
             return over
@@ -223,18 +273,44 @@ class FakeWindows:
             del self.sessions[name]
         return ERROR_SUCCESS
 
+    def query_all_traces(self, buffers):
+        self._record("QueryAllTracesW", count=len(buffers))
+        over = self._override(("QueryAllTracesW",))
+        if over is not None:
+            return over, 0
+        sessions = list(self.sessions.values())
+        for buf, session in zip(buffers, sessions, strict=False):
+            self._write_stats(buf, session)
+        return (ERROR_MORE_DATA if len(sessions) > len(buffers) else ERROR_SUCCESS), len(sessions)
+
     def trace_set_information(self, handle, info_class, data):
         self._record("TraceSetInformation", handle=handle, info_class=info_class, data=bytes(data))
         over = self._override(("TraceSetInformation", info_class))
         if over is not None:
             return over
-        if not any(s.handle == handle for s in self.sessions.values()):
+        session = self.session_by_handle(handle)
+        if session is None:
             return ERROR_INVALID_PARAMETER
-        if info_class == 4 and (len(data) % 4 or len(data) > 32):
-            return ERROR_BAD_LENGTH
-        if info_class == 3 and len(data) % 24:
-            return ERROR_BAD_LENGTH
-        return ERROR_SUCCESS
+        if info_class == 3:
+            if len(data) % 24:
+                return ERROR_INCORRECT_SIZE
+            if not self.ignore_stack_guids:
+                for i in range(0, len(data), 24):
+                    if uuid.UUID(bytes_le=bytes(data[i:i + 16])) == POOL_GUID:
+                        session.hooks.add(0x0E00 | data[i + 16])
+            return ERROR_SUCCESS
+        if info_class == 4:
+            if len(data) % 4 or len(data) > 32 or not session.system_logger:
+                return ERROR_INVALID_PARAMETER
+            self._or_masks(session, struct.unpack(f"<{len(data) // 4}I", data))
+            return ERROR_SUCCESS
+        return ERROR_INVALID_PARAMETER
+
+    def _or_masks(self, session: Session, masks) -> None:
+        for i, m in enumerate(masks):
+            if i == 1 and self.ignore_pool_bit:
+                m &= ~0x40
+            session.masks[i] |= m
 
     def nt_set_system_information(self, info_class, data):
         sub = struct.unpack_from("<I", data)[0] if info_class == SPTI and len(data) >= 4 else None
@@ -242,14 +318,34 @@ class FakeWindows:
         over = self._override(("NtSetSystemInformation", sub))
         if over is not None:
             return over
-        if info_class != SPTI:
+        if info_class != SPTI or len(data) < 4:
             return STATUS_INVALID_PARAMETER
         if sub == 1 and len(data) != 48:
             return STATUS_INFO_LENGTH_MISMATCH
-        if sub in (6, 10) and (len(data) < 16 or (len(data) - 16) % 4):
+        if sub in (6, 10):
+            if len(data) < 16:
+                return STATUS_INFO_LENGTH_MISMATCH
+            if (len(data) - 16) % 4:
+                return STATUS_INVALID_PARAMETER
+        if sub not in (1, 6, 10):
             return STATUS_INVALID_PARAMETER
-        if sub == 10 and (len(data) - 16) // 4 > 4:
-            return STATUS_INVALID_PARAMETER
+        session = self.session_by_handle(struct.unpack_from("<Q", data, 8)[0])
+        if session is None:
+            return STATUS_WMI_INSTANCE_NOT_FOUND
+        values = struct.unpack_from(f"<{(len(data) - 16) // 4}I", data, 16)
+        if sub == 1:
+            if not session.system_logger:
+                return STATUS_INVALID_PARAMETER
+            self._or_masks(session, values)
+        elif sub == 6:
+            if not self.ignore_native_stacks:
+                session.hooks = set(values)
+        else:
+            if len(values) > 4 or not session.system_logger:
+                return STATUS_INVALID_PARAMETER
+            if not self.ignore_tag_filter:
+                match_all = not values or any(v & 0xFF == MATCH_ALL or v == 0x3F3F3F3F for v in values)
+                session.tags = [MATCH_ALL] if match_all else list(values)
         return STATUS_SUCCESS
 
     def nt_query_system_information(self, info_class, buffer):
@@ -262,8 +358,20 @@ class FakeWindows:
             out = self.pool_tag_bytes()
         elif info_class == MODULE_INFO:
             out = self.module_bytes()
-        elif info_class == SPTI and sub == 1:
-            out = bytes(buffer[:16]) + struct.pack("<8I", *self.group_masks_before)
+        elif info_class == SPTI and sub in (1, 6, 10):
+            # EtwQueryPerformanceTraceInformation (decompiled 11-24H2): class 1 exactly 48 bytes; classes 6
+            # and 10 at least 16, then 16 + 4n returned and STATUS_BUFFER_TOO_SMALL when n does not fit
+            if (sub == 1 and len(buffer) != 48) or len(buffer) < 16:
+                return STATUS_INFO_LENGTH_MISMATCH, 48 if sub == 1 else 16
+            session = self.session_by_handle(struct.unpack_from("<Q", buffer, 8)[0])
+            if session is None:
+                return STATUS_WMI_INSTANCE_NOT_FOUND, 0
+            if sub in (1, 10) and not session.system_logger:
+                return STATUS_INVALID_PARAMETER, 0
+            values = session.masks if sub == 1 else sorted(session.hooks) if sub == 6 else session.tags
+            out = bytes(buffer[:16]) + struct.pack(f"<{len(values)}I", *values)
+            if len(out) > len(buffer):
+                return STATUS_BUFFER_TOO_SMALL, len(out)
         else:
             return STATUS_INVALID_PARAMETER, 0
         if len(out) > len(buffer):
@@ -272,23 +380,21 @@ class FakeWindows:
         return STATUS_SUCCESS, len(out)
 
     def pool_tag_bytes(self) -> bytes:
-        if self.ptr == 8:  # {ULONG Count; pad; SYSTEM_POOLTAG[40 bytes]}
-            head, fmt = struct.pack("<I4x", len(self.pool_tags)), "<4sIIxxxxQIIQ"
-        else:
-            head, fmt = struct.pack("<I", len(self.pool_tags)), "<4sIIIIII"
+        # {ULONG Count; pad; SYSTEM_POOLTAG[40 bytes]}
+        head, fmt = struct.pack("<I4x", len(self.pool_tags)), "<4sIIxxxxQIIQ"
         return head + b"".join(struct.pack(fmt, t.tag, t.paged_allocs, t.paged_frees, t.paged_used,
                                            t.nonpaged_allocs, t.nonpaged_frees, t.nonpaged_used)
                                for t in self.pool_tags)
 
     def module_bytes(self) -> bytes:
-        if self.ptr == 8:  # RTL_PROCESS_MODULES, 296-byte entries from offset 8
-            head, fmt = struct.pack("<I4x", len(self.modules)), "<QQQIIHHHH256s"
-        else:
-            head, fmt = struct.pack("<I", len(self.modules)), "<IIIIIHHHH256s"
+        # RTL_PROCESS_MODULES, 296-byte entries from offset 8; FullPathName in the ANSI code page
+        head, fmt = struct.pack("<I4x", len(self.modules)), "<QQQIIHHHH256s"
+        hidden = self.hide_bases_without_debug and not self.debug_enabled
         body = b""
         for i, (base, size, path) in enumerate(self.modules):
-            raw = path.encode("ascii")
-            body += struct.pack(fmt, 0, 0, base, size, 0x8804000, i, i, 1, raw.rfind(b"\\") + 1, raw)
+            raw = path.encode(f"cp{self.acp}")
+            body += struct.pack(fmt, 0, 0, 0 if hidden else base, size, 0x8804000, i, i, 1, raw.rfind(b"\\") + 1,
+                                raw)
         return head + body
 
     # -- console

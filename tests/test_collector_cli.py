@@ -52,8 +52,8 @@ class Tripwire:
         raise OSError("tripwire")
 for attr in ("windll", "oledll", "WinDLL", "OleDLL"):
     setattr(ctypes, attr, Tripwire())
-import pooltrace, pooltrace.cli, pooltrace.collector, pooltrace.cli.record, pooltrace.collector.session
-import pooltrace.collector.wprp, pooltrace.collector.structs, pooltrace.sidecar
+import pooltrace, pooltrace.cli, pooltrace.collector, pooltrace.cli.record, pooltrace.collector.recorder
+import pooltrace.collector.wprp, pooltrace.collector.structs, pooltrace.sidecar, pooltrace.collector.stop
 from click.testing import CliRunner
 from pooltrace.cli.record import record, stop, profile
 assert CliRunner().invoke(record, ["-o", "x.etl"]).exit_code == 2
@@ -67,6 +67,36 @@ print("clean")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr
+
+
+LIGHT = r"""
+import importlib.abc, pathlib, sys, types
+HEAVY = ("pyarrow", "numpy", "pandas", "pooltrace.etl", "pooltrace.analysis",
+         "pooltrace.reporters", "pooltrace.dataset", "pooltrace.traceinfo")
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == h or name.startswith(h + ".") for h in HEAVY):
+            raise ImportError(f"the record start path imported {name}")
+sys.meta_path.insert(0, Refuse())
+import pooltrace
+cli = types.ModuleType("pooltrace.cli")  # the package without its __init__ (which loads every command)
+cli.__path__ = [str(pathlib.Path(pooltrace.__file__).parent / "cli")]
+sys.modules["pooltrace.cli"] = cli
+for name in ("plan", "start", "configure", "snapshot", "stop", "recorder", "messages", "boundary", "drivers"):
+    __import__("pooltrace.collector." + name)
+from click.testing import CliRunner
+from pooltrace.cli.record import record, stop
+for cmd in (record, stop):
+    assert CliRunner().invoke(cmd, ["--help"]).exit_code == 0
+print("light")
+"""
+
+
+def test_the_record_start_path_imports_no_data_or_report_stack():
+    """The recorder's own import chain (and `record --help`) loads neither pyarrow nor numpy nor the report
+    stack; only the stop-time trace read does (lazily)."""
+    out = subprocess.run([sys.executable, "-c", LIGHT], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "light", out.stderr
 
 
 def test_commands_are_click_objects_with_help():
@@ -96,7 +126,8 @@ def test_record_through_the_cli(windows, tmp_path):
     result = CliRunner().invoke(record, ["-o", str(out), "--tag", "Leak", "--duration", "0.02", "-q"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].startswith(f"wrote {out}: 4.0 KB in 0:00:00 (stopped by --duration); events lost 0, "
+    size = f"{len(windows.trace_bytes) / 1024:.1f} KB"
+    assert lines[0].startswith(f"wrote {out}: {size} in 0:00:00 (stopped by --duration); events lost 0, "
                                "buffers lost 0")
     assert lines[1] == (f"wrote {out}.pooltrace.json: 1 driver with a PDB identity; pool tag counters at start and "
                         "stop for Leak")

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from pooltrace.collector import session as S
+from pooltrace.collector import plan as P
+from pooltrace.collector import recorder as S
 from pooltrace.collector.drivers import dos_path
-from pooltrace.collector.session import Recorder, RecordRequest, stop_session
+from pooltrace.collector.plan import RecordRequest
+from pooltrace.collector.recorder import Recorder
+from pooltrace.collector.stop import stop_sessions
 from pooltrace.errors import PooltraceError
 from tests.collector_fake import (
     ERROR_ACCESS_DENIED,
@@ -42,8 +45,9 @@ KERNEL_GUID = uuid.UUID("9e814aad-3204-11d2-9a82-006008a86939")
 LEAK = 0x6B61654C
 NT_BASE = 0xFFFFF80412000000
 
-SETUP = ["GetVersion", "IsUserAnAdmin", "RegQueryValueEx", "GetDiskFreeSpaceEx", "ControlTraceW:QUERY",
-         "NtQuerySystemInformation:22", "NtQuerySystemInformation:11", "StartTraceW", "SetConsoleCtrlHandler"]
+SETUP = ["GetVersion", "IsUserAnAdmin", "GetDiskFreeSpaceEx", "ControlTraceW:QUERY", "NtQuerySystemInformation:22",
+         "AdjustTokenPrivileges", "NtQuerySystemInformation:11", "StartTraceW", "SetConsoleCtrlHandler"]
+VERIFY = ["NtQuerySystemInformation:31.6", "NtQuerySystemInformation:31.1"]  # read back stacks, group mask
 FINISH = ["ControlTraceW:FLUSH", "ControlTraceW:STOP", "NtQuerySystemInformation:22", "NtQuerySystemInformation:11",
           "SetConsoleCtrlHandler"]
 
@@ -95,15 +99,26 @@ def assert_stopped_cleanly(fake):
 def test_windows8_private_logger_sequence_and_bytes(fake, tmp_path):
     result = run(fake, request(tmp_path, tags=("Leak",)))
     assert squash(fake.names()) == SETUP + [
-        "NtSetSystemInformation:31.10", "TraceSetInformation:3", "TraceSetInformation:4", "ControlTraceW:QUERY",
-    ] + FINISH
+        "NtSetSystemInformation:31.10", "TraceSetInformation:3", "TraceSetInformation:4",
+        "NtQuerySystemInformation:31.10"] + VERIFY + ["ControlTraceW:QUERY"] + FINISH
     (start,) = calls(fake, "StartTraceW")
     props = start["props"]
     assert start["name"] == "pooltrace" and props[0x18:0x28] == PRIVATE_GUID.bytes_le
     assert u32(props, 0x40) == 0x02000001 and u32(props, 0x48) == 0x7 and u32(props, 0x2C) == 0x20000
+    assert u32(props, 0x3C) == 4096  # the default size cap (MB)
     handle = start["handle"]
     (tags,) = calls(fake, "NtSetSystemInformation")
     assert tags["info_class"] == 0x1F and tags["data"] == struct.pack("<IIQI", 10, 0, handle, LEAK)
+    reads = [c for c in calls(fake, "NtQuerySystemInformation", info_class=0x1F)]
+    assert [(c["data"][:16], c["size"]) for c in reads] == [
+        (struct.pack("<IIQ", 10, 0, handle), 32), (struct.pack("<IIQ", 6, 0, handle), 16 + 4 * 64),
+        (struct.pack("<IIQ", 1, 0, handle), 48)]
+    assert result.kernel_state.as_dict() == {
+        "pool_enabled": True, "group_masks": ["0x00000007", "0x00000040"] + ["0x00000000"] * 6,
+        "stacks_enabled": True, "stack_hooks": ["0x0e20", "0x0e21"], "stacks_set_by": "TraceSetInformation",
+        "group_mask_set_by": "TraceSetInformation", "tag_filter": ["Leak"], "tag_filter_in_effect": True,
+        "unverified": []}
+    assert all(c["guid"] == PRIVATE_GUID for c in calls(fake, "ControlTraceW"))  # Wnode.Guid for QUERY and STOP
     stacks, groups = calls(fake, "TraceSetInformation")
     assert stacks["handle"] == handle and groups["handle"] == handle
     assert stacks["data"] == POOL_GUID.bytes_le + b"\x20" + bytes(7) + POOL_GUID.bytes_le + b"\x21" + bytes(7)
@@ -141,25 +156,30 @@ def test_kernel_logger_on_windows8(fake, tmp_path):
     assert_stopped_cleanly(fake)
 
 
-def test_windows7_puts_everything_into_start_trace(fake, tmp_path):
-    fake.version = (6, 1, 7601)
-    run(fake, request(tmp_path, tags=("Leak", "Ab*")))
-    assert squash(fake.names()) == SETUP + ["ControlTraceW:QUERY"] + FINISH
-    (start,) = calls(fake, "StartTraceW")
-    props = start["props"]
-    assert start["name"] == "NT Kernel Logger" and u32(props, 0x40) == 0x1
-    flags = u32(props, 0x48)
-    assert flags & 0xFFFF0000 == 0x80FF0000
-    words = struct.unpack(f"<{(len(props) - (flags & 0xFFFF)) // 4}I", props[flags & 0xFFFF:])
-    assert words[-3:] == (0x00040003, LEAK, 0x002A6241) and words[10:13] == (0x00030003, 0x0E20, 0x0E21)
+def test_windows_before_8_1_and_32_bit_are_refused_before_anything_runs(fake, tmp_path):
+    fake.version = (6, 2, 9200)
+    with pytest.raises(PooltraceError, match=r"^recording needs Windows 8.1 or later, x64 \(this is Windows 6.2.9200"):
+        run(fake, request(tmp_path))
+    assert fake.names() == ["GetVersion"]
+    fake.version, fake.wide = (10, 0, 19045), False
+    with pytest.raises(PooltraceError, match=r"needs 64-bit \(x64\) Windows and 64-bit Python \(this is 32-bit Win"):
+        run(fake, request(tmp_path))
+    fake.wide, fake.ptr = True, 4
+    with pytest.raises(PooltraceError, match=r"\(this is 32-bit Python\)"):
+        run(fake, request(tmp_path))
+    assert "StartTraceW" not in fake.names()
+    fake.ptr, fake.version = 8, (6, 3, 9600)  # Windows 8.1: the floor
+    run(fake, request(tmp_path))
     assert_stopped_cleanly(fake)
 
 
-def test_windows_before_7_is_refused_before_anything_runs(fake, tmp_path):
-    fake.version = (6, 0, 6002)
-    with pytest.raises(PooltraceError, match="needs Windows 7 or later"):
-        run(fake, request(tmp_path))
-    assert fake.names() == ["GetVersion"]
+def test_a_log_path_over_1024_characters_is_refused_in_one_line(fake, tmp_path):
+    deep = tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 200) / ("g" * 200)
+    deep.mkdir(parents=True)
+    with pytest.raises(PooltraceError) as exc:
+        run(fake, RecordRequest(output=deep / ("x" * 200 + ".etl"), duration_s=0.01))
+    assert "Windows takes at most 1024: write to a shorter path with -o" in str(exc.value)
+    assert "\n" not in str(exc.value) and "StartTraceW" not in fake.names()
 
 
 # --- fallbacks --------------------------------------------------------------------------------------------
@@ -174,8 +194,14 @@ def test_stacks_fall_back_to_native_hook_ids(fake, tmp_path):
 
 def test_group_mask_falls_back_to_query_or_and_set(fake, tmp_path):
     fake.fail[("TraceSetInformation", 4)] = ERROR_NOT_SUPPORTED
-    fake.group_masks_before = (0x200, 0x1, 0, 0, 0x40, 0, 0, 0)
-    run(fake, request(tmp_path))
+
+    def other_bits(call):  # another tool's groups on this logger before ours are ORed in
+        if call.name == "TraceSetInformation" and call["info_class"] == 3:
+            fake.sessions["pooltrace"].masks = [0x207, 0x1, 0, 0, 0x40, 0, 0, 0]
+
+    fake.on_call = other_bits
+    result = run(fake, request(tmp_path))
+    assert result.kernel_state.group_mask_set_by == "NtSetSystemInformation" and result.kernel_state.pool_enabled
     names = squash(fake.names())
     i = names.index("TraceSetInformation:4")
     assert names[i + 1:i + 3] == ["NtQuerySystemInformation:31.1", "NtSetSystemInformation:31.1"]
@@ -183,6 +209,7 @@ def test_group_mask_falls_back_to_query_or_and_set(fake, tmp_path):
     handle = calls(fake, "StartTraceW")[0]["handle"]
     assert len(native["data"]) == 48
     assert native["data"] == struct.pack("<IIQ8I", 1, 0, handle, 0x207, 0x41, 0, 0, 0x40, 0, 0, 0)
+
 
 
 # --- failures after StartTrace: always stopped --------------------------------------------------------------
@@ -239,7 +266,7 @@ def test_an_error_while_recording_stops_keeps_the_trace_and_reraises(fake, tmp_p
     (ERROR_ACCESS_DENIED, False, "recording needs administrator rights: run pooltrace from an elevated prompt "
                                  "(Run as administrator)"),
     (ERROR_ALREADY_EXISTS, False, "a pooltrace session is already running (a recorder still running, or one that "
-                                  "crashed); end it with `pooltrace stop`"),
+                                  "was killed or outlived a logoff); end it with `pooltrace stop`"),
     (ERROR_ALREADY_EXISTS, True, "the NT Kernel Logger is already running, started by another tool (WPR, xperf, "
                                  "Process Monitor, ...): stop that tool, or end it with `pooltrace stop "
                                  "--kernel-logger`, or record without --kernel-logger"),
@@ -270,43 +297,30 @@ def test_not_admin(fake, tmp_path):
     assert "StartTraceW" not in fake.names()
 
 
-def test_paging_executive_check_prints_the_command_and_the_reboot(fake, tmp_path):
-    fake.paging_executive = 0
+def test_a_stock_machine_records_on_the_first_try_without_registry_checks(fake, tmp_path):
+    result = run(fake, request(tmp_path))  # no DisablePagingExecutive (Windows 8+ does not need it)
+    assert result.stopped_by == "duration" and not result.warnings
+    assert not any(n.startswith("Reg") for n in fake.names())
+
+
+def test_a_leftover_session_of_ours_points_to_pooltrace_stop_or_force(fake, tmp_path):
+    leftover = tmp_path / "old.etl.partial"
+    leftover.write_bytes(b"old")
+    fake.running("pooltrace", log_file="\\??\\" + str(leftover), mode=0x02000001)
     with pytest.raises(PooltraceError) as exc:
         run(fake, request(tmp_path))
-    msg = str(exc.value)
-    assert ('reg add "HKLM\\SYSTEM\\CurrentControlSet\\Control\\Session Manager\\Memory Management" '
-            "/v DisablePagingExecutive /t REG_DWORD /d 1 /f") in msg
-    assert "then reboot" in msg and "--allow-incomplete-stacks" in msg and "\n" not in msg
-    (reg,) = calls(fake, "RegQueryValueEx")
-    assert reg.args == {"key": "SYSTEM\\CurrentControlSet\\Control\\Session Manager\\Memory Management",
-                        "value": "DisablePagingExecutive"}
-    assert "StartTraceW" not in fake.names()
-    run(fake, request(tmp_path, allow_incomplete_stacks=True))  # the override records anyway
-
-
-def test_paging_executive_is_not_checked_on_32_bit_windows(fake, tmp_path):
-    fake.wide, fake.ptr, fake.paging_executive = False, 4, 0
-    fake.modules = [(0x82000000, 0x1046000, "\\SystemRoot\\system32\\ntoskrnl.exe")]
-    run(fake, request(tmp_path))
-    assert not calls(fake, "RegQueryValueEx")
-    (start,) = calls(fake, "StartTraceW")
-    assert u32(start["props"], 0x70) == 0x78  # x86: LoggerNameOffset at 0x70
-
-
-def test_32_bit_python_on_64_bit_windows_is_refused(fake, tmp_path):
-    fake.ptr = 4
-    with pytest.raises(PooltraceError, match="run 64-bit Python on 64-bit Windows"):
-        run(fake, request(tmp_path))
-
-
-def test_a_running_session_of_ours_points_to_pooltrace_stop(fake, tmp_path):
-    fake.running("pooltrace")
-    with pytest.raises(PooltraceError, match="end it with `pooltrace stop`"):
-        run(fake, request(tmp_path))
+    assert str(exc.value) == ("a pooltrace session is already running (a recorder still running, or one that was "
+                              "killed or outlived a logoff); end it with `pooltrace stop`, or pass --force to stop "
+                              "it and record")
     (query,) = calls(fake, "ControlTraceW")
     assert query["handle"] == 0 and query["name"] == "pooltrace" and query["code"] == 0
-    assert "StartTraceW" not in fake.names()
+    assert query["guid"] == PRIVATE_GUID
+    assert "StartTraceW" not in fake.names() and "pooltrace" in fake.sessions  # not ours to stop unasked
+    ui = Ui()
+    result = run(fake, request(tmp_path, force=True), ui=ui)
+    assert ui.warnings[0] == f"stopped a leftover pooltrace session; its trace: {tmp_path / 'old.etl'}"
+    assert (tmp_path / "old.etl").read_bytes() == b"old" and result.output.exists()
+    assert_stopped_cleanly(fake)
 
 
 def test_a_running_kernel_logger_is_someone_elses(fake, tmp_path):
@@ -487,7 +501,7 @@ def test_sidecar_holds_driver_identities_and_the_tag_baseline(fake, tmp_path):
     assert leaky == {"name": "leaky.sys", "nt_path": "\\Device\\HarddiskVolume3\\drivers\\leaky.sys",
                      "path": "C:\\drivers\\leaky.sys", "base": f"0x{NT_BASE + 0x7A40000:x}", "size": 0x8000,
                      "timedatestamp": 0x5F3E1A2B, "checksum": 0x1234, "pdb_name": "C:\\build\\leaky.pdb",
-                     "pdb_guid": "6c5a0b8e-9f1d-4e1b-a7c2-3d4e5f607182", "pdb_age": 2}
+                     "pdb_guid": "6c5a0b8e-9f1d-4e1b-a7c2-3d4e5f607182", "pdb_age": 2, "source": "snapshot"}
     assert mods["ntoskrnl.exe"]["path"] == "C:\\Windows\\system32\\ntoskrnl.exe"
     assert side["module_errors"] == [{"nt_path": "\\SystemRoot\\System32\\drivers\\gone.sys",
                                       "path": "C:\\Windows\\System32\\drivers\\gone.sys",
@@ -524,27 +538,40 @@ def test_unreadable_counters_are_a_warning_not_a_failure(fake, tmp_path):
 
 
 # --- pooltrace stop -------------------------------------------------------------------------------------------
-def test_stop_ends_a_left_behind_session_and_renames_its_file(tmp_path):
+def test_stop_lists_and_stops_every_pooltrace_session_and_renames_their_files(tmp_path):
     fake = FakeWindows(events_lost=4)
-    partial = tmp_path / "leak.etl.partial"
-    partial.write_bytes(b"trace")
-    fake.running("pooltrace", log_file=str(partial))
-    r = stop_session(fake)
-    (stop,) = calls(fake, "ControlTraceW")
-    assert stop.args["handle"] == 0 and stop["name"] == "pooltrace" and stop["code"] == 1
-    assert r.stats.events_lost == 4 and r.renamed_to == str(tmp_path / "leak.etl")
-    assert (tmp_path / "leak.etl").read_bytes() == b"trace" and not partial.exists()
+    for name in ("pooltrace", "pooltrace-doctor"):
+        partial = tmp_path / f"{name}.etl.partial"
+        partial.write_bytes(name.encode())
+        fake.running(name, log_file="\\??\\" + str(partial), mode=0x02000001)
+    fake.running("NT Kernel Logger", handle=0xFFFF)
+    fake.running("EventLog-System")
+    results = stop_sessions(fake)
+    assert [r.name for r in results] == ["pooltrace", "pooltrace-doctor"]
+    assert calls(fake, "QueryAllTracesW")[0]["count"] == 64
+    stops = calls(fake, "ControlTraceW", code=1)
+    assert [(c["handle"], c["name"]) for c in stops] == [(0, "pooltrace"), (0, "pooltrace-doctor")]
+    assert stops[0]["guid"] == PRIVATE_GUID
+    assert results[0].stats.events_lost == 4 and results[0].renamed_to == str(tmp_path / "pooltrace.etl")
+    assert (tmp_path / "pooltrace-doctor.etl").read_bytes() == b"pooltrace-doctor"
+    assert set(fake.sessions) == {"NT Kernel Logger", "EventLog-System"}  # other tools' sessions stay
+    (kernel,) = stop_sessions(fake, kernel_logger=True)
+    assert kernel.name == "NT Kernel Logger" and calls(fake, "ControlTraceW", code=1)[-1]["guid"] == KERNEL_GUID
 
 
 def test_stop_errors():
     fake = FakeWindows()
     with pytest.raises(PooltraceError, match="^no pooltrace session is running$"):
-        stop_session(fake)
+        stop_sessions(fake)
     with pytest.raises(PooltraceError, match="^no NT Kernel Logger session is running$"):
-        stop_session(fake, kernel_logger=True)
+        stop_sessions(fake, kernel_logger=True)
+    fake.running("pooltrace")
     fake.fail[("ControlTraceW", 1)] = ERROR_ACCESS_DENIED
     with pytest.raises(PooltraceError, match="needs administrator rights"):
-        stop_session(fake)
+        stop_sessions(fake)
+    fake.fail[("QueryAllTracesW",)] = ERROR_ACCESS_DENIED
+    with pytest.raises(PooltraceError, match="needs administrator rights"):
+        stop_sessions(fake)
 
 
 # --- NT paths ---------------------------------------------------------------------------------------------
@@ -565,8 +592,9 @@ def test_dos_path(nt, dos):
 
 
 def test_stack_hooks_and_masks_come_from_providers():
-    plan = S.make_plan(RecordRequest(output=Path("x.etl")), (10, 0, 19041), 8, cpus=64)
+    plan = P.make_plan(RecordRequest(output=Path("x.etl")), (10, 0, 19041), cpus=64)
     assert plan.stack_hook_ids == (0x0E20, 0x0E21) and plan.group_masks[:2] == (7, 0x40)
     assert plan.minimum_buffers == 128 and plan.maximum_buffers == 512  # 2 per CPU
-    assert S.make_plan(RecordRequest(output=Path("x.etl"), buffers=100, buffer_size_kb=256), (10, 0, 1), 8,
+    assert plan.maximum_file_size_mb == 4096  # the documented default cap
+    assert P.make_plan(RecordRequest(output=Path("x.etl"), buffers=100, buffer_size_kb=256), (10, 0, 1),
                        cpus=64).maximum_buffers == 148  # at least minimum + 20

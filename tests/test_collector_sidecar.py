@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pooltrace.collector.session import Recorder, RecordRequest
+from pooltrace.collector.plan import RecordRequest
+from pooltrace.collector.recorder import Recorder
 from pooltrace.dataset import MODULES_SCHEMA, pair_trace
 from pooltrace.errors import PooltraceError
 from pooltrace.etl.writer import TraceWriter

@@ -12,7 +12,7 @@ import pytest
 
 from pooltrace.collector import structs as S
 from pooltrace.collector.config import constants
-from pooltrace.collector.session import RecordRequest, make_plan
+from pooltrace.collector.plan import RecordRequest, make_plan
 from tests.collector_fake import FakeWindows, PoolTag
 
 POOL_GUID = uuid.UUID("0268a8b6-74fd-4302-9dd0-6e8f1795c0cf")
@@ -43,8 +43,7 @@ def test_event_trace_properties_offsets_match_the_reference_table():
              "FreeBuffers": 0x54, "EventsLost": 0x58, "BuffersWritten": 0x5C, "LogBuffersLost": 0x60,
              "RealTimeBuffersLost": 0x64, "LoggerThreadId": 0x68}
     assert table == S.PROPERTIES
-    assert S.NAME_OFFSETS[8] == {"LogFileNameOffset": 0x70, "LoggerNameOffset": 0x74}
-    assert S.NAME_OFFSETS[4] == {"LogFileNameOffset": 0x6C, "LoggerNameOffset": 0x70}
+    assert S.NAME_OFFSETS == {"LogFileNameOffset": 0x70, "LoggerNameOffset": 0x74}
 
 
 @pytest.mark.skipif(ct.sizeof(ct.c_void_p) != 8, reason="the ctypes mirror needs a 64-bit Python")
@@ -53,13 +52,12 @@ def test_event_trace_properties_offsets_match_a_ctypes_mirror_of_the_declaration
     assert ct.sizeof(EVENT_TRACE_PROPERTIES) == S.PROPERTIES_SIZE
     for name, off in S.WNODE.items():
         assert getattr(WNODE_HEADER, name).offset == off, name
-    for name, off in {**S.PROPERTIES, **S.NAME_OFFSETS[8]}.items():
+    for name, off in {**S.PROPERTIES, **S.NAME_OFFSETS}.items():
         assert getattr(EVENT_TRACE_PROPERTIES, name).offset == off, name
 
 
-@pytest.mark.parametrize("ptr", [8, 4])
-def test_start_properties_bytes(ptr):
-    plan = make_plan(RecordRequest(output=None, tags=("Leak",)), (10, 0, 22631), ptr, cpus=8)
+def test_start_properties_bytes():
+    plan = make_plan(RecordRequest(output=None, tags=("Leak",)), (10, 0, 22631), cpus=8)
     buf = plan.start_properties("C:\\traces\\leak.etl.partial")
     u32 = lambda off: struct.unpack_from("<I", buf, off)[0]  # noqa: E731
     assert u32(0) == len(buf)  # Wnode.BufferSize = the whole allocation
@@ -67,11 +65,11 @@ def test_start_properties_bytes(ptr):
     assert u32(0x28) == 1  # ClientContext: QPC
     assert u32(0x2C) == 0x00020000  # WNODE_FLAG_TRACED_GUID
     assert (u32(0x30), u32(0x34), u32(0x38)) == (1024, 64, 512)
-    assert u32(0x3C) == 0  # no MaximumFileSize
+    assert u32(0x3C) == 4096  # MaximumFileSize: the default cap in MB
     assert u32(0x40) == 0x02000001  # SEQUENTIAL | SYSTEM_LOGGER_MODE
     assert u32(0x44) == 1 and u32(0x48) == 0x7  # FlushTimer; EnableFlags PROCESS|THREAD|IMAGE_LOAD
     assert buf[0x4C:0x68] == bytes(0x68 - 0x4C)  # outputs zero
-    file_off, name_off = (u32(0x70), u32(0x74)) if ptr == 8 else (u32(0x6C), u32(0x70))
+    file_off, name_off = u32(0x70), u32(0x74)
     assert name_off == 0x78
     assert buf[name_off:name_off + 20] == "pooltrace".encode("utf-16-le") + b"\0\0"
     path = "C:\\traces\\leak.etl.partial".encode("utf-16-le") + b"\0\0"
@@ -80,13 +78,13 @@ def test_start_properties_bytes(ptr):
 
 
 def test_control_properties_leave_room_for_both_names_and_parse_back():
-    buf = S.build_properties(pointer_size=8)
+    buf = S.build_properties()
     assert len(buf) == 0x78 + 2 * 2048 and struct.unpack_from("<I", buf, 0)[0] == len(buf)
     assert struct.unpack_from("<II", buf, 0x70) == (0x78 + 2048, 0x78)
     fake = FakeWindows(events_lost=3, buffers_written=11, log_buffers_lost=2)
     fake.running("pooltrace", log_file="D:\\x.etl.partial")
     fake._write_stats(buf, fake.sessions["pooltrace"])
-    stats = S.SessionStats.parse(buf, 8)
+    stats = S.SessionStats.parse(buf)
     assert (stats.events_lost, stats.buffers_written, stats.log_buffers_lost) == (3, 11, 2)
     assert stats.log_file == "D:\\x.etl.partial" and stats.logger_name == "pooltrace"
 
@@ -119,58 +117,55 @@ def test_tag_filter_and_stack_hook_information():
     assert len(hooks) == 32 and struct.unpack("<IIQ4I", hooks) == (6, 0, 0x23, 0x0E20, 0x0E21, 0x0E22, 0x0E23)
 
 
-def test_flag_extension_matches_the_reference_worked_example():
-    # etw-collector.md §4.2.1: groups + stacks + tag "Leak" = 17 dwords
-    ext = S.flag_extension([(1, [0x7, 0x40, 0, 0, 0, 0, 0, 0]), (3, [0x0E20, 0x0E21, 0x0E22, 0x0E23]),
-                            (4, [0x6B61654C])])
-    words = struct.unpack(f"<{len(ext) // 4}I", ext)
-    assert words == (0x00030011, 0x00010009, 0x7, 0x40, 0, 0, 0, 0, 0, 0, 0x00030005, 0x0E20, 0x0E21, 0x0E22,
-                     0x0E23, 0x00040002, 0x6B61654C)
-    no_tags = S.flag_extension([(1, [0x7, 0x40] + [0] * 6), (4, [])])
-    assert struct.unpack_from("<I", no_tags)[0] == 0x0001000A  # empty items are left out
-    assert S.extension_enable_flags(0x1078) == 0x80FF1078
+def test_read_back_lists_take_their_count_from_the_returned_length():
+    buf = bytearray(S.perf_information(6, 0x23, [0] * 8))
+    struct.pack_into("<3I", buf, 16, 0x0E20, 0x0E21, 0x0E22)
+    assert S.parse_ulong_list(buf, 16 + 12) == (0x0E20, 0x0E21, 0x0E22)
+    assert S.parse_ulong_list(buf, 16) == ()
     with pytest.raises(ValueError):
-        S.extension_enable_flags(0x1079)
+        S.parse_ulong_list(buf, 16 + 4 * 9)  # more than the buffer holds
 
 
-def test_windows7_properties_carry_the_extension_block():
-    plan = make_plan(RecordRequest(output=None, tags=("Leak", "Ab*")), (6, 1, 7601), 8, cpus=2)
-    assert plan.kind == "kernel" and plan.configure == "extension"
-    buf = plan.start_properties("C:\\t.etl.partial")
-    flags = struct.unpack_from("<I", buf, 0x48)[0]
-    assert flags >> 16 == 0x80FF
-    off = flags & 0xFFFF
-    assert off % 8 == 0 and off > 0x78 and struct.unpack_from("<I", buf, 0)[0] == len(buf)
-    words = struct.unpack(f"<{(len(buf) - off) // 4}I", buf[off:])
-    assert words[0] == (1 + 9 + 3 + 3) | 3 << 16
-    assert words[1:10] == (0x00010009, 7, 0x40, 0, 0, 0, 0, 0, 0)
-    assert words[10:13] == (0x00030003, 0x0E20, 0x0E21)  # alloc stacks only by default
-    assert words[13:] == (0x00040003, 0x6B61654C, 0x002A6241)  # "Ab*": A b * NUL
-    assert buf[0x18:0x28] == SYSTEM_TRACE_CONTROL.bytes_le
-    assert struct.unpack_from("<I", buf, 0x40)[0] == 0x1  # no SYSTEM_LOGGER_MODE for the NT Kernel Logger
+class LUID_AND_ATTRIBUTES(ct.Structure):
+    _fields_ = [("LowPart", ct.c_uint32), ("HighPart", ct.c_int32), ("Attributes", ct.c_uint32)]
 
 
-@pytest.mark.parametrize("ptr", [8, 4])
-def test_pool_tag_information_parses_what_the_kernel_returns(ptr):
-    fake = FakeWindows(ptr=ptr, pool_tags=[PoolTag(b"Leak", 10, 4, 600, 7, 1, 2 ** 33 if ptr == 8 else 99),
-                                           PoolTag(b"Irp ", 1, 1, 0, 0, 0, 0)])
-    got = S.parse_pool_tag_information(fake.pool_tag_bytes(), ptr)
-    assert got[0] == S.PoolTagCounters(0x6B61654C, 10, 4, 600, 7, 1, 2 ** 33 if ptr == 8 else 99)
+class TOKEN_PRIVILEGES(ct.Structure):
+    _fields_ = [("PrivilegeCount", ct.c_uint32), ("Privileges", LUID_AND_ATTRIBUTES * 1)]
+
+
+def test_token_privileges_match_the_winnt_declaration():
+    # winnt.h: LUID {DWORD LowPart; LONG HighPart}, LUID_AND_ATTRIBUTES {LUID Luid; DWORD Attributes} (12 bytes,
+    # 4-aligned), TOKEN_PRIVILEGES {DWORD PrivilegeCount; LUID_AND_ATTRIBUTES Privileges[ANYSIZE_ARRAY]}
+    assert ct.sizeof(LUID_AND_ATTRIBUTES) == 12 and ct.sizeof(TOKEN_PRIVILEGES) == 16 == S.TOKEN_PRIVILEGES_ONE.size
+    data = S.token_privileges(0x00000001_00000014)  # SeDebugPrivilege is LUID 20 (SE_DEBUG_PRIVILEGE)
+    mirror = TOKEN_PRIVILEGES.from_buffer_copy(data)
+    assert mirror.PrivilegeCount == 1 and mirror.Privileges[0].LowPart == 0x14 and mirror.Privileges[0].HighPart == 1
+    assert mirror.Privileges[0].Attributes == 2  # SE_PRIVILEGE_ENABLED
+
+
+def test_pool_tag_information_parses_what_the_kernel_returns():
+    fake = FakeWindows(pool_tags=[PoolTag(b"Leak", 10, 4, 600, 7, 1, 2 ** 33), PoolTag(b"Irp ", 1, 1, 0, 0, 0, 0)])
+    got = S.parse_pool_tag_information(fake.pool_tag_bytes())
+    assert got[0] == S.PoolTagCounters(0x6B61654C, 10, 4, 600, 7, 1, 2 ** 33)
     assert got[1].tag == int.from_bytes(b"Irp ", "little")
-    assert S.build_pool_tag_information(got, ptr) == fake.pool_tag_bytes()
-    assert len(fake.pool_tag_bytes()) == (8 + 2 * 40 if ptr == 8 else 4 + 2 * 28)
+    assert S.build_pool_tag_information(got) == fake.pool_tag_bytes()
+    assert len(fake.pool_tag_bytes()) == 8 + 2 * 40
     with pytest.raises(ValueError):
-        S.parse_pool_tag_information(fake.pool_tag_bytes()[:-1], ptr)
+        S.parse_pool_tag_information(fake.pool_tag_bytes()[:-1])
 
 
-@pytest.mark.parametrize("ptr", [8, 4])
-def test_module_information_parses_what_the_kernel_returns(ptr):
-    base = 0xFFFFF80412000000 if ptr == 8 else 0x82000000
-    fake = FakeWindows(ptr=ptr, modules=[(base, 0x1046000, "\\SystemRoot\\system32\\ntoskrnl.exe"),
-                                         (base + 0x7A40000, 0x8000, "\\??\\C:\\drivers\\leaky.sys")])
+@pytest.mark.parametrize(("acp", "name"), [(1252, "Tr\u00e4ger.sys"),
+                                           (1251, "\u0434\u0440\u0430\u0439\u0432\u0435\u0440.sys"),
+                                           (932, "\u30c9\u30e9\u30a4\u30d0.sys")])
+def test_module_information_parses_what_the_kernel_returns_in_the_ansi_code_page(acp, name):
+    base = 0xFFFFF80412000000
+    fake = FakeWindows(acp=acp, modules=[(base, 0x1046000, "\\SystemRoot\\system32\\ntoskrnl.exe"),
+                                         (base + 0x7A40000, 0x8000, f"\\??\\C:\\drivers\\{name}")])
     raw = fake.module_bytes()
-    assert len(raw) == (8 + 2 * 296 if ptr == 8 else 4 + 2 * 284)
-    got = S.parse_module_information(raw, ptr)
+    assert len(raw) == 8 + 2 * 296
+    got = S.parse_module_information(raw, acp)
     assert got == [S.LoadedModule(base, 0x1046000, "\\SystemRoot\\system32\\ntoskrnl.exe"),
-                   S.LoadedModule(base + 0x7A40000, 0x8000, "\\??\\C:\\drivers\\leaky.sys")]
-    assert S.parse_module_information(S.build_module_information(got, ptr), ptr) == got
+                   S.LoadedModule(base + 0x7A40000, 0x8000, f"\\??\\C:\\drivers\\{name}")]
+    assert S.parse_module_information(S.build_module_information(got, acp), acp) == got
+    assert S.ansi_codec(99999) == "cp1252"  # a code page Python lacks: the Western default

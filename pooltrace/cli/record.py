@@ -1,7 +1,8 @@
 """``pooltrace record``, ``pooltrace stop`` and ``pooltrace profile``: recording kernel pool traces.
 
 ``record`` and ``stop`` need Windows and check that first; ``profile`` (a WPR profile with the same
-settings) works everywhere. Nothing Windows-specific is imported until the platform check has passed.
+settings) works everywhere. Nothing Windows-specific is imported until the platform check has passed, and
+nothing here pulls pyarrow, numpy or the report stack (the trace reader is imported at stop time only).
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ import click
 from pooltrace.cli import common
 from pooltrace.cli.common import quiet_option, user_errors
 from pooltrace.collector import NOT_WINDOWS
-from pooltrace.collector.session import (
-    LiveStatus,
-    Recorder,
-    RecordRequest,
-    RecordResult,
-    size_text,
-    status_line,
-    stop_session,
-)
+from pooltrace.collector.config import constants
+from pooltrace.collector.plan import RecordRequest
+from pooltrace.collector.recorder import LiveStatus, Recorder, RecordResult, size_text, status_line
+from pooltrace.collector.stop import stop_sessions
 from pooltrace.collector.tagfilter import parse_patterns
 from pooltrace.collector.wprp import build_profile
 from pooltrace.errors import PooltraceError
@@ -99,6 +95,9 @@ def summary_lines(r: RecordResult) -> list[str]:
     return lines
 
 
+MAX_SIZE_DEFAULT = constants()["disk"]["default_max_size_mb"]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), metavar="OUT.etl",
               help="The trace to write (required); OUT.etl.pooltrace.json is written beside it.")
@@ -109,22 +108,22 @@ def summary_lines(r: RecordResult) -> list[str]:
               help="Stop after S seconds [default: at Ctrl+C, or when COMMAND exits].")
 @click.option("--circular", is_flag=True, help="Keep only the last --max-size MB (for long runs).")
 @click.option("--max-size", type=click.IntRange(min=1), metavar="MB",
-              help="Largest trace file; with --circular the size it wraps at, otherwise logging stops there.")
+              help="Largest trace file; with --circular the size it wraps at, otherwise logging stops there "
+                   f"[default: {MAX_SIZE_DEFAULT}, so a forgotten session cannot fill the disk].")
 @click.option("--buffer-size", type=click.IntRange(4, 16384), metavar="KB", help="ETW buffer size [default: 1024].")
 @click.option("--buffers", type=click.IntRange(min=2), metavar="N", help="Most ETW buffers [default: 512].")
 @click.option("--kernel-logger", is_flag=True,
-              help="Use the NT Kernel Logger (as Windows 7 must) instead of a private system logger; it collides "
-                   "with WPR, xperf and Process Monitor.")
-@click.option("--force", is_flag=True, help="Overwrite OUT.etl if it exists.")
-@click.option("--allow-incomplete-stacks", is_flag=True,
-              help="Record even though DisablePagingExecutive is not set (kernel stacks will have gaps).")
+              help="Use the NT Kernel Logger instead of a private system logger; it collides with WPR, xperf and "
+                   "Process Monitor.")
+@click.option("--force", is_flag=True,
+              help="Overwrite OUT.etl if it exists, and stop a pooltrace session left running first.")
 @quiet_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARGS]...]")
 @user_errors
 def record(output: Path | None, tags: tuple[str, ...], free_stacks: bool, duration: float | None, circular: bool,
            max_size: int | None, buffer_size: int | None, buffers: int | None, kernel_logger: bool, force: bool,
-           allow_incomplete_stacks: bool, quiet: bool, command: tuple[str, ...]) -> None:
-    """Record kernel pool allocations with their stacks into OUT.etl (Windows 7+, administrator).
+           quiet: bool, command: tuple[str, ...]) -> None:
+    """Record kernel pool allocations with their stacks into OUT.etl (Windows 8.1+, x64, elevated).
 
     Runs until Ctrl+C, until --duration, or, given `-- COMMAND ARGS`, while COMMAND runs. Also writes
     OUT.etl.pooltrace.json: each loaded driver's PDB identity and the kernel's per-tag counters at start and
@@ -135,8 +134,7 @@ def record(output: Path | None, tags: tuple[str, ...], free_stacks: bool, durati
         raise PooltraceError("-o OUT.etl is required")
     request = RecordRequest(output=output, tags=tags, free_stacks=free_stacks, kernel_logger=kernel_logger,
                             circular=circular, max_size_mb=max_size, duration_s=duration, command=command,
-                            buffer_size_kb=buffer_size, buffers=buffers, force=force,
-                            allow_incomplete_stacks=allow_incomplete_stacks)
+                            buffer_size_kb=buffer_size, buffers=buffers, force=force)
     with LiveUi(quiet) as ui:
         try:
             result = Recorder(api, request, ui).run()
@@ -148,18 +146,19 @@ def record(output: Path | None, tags: tuple[str, ...], free_stacks: bool, durati
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--kernel-logger", is_flag=True,
-              help="Stop the NT Kernel Logger instead, whichever tool started it.")
+              help="Also stop the NT Kernel Logger, whichever tool started it.")
 @user_errors
 def stop(kernel_logger: bool) -> None:
-    """Stop a recording session left behind by a crashed `pooltrace record` (Windows, administrator)."""
+    """Stop every pooltrace recording session still running: one left by a killed `pooltrace record`, or
+    one that outlived a logoff or shutdown (Windows, elevated)."""
     api = windows_api()
-    r = stop_session(api, kernel_logger)
-    click.echo(f"stopped {r.name}: events lost {r.stats.events_lost:,}, buffers lost "
-               f"{r.stats.log_buffers_lost + r.stats.real_time_buffers_lost:,}")
-    if r.renamed_to:
-        click.echo(f"trace: {r.renamed_to} (without sidecar: no driver PDB identities, no tag baseline)")
-    elif r.trace:
-        click.echo(f"trace: {r.trace}")
+    for r in stop_sessions(api, kernel_logger):
+        click.echo(f"stopped {r.name}: events lost {r.stats.events_lost:,}, buffers lost "
+                   f"{r.stats.log_buffers_lost + r.stats.real_time_buffers_lost:,}")
+        if r.renamed_to:
+            click.echo(f"trace: {r.renamed_to} (without sidecar: no driver PDB identities, no tag baseline)")
+        elif r.trace:
+            click.echo(f"trace: {r.trace}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

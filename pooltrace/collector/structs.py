@@ -1,8 +1,8 @@
 """Byte layouts of every structure the collector hands to Windows or reads back, built with ``struct`` so
 they are identical on any OS and testable byte for byte (etw-collector.md §1.2, §2, §3.2, §4.2, §9).
 
-Windows structures here are little-endian with MSVC alignment. ``pointer_size`` (8 for x64, 4 for x86)
-is the size of a pointer in the *calling process*, which on a supported setup equals the kernel's.
+x64 only (the recorder runs on 64-bit Windows with 64-bit Python; see providers/session.toml): little-endian,
+MSVC alignment, 8-byte pointers and handles.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ PROPERTIES = {
     "FreeBuffers": 0x54, "EventsLost": 0x58, "BuffersWritten": 0x5C, "LogBuffersLost": 0x60,
     "RealTimeBuffersLost": 0x64, "LoggerThreadId": 0x68,
 }
-# LoggerThreadId is a HANDLE, so the two offsets after it depend on the pointer size.
-NAME_OFFSETS = {8: {"LogFileNameOffset": 0x70, "LoggerNameOffset": 0x74},
-                4: {"LogFileNameOffset": 0x6C, "LoggerNameOffset": 0x70}}
+# LoggerThreadId is a HANDLE (8 bytes on x64), so the name offsets follow at 0x70 and 0x74.
+NAME_OFFSETS = {"LogFileNameOffset": 0x70, "LoggerNameOffset": 0x74}
 NAME_ROOM_CHARS = 1024  # UTF-16 characters reserved for the logger name and for the log file name
-MAX_EXTENSION_OFFSET = 0xFFFF  # TRACE_ENABLE_FLAG_EXTENSION.Offset is a USHORT
 
 
 def _align(n: int, to: int) -> int:
@@ -42,24 +40,20 @@ def _put(buf: bytearray, offset: int, fmt: str, value: int) -> None:
     struct.pack_into("<" + fmt, buf, offset, value)
 
 
-def build_properties(*, pointer_size: int, guid: uuid.UUID | None = None, logger_name: str = "",
+def build_properties(*, guid: uuid.UUID | None = None, logger_name: str = "",
                      log_file: str | None = None, wnode_flags: int = 0, client_context: int = 0,
                      buffer_size_kb: int = 0, minimum_buffers: int = 0, maximum_buffers: int = 0,
                      maximum_file_size_mb: int = 0, log_file_mode: int = 0, flush_timer_s: int = 0,
-                     enable_flags: int = 0, extension: bytes = b"") -> bytearray:
-    """EVENT_TRACE_PROPERTIES followed by room for the logger name, the log file name and, when given,
-    an EnableFlags extension block (whose offset then goes into EnableFlags, §4.2.1).
+                     enable_flags: int = 0) -> bytearray:
+    """EVENT_TRACE_PROPERTIES followed by room for the logger name and the log file name.
 
-    The same shape serves StartTrace (all settings) and ControlTrace (all zero but the sizes and offsets,
-    so Windows can return the statistics and both names in it)."""
-    if pointer_size not in NAME_OFFSETS:
-        raise ValueError(f"pointer size {pointer_size}")
+    The same shape serves StartTrace (all settings) and ControlTrace (all zero but the sizes, offsets and
+    Wnode.Guid, so Windows can return the statistics and both names in it)."""
     name_off = PROPERTIES_SIZE
     name_room = 2 * max(NAME_ROOM_CHARS, len(logger_name) + 1)
     file_off = name_off + name_room
     file_room = 2 * max(NAME_ROOM_CHARS, len(log_file or "") + 1)
-    ext_off = _align(file_off + file_room, 8)
-    total = ext_off + len(extension)
+    total = _align(file_off + file_room, 8)
     buf = bytearray(total)
     _put(buf, WNODE["BufferSize"], "I", total)
     if guid is not None:
@@ -72,15 +66,9 @@ def build_properties(*, pointer_size: int, guid: uuid.UUID | None = None, logger
     _put(buf, PROPERTIES["MaximumFileSize"], "I", maximum_file_size_mb)
     _put(buf, PROPERTIES["LogFileMode"], "I", log_file_mode)
     _put(buf, PROPERTIES["FlushTimer"], "I", flush_timer_s)
-    if extension:
-        if ext_off > MAX_EXTENSION_OFFSET:
-            raise ValueError("the log file name is too long for the EnableFlags extension block")
-        enable_flags = extension_enable_flags(ext_off)
-        buf[ext_off:] = extension
     _put(buf, PROPERTIES["EnableFlags"], "I", enable_flags)
-    offsets = NAME_OFFSETS[pointer_size]
-    _put(buf, offsets["LoggerNameOffset"], "I", name_off)
-    _put(buf, offsets["LogFileNameOffset"], "I", file_off)
+    _put(buf, NAME_OFFSETS["LoggerNameOffset"], "I", name_off)
+    _put(buf, NAME_OFFSETS["LogFileNameOffset"], "I", file_off)
     name = _utf16z(logger_name)
     buf[name_off:name_off + len(name)] = name
     if log_file:
@@ -115,13 +103,12 @@ class SessionStats:
     log_file: str
 
     @classmethod
-    def parse(cls, buf: bytes, pointer_size: int) -> SessionStats:
+    def parse(cls, buf: bytes) -> SessionStats:
         def u32(name: str) -> int:
             return struct.unpack_from("<I", buf, PROPERTIES[name])[0]
 
-        offsets = NAME_OFFSETS[pointer_size]
-        name_off = struct.unpack_from("<I", buf, offsets["LoggerNameOffset"])[0]
-        file_off = struct.unpack_from("<I", buf, offsets["LogFileNameOffset"])[0]
+        name_off = struct.unpack_from("<I", buf, NAME_OFFSETS["LoggerNameOffset"])[0]
+        file_off = struct.unpack_from("<I", buf, NAME_OFFSETS["LogFileNameOffset"])[0]
         return cls(u32("BufferSize"), u32("NumberOfBuffers"), u32("FreeBuffers"), u32("EventsLost"),
                    u32("BuffersWritten"), u32("LogBuffersLost"), u32("RealTimeBuffersLost"), u32("LogFileMode"),
                    u32("MaximumFileSize"), _read_utf16z(buf, name_off), _read_utf16z(buf, file_off))
@@ -159,25 +146,24 @@ def parse_group_mask_information(buf: bytes) -> tuple[int, ...]:
     return struct.unpack_from("<8I", buf, PERF_INFO_HEADER.size)
 
 
-# --- EnableFlags extension block (§4.2.1) ----------------------------------------------------------------
-EXT_FLAG = 0x80  # TRACE_ENABLE_FLAG_EXTENSION.Flag, byte 3 of EnableFlags
-EXT_LENGTH_ITEMS = 0xFF  # .Length = 0xFF: "items" format
+def parse_ulong_list(buf: bytes, returned: int) -> tuple[int, ...]:
+    """The ULONGs of a queried class 6 (hook ids) or class 10 (tags): the kernel says how many through the
+    returned length, 16 + 4n (EtwQueryPerformanceTraceInformation, 11-24H2 pseudocode)."""
+    n = (returned - PERF_INFO_HEADER.size) // 4
+    if n < 0 or PERF_INFO_HEADER.size + 4 * n > len(buf):
+        raise ValueError(f"returned length {returned} does not fit a {len(buf)}-byte buffer")
+    return struct.unpack_from(f"<{n}I", buf, PERF_INFO_HEADER.size)
 
 
-def extension_enable_flags(offset: int) -> int:
-    """EnableFlags reinterpreted as TRACE_ENABLE_FLAG_EXTENSION {USHORT Offset; UCHAR Length; UCHAR Flag}."""
-    if offset % 2 or not 0 < offset <= MAX_EXTENSION_OFFSET:
-        raise ValueError(f"bad extension offset {offset}")
-    return EXT_FLAG << 24 | EXT_LENGTH_ITEMS << 16 | offset
+# --- TOKEN_PRIVILEGES for AdjustTokenPrivileges (winnt.h) -------------------------------------------------
+TOKEN_PRIVILEGES_ONE = struct.Struct("<IIiI")  # PrivilegeCount; LUID {LowPart; HighPart}; Attributes = 16 bytes
+SE_PRIVILEGE_ENABLED = 0x00000002
 
 
-def flag_extension(items: Sequence[tuple[int, Sequence[int]]]) -> bytes:
-    """TRACE_ENABLE_FLAG_EXT_HEADER {USHORT Length (dwords, all); USHORT Items} then, per item,
-    TRACE_ENABLE_FLAG_EXT_ITEM {USHORT Offset (dwords incl. itself); USHORT Type} and its dwords.
-    Items with no dwords are left out."""
-    items = [(t, list(d)) for t, d in items if len(d)]
-    body = b"".join(struct.pack("<HH", len(d) + 1, t) + struct.pack(f"<{len(d)}I", *d) for t, d in items)
-    return struct.pack("<HH", 1 + len(body) // 4, len(items)) + body
+def token_privileges(luid: int) -> bytes:
+    """TOKEN_PRIVILEGES with one LUID_AND_ATTRIBUTES (LUID 8 bytes + Attributes 4, 4-byte aligned) enabling
+    the privilege."""
+    return TOKEN_PRIVILEGES_ONE.pack(1, luid & 0xFFFFFFFF, luid >> 32, SE_PRIVILEGE_ENABLED)
 
 
 # --- NtQuerySystemInformation results -------------------------------------------------------------------
@@ -194,25 +180,22 @@ class PoolTagCounters:
     nonpaged_used: int
 
 
-def _pooltag_layout(pointer_size: int) -> tuple[int, struct.Struct]:
-    # SYSTEM_POOLTAG_INFORMATION {ULONG Count; SYSTEM_POOLTAG TagInfo[]}: the array is aligned to the
-    # SIZE_T inside SYSTEM_POOLTAG, so it starts at 8 on x64 and 4 on x86 (40- and 28-byte entries, §5.1).
-    if pointer_size == 8:
-        return 8, struct.Struct("<III4xQIIQ")
-    return 4, struct.Struct("<IIIIIII")
+# SYSTEM_POOLTAG_INFORMATION {ULONG Count; SYSTEM_POOLTAG TagInfo[]}: the array is aligned to the SIZE_T
+# inside SYSTEM_POOLTAG, so it starts at 8, with 40-byte entries (§5.1).
+POOLTAG_START, POOLTAG_ENTRY = 8, struct.Struct("<III4xQIIQ")
 
 
-def parse_pool_tag_information(buf: bytes, pointer_size: int) -> list[PoolTagCounters]:
-    start, entry = _pooltag_layout(pointer_size)
+def parse_pool_tag_information(buf: bytes) -> list[PoolTagCounters]:
+    start, entry = POOLTAG_START, POOLTAG_ENTRY
     (count,) = struct.unpack_from("<I", buf, 0)
     if start + count * entry.size > len(buf):
         raise ValueError(f"SYSTEM_POOLTAG_INFORMATION: {count} entries do not fit in {len(buf)} bytes")
     return [PoolTagCounters(*entry.unpack_from(buf, start + i * entry.size)) for i in range(count)]
 
 
-def build_pool_tag_information(entries: Sequence[PoolTagCounters], pointer_size: int) -> bytes:
+def build_pool_tag_information(entries: Sequence[PoolTagCounters]) -> bytes:
     """The inverse of parse_pool_tag_information (what NtQuerySystemInformation class 22 returns)."""
-    start, entry = _pooltag_layout(pointer_size)
+    start, entry = POOLTAG_START, POOLTAG_ENTRY
     out = bytearray(start + len(entries) * entry.size)
     struct.pack_into("<I", out, 0, len(entries))
     for i, e in enumerate(entries):
@@ -230,36 +213,46 @@ class LoadedModule:
     path: str  # as the kernel keeps it: \SystemRoot\..., \??\C:\..., \Device\...
 
 
-def _module_layout(pointer_size: int) -> tuple[int, struct.Struct]:
-    # RTL_PROCESS_MODULES {ULONG NumberOfModules; RTL_PROCESS_MODULE_INFORMATION Modules[]} with
-    # {HANDLE Section; PVOID MappedBase; PVOID ImageBase; ULONG ImageSize; ULONG Flags; USHORT LoadOrderIndex,
-    #  InitOrderIndex, LoadCount, OffsetToFileName; UCHAR FullPathName[256]} (phnt ntldr.h; 296 bytes on x64,
-    # 284 on x86). Not in the reference notes and not checked against a live system.
-    if pointer_size == 8:
-        return 8, struct.Struct("<QQQIIHHHH256s")
-    return 4, struct.Struct("<IIIIIHHHH256s")
+# RTL_PROCESS_MODULES {ULONG NumberOfModules; RTL_PROCESS_MODULE_INFORMATION Modules[]} with
+# {HANDLE Section; PVOID MappedBase; PVOID ImageBase; ULONG ImageSize; ULONG Flags; USHORT LoadOrderIndex,
+#  InitOrderIndex, LoadCount, OffsetToFileName; UCHAR FullPathName[256]} (phnt ntldr.h; 296 bytes on x64,
+# the array 8-aligned after the count).
+MODULES_START, MODULE_ENTRY = 8, struct.Struct("<QQQIIHHHH256s")
 
 
-def parse_module_information(buf: bytes, pointer_size: int) -> list[LoadedModule]:
-    start, entry = _module_layout(pointer_size)
+def ansi_codec(code_page: int) -> str:
+    """The Python codec for a Windows ANSI code page (GetACP); cp1252 when Python does not know it."""
+    import codecs
+
+    for name in (f"cp{code_page}", "cp1252"):
+        try:
+            return codecs.lookup(name).name
+        except LookupError:
+            continue
+    raise AssertionError
+
+
+def parse_module_information(buf: bytes, code_page: int = 1252) -> list[LoadedModule]:
+    """FullPathName is a char array in the ANSI code page (not ASCII): decoded with ``code_page``."""
+    start, entry = MODULES_START, MODULE_ENTRY
     (count,) = struct.unpack_from("<I", buf, 0)
     if start + count * entry.size > len(buf):
         raise ValueError(f"RTL_PROCESS_MODULES: {count} modules do not fit in {len(buf)} bytes")
+    codec = ansi_codec(code_page)
     out = []
     for i in range(count):
         _, _, base, size, _, _, _, _, _, name = entry.unpack_from(buf, start + i * entry.size)
-        # FullPathName is in the ANSI code page; driver paths are ASCII in practice, latin-1 keeps any byte
-        out.append(LoadedModule(base, size, name.split(b"\0", 1)[0].decode("latin-1")))
+        out.append(LoadedModule(base, size, name.split(b"\0", 1)[0].decode(codec, errors="replace")))
     return out
 
 
-def build_module_information(modules: Sequence[LoadedModule], pointer_size: int) -> bytes:
+def build_module_information(modules: Sequence[LoadedModule], code_page: int = 1252) -> bytes:
     """The inverse of parse_module_information (what NtQuerySystemInformation class 11 returns)."""
-    start, entry = _module_layout(pointer_size)
+    start, entry = MODULES_START, MODULE_ENTRY
     out = bytearray(start + len(modules) * entry.size)
     struct.pack_into("<I", out, 0, len(modules))
     for i, m in enumerate(modules):
-        raw = m.path.encode("latin-1")
+        raw = m.path.encode(ansi_codec(code_page))
         name_at = raw.rfind(b"\\") + 1
         entry.pack_into(out, start + i * entry.size, 0, 0, m.base, m.size, 0, i, i, 1, name_at, raw)
     return bytes(out)

@@ -49,6 +49,12 @@ def parse_pattern(text: str) -> TagPattern:
     return TagPattern(shown, value)
 
 
+def pattern_text(value: int) -> str:
+    """A tag pattern as read back from the kernel, written as --tag takes it (``*`` ends it)."""
+    raw = value.to_bytes(4, "little")
+    return format_tag(value).split("*", 1)[0] + "*" if REST in raw else format_tag(value)
+
+
 def parse_patterns(texts: Iterable[str]) -> tuple[TagPattern, ...]:
     """Validated, de-duplicated patterns; more than the kernel's 4 is an error."""
     out: list[TagPattern] = []

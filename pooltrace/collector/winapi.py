@@ -1,10 +1,11 @@
-"""The one module that talks to Windows: advapi32 (StartTraceW, ControlTraceW, TraceSetInformation), ntdll
-(NtSetSystemInformation, NtQuerySystemInformation), kernel32, shell32 and the registry.
+"""The one module that talks to Windows: advapi32 (StartTraceW, ControlTraceW, QueryAllTracesW,
+TraceSetInformation, the token privilege calls), ntdll (NtSetSystemInformation, NtQuerySystemInformation),
+kernel32 and shell32.
 
-Windows-only; imported lazily by ``pooltrace record``/``stop`` after the platform check, never on import
-of pooltrace. Thin on purpose: every method passes bytes built elsewhere (:mod:`.structs`) and returns
-the raw Win32 error or NTSTATUS; all decisions live in :mod:`.session`, which is tested on any OS against
-a recording fake of this class.
+Windows-only; imported lazily by ``pooltrace record``/``stop``/``doctor`` after the platform check, never on
+import of pooltrace. Thin on purpose: every method passes bytes built elsewhere (:mod:`.structs`) and
+returns the raw Win32 error or NTSTATUS; all decisions live above it (contract: :mod:`.boundary`), tested
+on any OS against a recording fake of this class.
 
 StartTraceW, ControlTraceW, TRACEHANDLE and EVENT_TRACE_PROPERTIES come from pywintrace (module ``etw``)
 when it is installed; it has no TraceSetInformation, group masks or filters, so those are declared here,
@@ -23,9 +24,9 @@ from typing import BinaryIO
 if sys.platform != "win32":  # pragma: no cover - guarded by the CLI; keeps a stray import from half-working
     raise ImportError("pooltrace.collector.winapi works on Windows only")
 
-import winreg  # noqa: E402 - Windows-only standard module
+from pooltrace.collector.structs import PROPERTIES_SIZE, token_privileges  # noqa: E402
 
-PROPERTIES_SIZE = 0x78
+TOKEN_ADJUST_PRIVILEGES, TOKEN_QUERY = 0x0020, 0x0008
 _HANDLER_ROUTINE = ct.WINFUNCTYPE(wt.BOOL, wt.DWORD)
 
 
@@ -49,7 +50,7 @@ class WinApi:
     """The real Windows boundary (see pooltrace.collector.session.WindowsApi for the contract)."""
 
     def __init__(self) -> None:
-        advapi = ct.WinDLL("advapi32")  # a private loader instance
+        advapi = ct.WinDLL("advapi32", use_last_error=True)  # a private loader instance
         pw = _pywintrace()
         if pw is not None:
             self._start, self._control = pw.StartTraceW, pw.ControlTraceW
@@ -64,17 +65,26 @@ class WinApi:
                                      ct.c_ulong)
         self._set_info = _declare(advapi.TraceSetInformation, [ct.c_uint64, ct.c_int, ct.c_void_p, ct.c_ulong],
                                   ct.c_ulong)
+        self._query_all = _declare(advapi.QueryAllTracesW, [ct.POINTER(ct.c_void_p), ct.c_ulong,
+                                                            ct.POINTER(ct.c_ulong)], ct.c_ulong)
+        self._open_token = _declare(advapi.OpenProcessToken, [wt.HANDLE, wt.DWORD, ct.POINTER(wt.HANDLE)], wt.BOOL)
+        self._lookup_privilege = _declare(advapi.LookupPrivilegeValueW, [wt.LPCWSTR, wt.LPCWSTR,
+                                                                        ct.POINTER(ct.c_uint64)], wt.BOOL)
+        self._adjust_privileges = _declare(advapi.AdjustTokenPrivileges, [wt.HANDLE, wt.BOOL, ct.c_void_p, wt.DWORD,
+                                                                          ct.c_void_p, ct.c_void_p], wt.BOOL)
         ntdll = ct.WinDLL("ntdll")
         self._nt_set = _declare(ntdll.NtSetSystemInformation, [ct.c_ulong, ct.c_void_p, ct.c_ulong], ct.c_long)
         self._nt_query = _declare(ntdll.NtQuerySystemInformation,
                                   [ct.c_ulong, ct.c_void_p, ct.c_ulong, ct.POINTER(ct.c_ulong)], ct.c_long)
-        k32 = ct.WinDLL("kernel32")
+        k32 = ct.WinDLL("kernel32", use_last_error=True)
         self._console_ctrl = _declare(k32.SetConsoleCtrlHandler, [_HANDLER_ROUTINE, wt.BOOL], wt.BOOL)
         self._query_dos_device = _declare(k32.QueryDosDeviceW, [wt.LPCWSTR, wt.LPWSTR, wt.DWORD], wt.DWORD)
         self._logical_drives = _declare(k32.GetLogicalDrives, [], wt.DWORD)
         self._windows_dir = _declare(k32.GetSystemWindowsDirectoryW, [wt.LPWSTR, wt.UINT], wt.UINT)
         self._is_wow64 = _declare(k32.IsWow64Process, [wt.HANDLE, ct.POINTER(wt.BOOL)], wt.BOOL)
         self._current_process = _declare(k32.GetCurrentProcess, [], wt.HANDLE)
+        self._close_handle = _declare(k32.CloseHandle, [wt.HANDLE], wt.BOOL)
+        self._get_acp = _declare(k32.GetACP, [], wt.UINT)
         self._is_admin = _declare(ct.WinDLL("shell32").IsUserAnAdmin, [], wt.BOOL)
         self._console_callback = None
 
@@ -95,14 +105,26 @@ class WinApi:
     def is_admin(self) -> bool:
         return bool(self._is_admin())
 
-    def registry_dword(self, key: str, value: str) -> int | None:
+    def ansi_code_page(self) -> int:
+        return int(self._get_acp())
+
+    def enable_privilege(self, name: str) -> int:
+        """Enable a privilege the token holds: 0, ERROR_NOT_ALL_ASSIGNED (1300) when it does not hold it
+        (AdjustTokenPrivileges then still returns TRUE), or the Win32 error of the failing call."""
+        token = wt.HANDLE()
+        if not self._open_token(self._current_process(), TOKEN_ADJUST_PRIVILEGES | TOKEN_QUERY, ct.byref(token)):
+            return ct.get_last_error()
         try:
-            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, key, 0,
-                                winreg.KEY_READ | winreg.KEY_WOW64_64KEY) as k:
-                data, kind = winreg.QueryValueEx(k, value)
-        except OSError:
-            return None
-        return int(data) if kind == winreg.REG_DWORD else None
+            luid = ct.c_uint64(0)  # LUID {DWORD LowPart; LONG HighPart}: 8 bytes, low part first
+            if not self._lookup_privilege(None, name, ct.byref(luid)):
+                return ct.get_last_error()
+            state = self._aligned(token_privileges(luid.value))
+            ct.set_last_error(0)
+            if not self._adjust_privileges(token, False, state, 0, None, None):
+                return ct.get_last_error()
+            return ct.get_last_error()  # 0 or ERROR_NOT_ALL_ASSIGNED
+        finally:
+            self._close_handle(token)
 
     def free_bytes(self, directory: str) -> int:
         return shutil.disk_usage(directory).free
@@ -145,6 +167,15 @@ class WinApi:
         status = self._control(self._handle_type(handle), name, ct.cast(arr, self._props_type), code)
         properties[:] = ct.string_at(arr, len(properties))
         return int(status)
+
+    def query_all_traces(self, buffers: list[bytearray]) -> tuple[int, int]:
+        arrays = [self._aligned(b) for b in buffers]
+        pointers = (ct.c_void_p * len(arrays))(*[ct.addressof(a) for a in arrays])
+        count = ct.c_ulong(0)
+        status = self._query_all(pointers, len(arrays), ct.byref(count))
+        for buf, arr in zip(buffers, arrays, strict=True):
+            buf[:] = ct.string_at(arr, len(buf))
+        return int(status), int(count.value)
 
     def trace_set_information(self, handle: int, info_class: int, data: bytes) -> int:
         arr = self._aligned(data)
