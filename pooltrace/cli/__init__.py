@@ -22,10 +22,11 @@ SHORT_HELP = {
     "pair": "Match every pool allocation with its free, attach stacks, and write allocations.parquet, "
             "stacks.parquet, modules.parquet and trace.json (schema in the README).",
     "profile": "Write a WPR profile (.wprp) with the settings `pooltrace record` uses, for recording with WPR.",
-    "record": "Record kernel pool allocations with their stacks into OUT.etl (Windows 7+, administrator).",
+    "record": "Record kernel pool allocations with their stacks into OUT.etl (Windows 8.1+, x64, elevated).",
     "report": "Outstanding pool allocations (allocated inside the window, not freed by its end — WPA's AIFO), "
               "grouped and symbolized.",
-    "stop": "Stop a recording session left behind by a crashed `pooltrace record` (Windows, administrator).",
+    "stop": "Stop every pooltrace recording session still running: one left by a killed `pooltrace record`, or "
+            "one that outlived a logoff or shutdown (Windows, elevated).",
     "tags": "Per tag and pool type: allocs, frees, diff, outstanding bytes, bytes per alloc, owner modules (from "
             "the allocating stacks) and the pooltag.txt description.",
     "whose": "Who owns pool tag TAG: call sites in a trace (PATH: a .etl or a dataset directory), the user's "
