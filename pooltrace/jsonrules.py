@@ -67,7 +67,7 @@ def _finite_float(text: str) -> float | _NonFinite:
 
 
 class Field:
-    """One value's rule: `kind` (str, int, number, hex, guid, filename, list, object), an integer range,
+    """One value's rule: `kind` (str, bool, int, number, hex, guid, filename, list, object), an integer range,
     nullable, required (an object lacking it is dropped), the rule of a list's items, of an object's known
     members, or of every value of an object whose keys are data (`values`)."""
 
@@ -107,6 +107,8 @@ def _why(value, f: Field) -> str | None:
     k = f.kind
     if k == "str":
         return None if isinstance(value, str) else "not a string"
+    if k == "bool":
+        return None if isinstance(value, bool) else "not true or false"
     if k == "filename":
         return None if isinstance(value, str) and value and not re.search(r"[\\/:\x00]", value) \
             else "not a plain file name"

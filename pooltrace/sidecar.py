@@ -30,6 +30,7 @@
          "base": "0xfffff80412340000",            # hex string; "0x0" where Windows hides kernel addresses
          "size": 32768, "timedatestamp": 1597905451, "checksum": 0,
          "pdb_name": "leaky.pdb", "pdb_guid": "6c5a0b8e-...", "pdb_age": 2,   # pdb_*: null without RSDS
+         "pdb_path": "C:\\build\\leaky.pdb",   # the RSDS record's name as written; pdb_name its file name
          "source": "snapshot" | "trace"}        # trace: named only by the trace's ImageLoad events, checked
                                                 # against the file's TimeDateStamp and SizeOfImage
       ],
@@ -125,11 +126,19 @@ SCHEMA = Field("object", members={
         "seconds": opt("number"), "stopped_by": opt("str"), "command": opt("list", item=Field("str")),
         "command_exit_code": opt("int", lo=-(1 << 63), hi=U64), "events_lost": opt("int", hi=U64),
         "buffers_lost": opt("int", hi=U64), "realtime_buffers_lost": opt("int", hi=U64),
-        "buffers_written": opt("int", hi=U64)}),
+        "buffers_written": opt("int", hi=U64), "circular": opt("bool"),
+        "kernel_state": opt("object", members={
+            "pool_enabled": opt("bool"), "group_masks": opt("list", item=Field("hex")),
+            "stacks_enabled": opt("bool"), "stack_hooks": opt("list", item=Field("hex")),
+            "stacks_set_by": opt("str"), "group_mask_set_by": opt("str"),
+            "tag_filter": opt("list", item=Field("str")), "tag_filter_in_effect": opt("bool"),
+            "unverified": opt("list", item=Field("str"))}),
+        "debug_privilege": opt("str"), "module_bases": opt("str")}),
     "modules": opt("list", item=Field("object", members={
         "name": Field("str", required=True), "nt_path": opt("str"), "path": opt("str"), "base": opt("hex"),
         "size": opt("int", hi=U64), "timedatestamp": opt("int", hi=U32), "checksum": opt("int", hi=U32),
-        "pdb_name": opt("filename"), "pdb_guid": opt("guid"), "pdb_age": opt("int", hi=U32)})),
+        "pdb_name": opt("filename"), "pdb_guid": opt("guid"), "pdb_age": opt("int", hi=U32),
+        "pdb_path": opt("str"), "source": opt("str")})),
     "module_errors": opt("list", item=Field("object", members={
         "nt_path": opt("str"), "path": opt("str"), "error": opt("str")})),
     "pool_tags": opt("object", members={

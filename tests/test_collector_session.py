@@ -23,6 +23,7 @@ from pooltrace.collector.plan import RecordRequest
 from pooltrace.collector.recorder import Recorder
 from pooltrace.collector.stop import stop_sessions
 from pooltrace.errors import PooltraceError
+from pooltrace.sidecar import load_sidecar
 from tests.collector_fake import (
     ERROR_ACCESS_DENIED,
     ERROR_ALREADY_EXISTS,
@@ -500,8 +501,9 @@ def test_sidecar_holds_driver_identities_and_the_tag_baseline(fake, tmp_path):
     leaky = mods["leaky.sys"]
     assert leaky == {"name": "leaky.sys", "nt_path": "\\Device\\HarddiskVolume3\\drivers\\leaky.sys",
                      "path": "C:\\drivers\\leaky.sys", "base": f"0x{NT_BASE + 0x7A40000:x}", "size": 0x8000,
-                     "timedatestamp": 0x5F3E1A2B, "checksum": 0x1234, "pdb_name": "C:\\build\\leaky.pdb",
-                     "pdb_guid": "6c5a0b8e-9f1d-4e1b-a7c2-3d4e5f607182", "pdb_age": 2, "source": "snapshot"}
+                     "timedatestamp": 0x5F3E1A2B, "checksum": 0x1234, "pdb_name": "leaky.pdb",
+                     "pdb_guid": "6c5a0b8e-9f1d-4e1b-a7c2-3d4e5f607182", "pdb_age": 2, "source": "snapshot",
+                     "pdb_path": "C:\\build\\leaky.pdb"}
     assert mods["ntoskrnl.exe"]["path"] == "C:\\Windows\\system32\\ntoskrnl.exe"
     assert side["module_errors"] == [{"nt_path": "\\SystemRoot\\System32\\drivers\\gone.sys",
                                       "path": "C:\\Windows\\System32\\drivers\\gone.sys",
@@ -517,6 +519,8 @@ def test_sidecar_holds_driver_identities_and_the_tag_baseline(fake, tmp_path):
     assert rec["logger"] == "pooltrace" and rec["logger_kind"] == "private" and rec["tag_filter"] == ["Le*"]
     assert rec["stacks"] == ["PoolAlloc", "PoolAllocSession"] and rec["events_lost"] == 0
     assert result.modules == 2 and result.module_errors == 1
+    clean, problems = load_sidecar(result.output)  # what the analyzer's schema check makes of it
+    assert problems == [] and clean == side
 
 
 def test_pool_tag_buffer_grows_until_it_fits(fake, tmp_path):

@@ -17,6 +17,7 @@ from pooltrace.collector.plan import RecordRequest
 from pooltrace.collector.recorder import Recorder
 from pooltrace.dataset import pair_trace
 from pooltrace.etl.writer import TraceWriter
+from pooltrace.sidecar import load_sidecar
 from tests.collector_fake import STATUS_NOT_SUPPORTED, FakeWindows, PoolTag, make_pe
 
 NT_BASE = 0xFFFFF80412000000
@@ -109,6 +110,7 @@ def test_a_read_back_the_kernel_does_not_answer_is_said_not_fatal(fake, tmp_path
     result = run(fake, tmp_path)
     assert any(w.startswith("could not read back the stack-walk hooks: STATUS_NOT_SUPPORTED (0xC00000BB)")
                for w in result.warnings)
+    assert load_sidecar(result.output)[1] == []  # every new field passes the analyzer's schema check
     state = json.loads(result.sidecar.read_text())["recording"]["kernel_state"]
     assert state["stacks_enabled"] is None and state["unverified"] == [
         "the stack-walk hooks: STATUS_NOT_SUPPORTED (0xC00000BB)"]
@@ -184,6 +186,7 @@ def test_a_driver_loaded_and_unloaded_during_the_trace_gets_its_identity_from_th
         "nt_path": "\\??\\C:\\drivers\\stale.sys", "path": "C:\\drivers\\stale.sys",
         "error": "the file on disk (TimeDateStamp 0x33333333, SizeOfImage 0x3000) is not the image loaded during "
                  "the trace (0x22222222, 0x3000)"}]
+    assert load_sidecar(result.output)[1] == []
     pair_trace(result.output, tmp_path / "ds")  # pair joins the trace-only identity into modules.parquet
     import pyarrow.parquet as pq
 

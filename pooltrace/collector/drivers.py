@@ -67,9 +67,16 @@ def image_identities(modules: Iterable[LoadedModule], system_root: str, dos_devi
         rows.append({
             "name": ntpath.basename(m.path), "nt_path": m.path, "path": path, "base": f"0x{m.base:x}",
             "size": m.size or ident.size_of_image, "timedatestamp": ident.timedatestamp, "checksum": ident.checksum,
-            "pdb_name": ident.pdb_name, "pdb_guid": ident.pdb_guid, "pdb_age": ident.pdb_age,
+            "pdb_name": pdb_file_name(ident.pdb_name), "pdb_guid": ident.pdb_guid, "pdb_age": ident.pdb_age,
+            "pdb_path": ident.pdb_name,
         })
     return rows, errors
+
+
+def pdb_file_name(pdb_path: str | None) -> str | None:
+    """The PDB's file name from an RSDS record's name (often the linker's full path): what symbol servers
+    and the sidecar's pdb_name use."""
+    return ntpath.basename(pdb_path.replace("/", "\\")) or None if pdb_path else None
 
 
 def _reason(exc: Exception) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pooltrace.collector.boundary import WindowsApi
 from pooltrace.collector.config import constants
-from pooltrace.collector.drivers import dos_path, image_identities
+from pooltrace.collector.drivers import dos_path, image_identities, pdb_file_name
 from pooltrace.collector.messages import nt, win32
 from pooltrace.collector.pe import PeError, read_identity
 from pooltrace.collector.structs import LoadedModule, parse_module_information, parse_pool_tag_information
@@ -176,6 +176,7 @@ def trace_identities(images: Iterable[TraceImage], system_root: str, dos_devices
         rows.append({
             "name": ntpath.basename(img.path), "nt_path": img.path, "path": path, "base": f"0x{img.base:x}",
             "size": img.size, "timedatestamp": ident.timedatestamp, "checksum": ident.checksum,
-            "pdb_name": ident.pdb_name, "pdb_guid": ident.pdb_guid, "pdb_age": ident.pdb_age, "source": "trace",
+            "pdb_name": pdb_file_name(ident.pdb_name), "pdb_guid": ident.pdb_guid, "pdb_age": ident.pdb_age,
+            "pdb_path": ident.pdb_name, "source": "trace",
         })
     return rows, errors
