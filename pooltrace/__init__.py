@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["Owners", "TraceDataset", "__version__", "diff", "open", "whose"]
+__all__ = ["Owners", "TraceDataset", "__version__", "diff", "open", "trend", "whose"]
 
 if TYPE_CHECKING:
-    from pooltrace.api import Owners, TraceDataset, diff, open, whose  # noqa: A004
+    from pooltrace.api import Owners, TraceDataset, diff, open, trend, whose  # noqa: A004
 
 
 def __getattr__(name: str):

@@ -106,6 +106,12 @@ def load_dataset(path: Path) -> Dataset:
     check_no_nulls(path / "allocations.parquet", table,
                    ["tag", "fate", "pool_type", "size", "address", "pid", "tid", "cpu", "paged", "session"])
     check_no_nulls(path / "stacks.parquet", stacks, ["stack_id"])
+    return dataset_from_tables(path, trace, table, stacks, modules)
+
+
+def dataset_from_tables(path: Path, trace: dict, table: pa.Table, stacks: pa.Table, modules: pa.Table) -> Dataset:
+    """A Dataset from its tables (allocation COLUMNS, tag and fate read as dictionaries or not): a run
+    store selects only the rows a query needs and builds the Dataset from them."""
     tag = _dictionary(table["tag"])
     rows = {"tag": tag.indices.to_numpy(zero_copy_only=False).astype(np.int32), "fate": _dictionary(table["fate"])}
     for name in ("pool_type", "size", "address", "pid", "tid", "cpu"):

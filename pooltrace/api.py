@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from pooltrace.compare import Diff
+    from pooltrace.trends import RunReport  # noqa: F401
 
-__all__ = ["TraceDataset", "Owners", "open", "diff", "whose", "analyze", "make_symbolizer"]
+__all__ = ["TraceDataset", "Owners", "open", "diff", "trend", "whose", "analyze", "make_symbolizer", "run_reports"]
 
 Warn = Callable[[str], None]
 
@@ -223,6 +224,69 @@ def diff(base: str | Path | TraceDataset, new: str | Path | TraceDataset, *, by:
     df = _groups_frame(data["groups"], cols)
     df.attrs.update({"totals": data["totals"], "normalize": data["normalize"], "base_scale": data["base_scale"]})
     return df
+
+
+# ---- trend -------------------------------------------------------------------------------------------
+
+def run_reports(paths: Sequence[str | Path], *, run_ids: Sequence[str] = (), labels: Sequence[str] = (),
+                by: str = "stack", window: str | None = None, filters: Filters | None = None,
+                symbols: str | None = None, no_symbols: bool = False, quiet: bool = True, warn: Warn | None = None,
+                progress_for: Callable[[Path], Any] | None = None) -> list[RunReport]:
+    """The report of every run, in order: .etl files and datasets as given, runs of a store selected by id
+    or label (their outstanding rows read with one DuckDB query). `progress_for(path)`: a context manager
+    yielding a pairing progress callback (the CLI's bar)."""
+    from contextlib import nullcontext
+
+    from pooltrace.store import expand_inputs, outstanding_datasets
+    from pooltrace.trends import RunReport
+
+    items = expand_inputs([Path(p) for p in paths], run_ids, labels)
+    stored = [it for it in items if it["store"] is not None]
+    windows = []
+    for it in stored:
+        trace = _trace_facts(it["path"])
+        w = parse_window(window, trace.get("duration_ns"))
+        windows.append((w.start_ns, w.end_ns))
+    from_store = dict(zip([id(it) for it in stored], outstanding_datasets(stored, windows), strict=True))
+    out = []
+    for it in items:
+        ds = from_store.get(id(it))
+        if ds is None:
+            with progress_for(it["path"]) if progress_for else nullcontext(None) as progress:
+                ds = open_input(it["path"], progress=progress)
+        rep = analyze(ds, it["path"], by=by, window=window, filters=filters, symbols=symbols, no_symbols=no_symbols,
+                      quiet=quiet, warn=warn)[0]
+        source = (ds.trace.get("source") or {}).get("path") or str(it["path"])
+        out.append(RunReport(it["name"], source, rep, it["labels"]))
+    return out
+
+
+def _trace_facts(path: Path) -> dict:
+    from pooltrace.datasetcheck import read_trace_json
+
+    return read_trace_json(Path(path))
+
+
+def trend(*runs: str | Path, run: Sequence[str] = (), label: Sequence[str] = (), by: str = "stack",
+          window: str | None = None, tag: str | Sequence[str] | None = None, pool: str | None = None,
+          pid: int | Sequence[int] | None = None, module: str | Sequence[str] | None = None, min_bytes: int = 0,
+          tolerance: float = 0.10, symbols: str | None = None, no_symbols: bool = False) -> pd.DataFrame:
+    """`pooltrace trend` as a DataFrame: one row per group (frames, status, first_run, then bytes_K and
+    count_K for every run K); ``.attrs["runs"]`` describes the runs."""
+    from pooltrace.reporters.trendout import to_data
+    from pooltrace.trends import build_trend
+
+    reports = run_reports(runs, run_ids=run, labels=label, by=by, window=window,
+                          filters=_filters(tag, pool, pid, module, min_bytes), symbols=symbols, no_symbols=no_symbols)
+    data = to_data(build_trend(reports, tolerance))
+    n = len(reports)
+    groups = [{"frames": g["frames"], "status": g["status"], "first_run": g["first_run"],
+               **{f"bytes_{k + 1}": g["bytes"][k] for k in range(n)},
+               **{f"count_{k + 1}": g["count"][k] for k in range(n)}} for g in data["groups"]]
+    cols = ["status", "first_run", *[f"bytes_{k}" for k in range(1, n + 1)], *[f"count_{k}" for k in range(1, n + 1)]]
+    df = _groups_frame(groups, cols)
+    df.attrs.update({"runs": data["runs"], "by": by})
+    return df.astype({c: "int64" for c in cols[1:]})
 
 
 # ---- whose ----------------------------------------------------------------------------------------------

@@ -96,15 +96,20 @@ def scale_for(base: Report, new: Report, normalize: str | None) -> float:
     raise PooltraceError(f"--normalize: unknown mode {normalize!r}")
 
 
+def match_key(frames: list[str]) -> tuple[str, ...]:
+    """What makes two groups of different runs the same group (diff and trend both match with it)."""
+    return tuple(frames)
+
+
 def diff_reports(base: Report, new: Report, normalize: str | None = None) -> Diff:
     scale = scale_for(base, new, normalize)
     by_key: dict[tuple, DiffGroup] = {}
     for g in base.groups:
-        by_key[tuple(g.key)] = DiffGroup(list(g.key), g.count * scale, g.bytes * scale, 0, 0, dict(g.tags), {})
+        by_key[match_key(g.key)] = DiffGroup(list(g.key), g.count * scale, g.bytes * scale, 0, 0, dict(g.tags), {})
     for g in new.groups:
-        d = by_key.get(tuple(g.key))
+        d = by_key.get(match_key(g.key))
         if d is None:
-            by_key[tuple(g.key)] = DiffGroup(list(g.key), 0, 0, g.count, g.bytes, {}, dict(g.tags))
+            by_key[match_key(g.key)] = DiffGroup(list(g.key), 0, 0, g.count, g.bytes, {}, dict(g.tags))
         else:
             d.new_count, d.new_bytes, d.new_tags = g.count, g.bytes, dict(g.tags)
     groups = sorted(by_key.values(), key=lambda d: (-d.delta_bytes, STATUS_ORDER[d.status], d.frames))

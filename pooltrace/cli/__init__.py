@@ -15,7 +15,7 @@ from pooltrace import __version__
 
 # command -> the module defining it (modules stay importable under their own names)
 COMMANDS = {"info": "info", "pair": "pair", "report": "report", "tags": "tags", "diff": "diff", "whose": "whose",
-            "record": "record", "stop": "record", "profile": "record"}
+            "record": "record", "stop": "record", "profile": "record", "trend": "trend"}
 SHORT_HELP = {
     "diff": "Compare outstanding allocations of BASE and NEW (.etl files or datasets, e.g. before and after a fix).",
     "info": "OS build, CPUs, clock, duration, events by kind, losses, pool tracing/stack status, and a verdict.",
@@ -29,6 +29,8 @@ SHORT_HELP = {
             "one that outlived a logoff or shutdown (Windows, elevated).",
     "tags": "Per tag and pool type: allocs, frees, diff, outstanding bytes, bytes per alloc, owner modules (from "
             "the allocating stacks) and the pooltag.txt description.",
+    "trend": "Outstanding bytes per group across RUNs in order (.etl files, datasets, or a run STORE with --run or "
+             "--label).",
     "whose": "Who owns pool tag TAG: call sites in a trace (PATH: a .etl or a dataset directory), the user's "
              "pooltag.txt, and the driver files holding the tag (PATH: directories or files to scan).",
 }

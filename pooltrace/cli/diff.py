@@ -11,7 +11,7 @@ from rich.console import Console
 from pooltrace import api
 from pooltrace.analysis import BY, Filters, open_input
 from pooltrace.cli.common import EXIT_CHECK_FAILED, progress_bar, quiet_option, user_errors
-from pooltrace.cli.report import common_options, warn
+from pooltrace.cli.report import common_options, store_input, store_options, warn
 from pooltrace.compare import diff_reports, gate, parse_threshold
 from pooltrace.errors import PooltraceError
 from pooltrace.reporters import diffout
@@ -19,9 +19,10 @@ from pooltrace.reporters import diffout
 
 @click.command()
 @click.argument("base", type=click.Path(path_type=Path))
-@click.argument("new", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path), required=False)
 @click.option("--by", type=click.Choice(BY), default="stack", show_default=True)
 @common_options
+@store_options
 @click.option("--normalize", type=click.Choice(["duration", "allocs"]), is_flag=False, flag_value="duration",
               help="Scale BASE to NEW's duration (--normalize) or allocation count (--normalize=allocs).")
 @click.option("--fail-on-growth", metavar="BYTES|PCT", help="Exit 1 if outstanding bytes grew by more than this "
@@ -33,10 +34,11 @@ from pooltrace.reporters import diffout
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write to FILE.")
 @quiet_option
 @user_errors
-def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, normalize,
+def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, run_ids, labels, normalize,
          fail_on_growth, per_group, top, fmt, output, quiet) -> None:
     """Compare outstanding allocations of BASE and NEW (.etl files or datasets, e.g. before and after a
-    fix). Groups are matched by module-relative frames, never by address."""
+    fix). Groups are matched by module-relative frames, never by address. Runs of a run STORE: give the
+    STORE and pick two runs with --run/--label (NEW omitted)."""
     if fail_on_growth:
         parse_threshold(fail_on_growth)  # reject a bad threshold before the work
     if per_group and not fail_on_growth:
@@ -45,7 +47,7 @@ def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, n
         raise PooltraceError("--format pprof is binary: give -o FILE")
     filters = Filters(list(tags), pool, list(pids), list(modules), min_bytes)
     reports = []
-    for path in (base, new):
+    for path in store_input([base] + ([new] if new is not None else []), run_ids, labels, 2):
         with progress_bar(path, quiet, "pairing") as progress:
             ds = open_input(path, progress=progress)
         reports.append(api.analyze(ds, path, by=by, window=window, filters=filters, symbols=symbols,

@@ -9,6 +9,8 @@ import click
 
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.dataset import DEFAULT_WINDOW_S, default_output, pair_trace
+from pooltrace.errors import PooltraceError
+from pooltrace.store import append_trace, check_run_id, parse_labels
 
 
 @click.command()
@@ -18,11 +20,24 @@ from pooltrace.dataset import DEFAULT_WINDOW_S, default_output, pair_trace
 @click.option("--stack-window", type=click.FloatRange(min=0), default=DEFAULT_WINDOW_S, show_default=True,
               help="Seconds of trace time a late stack part (user-mode half) may follow its event.")
 @click.option("--json", "as_json", is_flag=True, help="Print trace.json instead of the summary line.")
+@click.option("--into", "store", type=click.Path(path_type=Path, file_okay=False),
+              help="Append the run to this run STORE (Hive-partitioned Parquet; created when new) instead.")
+@click.option("--run-id", help="The run's ID in the STORE [default: UTC time, trace name and a random suffix].")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Label the run in the STORE (build=1234, machine=lab7). Repeatable.")
 @quiet_option
 @user_errors
-def pair(trace: Path, output: Path | None, stack_window: float, as_json: bool, quiet: bool) -> None:
+def pair(trace: Path, output: Path | None, stack_window: float, as_json: bool, store: Path | None,
+         run_id: str | None, labels: tuple[str, ...], quiet: bool) -> None:
     """Match every pool allocation with its free, attach stacks, and write allocations.parquet,
     stacks.parquet, modules.parquet and trace.json (schema in the README)."""
+    if store is None and (run_id or labels):
+        raise PooltraceError("--run-id and --label need --into STORE")
+    if store is not None:
+        if output is not None:
+            raise PooltraceError("give -o DIR or --into STORE, not both")
+        _into(trace, store, run_id, parse_labels(labels), stack_window, as_json, quiet)
+        return
     out = output or default_output(trace)
     with progress_bar(trace, quiet, "pairing") as progress:
         meta = pair_trace(trace, out, window_s=stack_window, progress=progress)
@@ -43,3 +58,21 @@ def pair(trace: Path, output: Path | None, stack_window: float, as_json: bool, q
     if lost["events"] or lost["buffers"]:
         click.echo(f"warning: {lost['events']:,} events and {lost['buffers']:,} buffers were lost while recording",
                    err=True)
+
+
+def _into(trace: Path, store: Path, run_id: str | None, labels: dict, stack_window: float, as_json: bool,
+          quiet: bool) -> None:
+    if run_id is not None:
+        check_run_id(run_id)
+    if not trace.is_file():
+        raise PooltraceError(f"{trace}: no such file")
+    with progress_bar(trace, quiet, "pairing") as progress:
+        row = append_trace(store, trace, run_id=run_id, labels=labels, window_s=stack_window, progress=progress)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in row.items() if k != "modules"}, indent=2, default=str))
+        return
+    click.echo(f"{store}: run {row['run_id']} added ({row['allocations']:,} allocations, "
+               f"{row['outstanding_count']:,} outstanding, {row['outstanding_bytes']:,} bytes)"
+               + (f" labels {', '.join(f'{k}={v}' for k, v in row['labels'].items())}" if row["labels"] else ""))
+    if row["events_lost"]:
+        click.echo(f"warning: {row['events_lost']:,} events were lost while recording", err=True)

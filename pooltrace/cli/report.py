@@ -44,11 +44,30 @@ def common_options(func):
     return func
 
 
+def store_options(func):
+    """--run and --label: runs of a run STORE given as input (pooltrace.store)."""
+    func = click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+                        help="Runs of a STORE with this label (the same key twice: either value). Repeatable.")(func)
+    return click.option("--run", "run_ids", multiple=True, metavar="ID", help="Run ID of a STORE. Repeatable.")(func)
+
+
+def store_input(paths: list[Path], run_ids, labels, wanted: int) -> list[Path]:
+    """The inputs with each run STORE replaced by its selected runs' directories; exactly `wanted` of them."""
+    from pooltrace.store import expand_inputs
+
+    items = [it["path"] for it in expand_inputs(paths, run_ids, labels)]
+    if len(items) != wanted:
+        raise PooltraceError(f"the inputs select {len(items)} run(s) where {wanted} are needed "
+                             "(pick runs of a STORE with --run ID or --label KEY=VALUE)")
+    return items
+
+
 @click.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--by", type=click.Choice(BY), default="stack", show_default=True,
               help="Group by allocating stack, call site (first frame outside ntoskrnl), its module, or tag.")
 @common_options
+@store_options
 @click.option("--top", type=click.IntRange(min=1), help="Show the N largest groups [text: 20].")
 @click.option("--sort", type=click.Choice(SORTS), default="bytes", show_default=True,
               help="bytes: outstanding bytes, largest first; growth: leak, growing, plateau, transient, each "
@@ -58,12 +77,13 @@ def common_options(func):
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write to FILE.")
 @quiet_option
 @user_errors
-def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, top, sort,
-           list_blocks, fmt, output, quiet) -> None:
+def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, run_ids,
+           labels, top, sort, list_blocks, fmt, output, quiet) -> None:
     """Outstanding pool allocations (allocated inside the window, not freed by its end — WPA's AIFO),
     grouped and symbolized. INPUT is an .etl (paired on the fly into INPUT.pooltrace/) or a dataset."""
     if fmt in ("pprof",) and output is None:
         raise PooltraceError("--format pprof is binary: give -o FILE")
+    (input_path,) = store_input([input_path], run_ids, labels, 1)
     with progress_bar(input_path, quiet, "pairing") as progress:
         ds = open_input(input_path, progress=progress)
     filters = Filters(list(tags), pool, list(pids), list(modules), min_bytes)

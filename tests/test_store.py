@@ -1,0 +1,158 @@
+"""The run store: `pair --into` appends Hive partitions and a catalogue, atomically and safely from two
+processes at once; runs are selected by id or label for report, diff and trend; DuckDB reads it as plain
+Parquet (the README's query)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pooltrace.cli import cli
+from pooltrace.store import CATALOGUE, runs
+from tests.conftest import ROOT
+
+TRACES = ROOT / "traces"
+LEAK, FIXED = TRACES / "sample-leak.etl", TRACES / "sample-leak-fixed.etl"
+
+
+def run(*args, code=0):
+    r = CliRunner().invoke(cli, [*map(str, args)])
+    assert r.exit_code == code, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    s = tmp_path_factory.mktemp("store") / "runs"
+    for k, trace in enumerate([LEAK, LEAK, FIXED], 1):
+        run("pair", trace, "--into", s, "--run-id", f"b{k}", "--label", f"build={1230 + k}", "--label",
+            "machine=lab7", "-q")
+    return s
+
+
+def test_layout_and_catalogue(store):
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == sorted([
+        CATALOGUE, "run_id=b1", "run_id=b2", "run_id=b3"])
+    for k in (1, 2, 3):
+        assert sorted(p.name for p in (store / f"run_id=b{k}").iterdir()) == [
+            "allocations.parquet", "modules.parquet", "stacks.parquet", "trace.json"]
+    rows = runs(store)
+    assert [r["run_id"] for r in rows] == ["b1", "b2", "b3"]
+    assert rows[0]["labels"] == {"build": "1231", "machine": "lab7"}
+    meta = json.loads((store / "run_id=b3" / "trace.json").read_text())
+    assert rows[2]["outstanding_bytes"] == meta["pairing"]["outstanding"]["bytes"]
+    assert rows[2]["source"].endswith("sample-leak-fixed.etl") and rows[2]["pointer_size"] == 8
+    assert {"leaky.sys", "ntoskrnl.exe"} <= {m["name"] for m in rows[0]["modules"]}
+    assert all(m["timedatestamp"] and m["size"] for m in rows[0]["modules"])
+    assert not [p for p in store.iterdir() if p.name.startswith(".incoming")]
+
+
+def test_report_and_diff_select_runs(store, tmp_path):
+    direct = json.loads(run("report", FIXED, "--format", "json", "--no-symbols").stdout)
+    picked = json.loads(run("report", store, "--label", "build=1233", "--format", "json", "--no-symbols").stdout)
+    assert picked["groups"] == direct["groups"] and picked["totals"] == direct["totals"]
+    by_id = json.loads(run("report", store, "--run", "b3", "--format", "json", "--no-symbols").stdout)
+    assert by_id["groups"] == direct["groups"]
+    d = json.loads(run("diff", store, "--label", "build=1231", "--label", "build=1233", "--format", "json",
+                       "--no-symbols").stdout)
+    want = json.loads(run("diff", LEAK, FIXED, "--format", "json", "--no-symbols").stdout)
+    assert d["groups"] == want["groups"]
+    # wrong selections are one-line errors
+    assert "no run 'zz'" in run("report", store, "--run", "zz", code=2).stderr
+    assert "no run matches --label build=1" in run("report", store, "--label", "build=1", code=2).stderr
+    assert "select 3 run(s) where 1 are needed" in run("report", store, code=2).stderr
+    assert "key=value" in run("report", store, "--label", "build", code=2).stderr
+
+
+def test_trend_over_the_store_equals_trend_over_the_files(store):
+    files = json.loads(run("trend", LEAK, LEAK, FIXED, "--by", "function", "--no-symbols", "--format",
+                           "json").stdout)
+    stored = json.loads(run("trend", store, "--label", "machine=lab7", "--by", "function", "--no-symbols",
+                            "--format", "json").stdout)
+    assert stored["groups"] == files["groups"] and [r["name"] for r in stored["runs"]] == ["b1", "b2", "b3"]
+    assert stored["runs"][0]["labels"] == {"build": "1231", "machine": "lab7"}
+    two = json.loads(run("trend", store, "--run", "b3", "--run", "b1", "--format", "json", "--no-symbols").stdout)
+    assert [r["name"] for r in two["runs"]] == ["b3", "b1"]
+
+
+def test_wrong_appends_never_damage_anything(store, tmp_path):
+    before = (store / CATALOGUE).read_bytes()
+    assert "already in the store" in run("pair", LEAK, "--into", store, "--run-id", "b1", code=2).stderr
+    assert "--run-id" in run("pair", LEAK, "--into", store, "--run-id", "../x", code=2).stderr
+    assert (store / CATALOGUE).read_bytes() == before
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    assert "not a pooltrace run store" in run("pair", LEAK, "--into", precious, code=2).stderr
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+    assert "need --into" in run("pair", LEAK, "--label", "a=b", code=2).stderr
+    assert "no such file" in run("pair", tmp_path / "nope.etl", "--into", tmp_path / "s", code=2).stderr
+    bad = tmp_path / "bad.etl"
+    bad.write_bytes(b"not a trace" * 100)
+    run("pair", bad, "--into", tmp_path / "s2", code=2)
+    assert not [p for p in (tmp_path / "s2").iterdir() if p.name.startswith(("run_id=", ".incoming"))]
+
+
+def test_two_concurrent_appends(tmp_path):
+    store = tmp_path / "s"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def start(run_id: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pooltrace", "pair", str(LEAK), "--into", str(store),
+                                 "--run-id", run_id, "-q"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    procs = [start("x"), start("y")]
+    results = [(p.wait(120), p.stderr.read()) for p in procs]
+    assert [r[0] for r in results] == [0, 0], results
+    assert sorted(r["run_id"] for r in runs(store)) == ["x", "y"]
+    for rid in ("x", "y"):
+        assert pq.read_table(store / f"run_id={rid}" / "allocations.parquet").num_rows > 0
+    # the same run id twice at once: exactly one wins, the other says so; the store stays readable
+    procs = [start("z"), start("z")]
+    results = [(p.wait(120), p.stderr.read()) for p in procs]
+    assert sorted(r[0] for r in results) == [0, 2], results
+    assert "already in the store" in next(err for code, err in results if code == 2)
+    assert sorted(r["run_id"] for r in runs(store)) == ["x", "y", "z"]
+    assert not [p for p in store.iterdir() if p.name.startswith(".incoming")]
+
+
+def test_readme_duckdb_query_runs(store, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Run store", 1)[1].split("\n## ", 1)[0]
+    sql = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(store.parent)
+    rows = duckdb.sql(sql.replace("'store/", f"'{store.name}/")).fetchall()
+    catalogue = {r["run_id"]: (r["labels"]["build"], r["outstanding_count"], r["outstanding_bytes"])
+                 for r in runs(store)}
+    totals: dict[str, list] = {}
+    for run_id, build, _tag, blocks, nbytes in rows:
+        t = totals.setdefault(run_id, [build, 0, 0])
+        t[1] += blocks
+        t[2] += nbytes
+    assert {k: tuple(v) for k, v in totals.items()} == catalogue
+
+
+def test_readme_commands_run(tmp_path, monkeypatch):
+    """The command examples of the README's trend and run store sections, on copies of the samples."""
+    text = (ROOT / "README.md").read_text()
+    sections = [text.split(h, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+                for h in ("### `pooltrace trend", "## Run store")]
+    lines = [x for sec in sections for block in sec.split("```\n")[1::2] for x in block.splitlines()
+             if x.startswith("pooltrace ")]
+    assert len(lines) == 5
+    (tmp_path / "traces").mkdir()
+    for p in (LEAK, FIXED):
+        (tmp_path / "traces" / p.name).write_bytes(p.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        r = CliRunner().invoke(cli, line.split()[1:])
+        assert r.exit_code == 0, (line, r.output)
+    assert [r["run_id"] for r in runs(tmp_path / "store")] == ["b1234", "b1235"]

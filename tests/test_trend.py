@@ -1,0 +1,150 @@
+"""`pooltrace trend`: a generated series of runs with a leak planted in run 3 and fixed in run 6, the status
+rules, every output format (HTML in a real headless browser), the CI gate and the wrong inputs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import pooltrace
+from pooltrace.cli import cli
+from pooltrace.synthetic import _sites
+from pooltrace.synthetic import classic_leak as scenario
+from pooltrace.trends import classify
+
+RUNS = 7
+LEAK_FROM, FIXED_IN = 3, 6
+NEW_LEAK = f"leaky.sys+0x{_sites()['new_leak']['frames'][1][1]:x}"  # its call site, module-relative
+OLD_LEAK = f"leaky.sys+0x{_sites()['leak']['frames'][1][1]:x}"
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """Seven runs of the classic scenario (other seeds, other ASLR layouts); the second leak is planted
+    in runs 3 to 5 only. Returns the traces and each run's ground truth."""
+    d = tmp_path_factory.mktemp("series")
+    paths, truths = [], []
+    for k in range(1, RUNS + 1):
+        w, truth = scenario(seed=100 + k, shift=k * 0x200000, new_leak=LEAK_FROM <= k < FIXED_IN)
+        w.save(d / f"build{k}.etl")
+        paths.append(d / f"build{k}.etl")
+        truths.append(truth)
+    return paths, truths
+
+
+def trend(*args, code=0):
+    r = CliRunner().invoke(cli, ["trend", *map(str, args)])
+    assert r.exit_code == code, r.output
+    return r
+
+
+def group(data: dict, site: str) -> dict:
+    return next(g for g in data["groups"] if g["frames"] == [site])
+
+
+def test_planted_appearance_and_fix_are_reported_exactly(series):
+    paths, truths = series
+    data = json.loads(trend(*paths, "--by", "function", "--no-symbols", "--format", "json").stdout)
+    leak = group(data, NEW_LEAK)
+    assert leak["status"] == f"fixed in run {FIXED_IN}" and leak["first_run"] == LEAK_FROM
+    assert leak["bytes"] == [t.outstanding_bytes["new_leak"] for t in truths]
+    assert leak["count"] == [t.outstanding["new_leak"] for t in truths]
+    assert [b > 0 for b in leak["bytes"]] == [LEAK_FROM <= k < FIXED_IN for k in range(1, RUNS + 1)]
+    old = group(data, OLD_LEAK)  # the classic leak: 500 blocks never freed in every run
+    assert old["status"] == "stable" and old["bytes"] == [t.outstanding_bytes["leak"] for t in truths]
+    assert [r["outstanding_bytes"] for r in data["runs"]] == [sum(t.outstanding_bytes.values()) for t in truths]
+    assert [r["name"] for r in data["runs"]] == [p.name for p in paths]
+    # up to run 5 the planted leak is new in run 3
+    data5 = json.loads(trend(*paths[:5], "--by", "function", "--no-symbols", "--format", "json").stdout)
+    assert group(data5, NEW_LEAK)["status"] == f"new in run {LEAK_FROM}"
+    # the API gives the same table
+    df = pooltrace.trend(*paths, by="function", no_symbols=True)
+    row = df[df["frames"].map(lambda f: list(f) == [NEW_LEAK])].iloc[0]
+    assert row["status"] == f"fixed in run {FIXED_IN}" and row["first_run"] == LEAK_FROM
+    assert [row[f"bytes_{k}"] for k in range(1, RUNS + 1)] == leak["bytes"]
+    assert len(df) == len(data["groups"]) and str(df["bytes_1"].dtype) == "int64"
+
+
+def test_by_stack_matches_across_boots(series):
+    paths, _ = series
+    data = json.loads(trend(*paths, "--no-symbols", "--format", "json").stdout)
+    leak = [g for g in data["groups"] if g["frames"][1:2] == [NEW_LEAK]]
+    assert len(leak) == 1 and leak[0]["status"] == f"fixed in run {FIXED_IN}"
+
+
+@pytest.mark.parametrize(("values", "want"), [
+    ([100, 100, 100], ("stable", None)),
+    ([100, 95, 104, 98], ("stable", None)),  # noise within the tolerance
+    ([100, 100, 150, 200, 300], ("growing", 3)),
+    ([100, 300, 50, 80, 120], ("growing", 4)),  # grew, dropped, grows again from run 4
+    ([100, 300, 200], ("stable", None)),
+    ([100, 200], ("growing", 2)),
+    ([0, 0, 10, 10], ("new", 3)),
+    ([10, 0, 10], ("new", 3)),  # came back
+    ([0, 10, 10, 0, 0], ("fixed", 4)),
+    ([10, 0], ("fixed", 2)),
+])
+def test_status_rules(values, want):
+    assert classify(values, 0.10) == want
+
+
+def test_text_csv_and_gate(series):
+    paths, truths = series
+    out = trend(*paths, "--by", "function", "--no-symbols").stdout
+    line = next(x for x in out.splitlines() if NEW_LEAK in x)
+    assert f"fixed in run {FIXED_IN}" in line and f"{truths[2].outstanding_bytes['new_leak']:,}" in line
+    rows = list(csv.DictReader(io.StringIO(trend(*paths, "--by", "function", "--no-symbols", "--format",
+                                                 "csv").stdout)))
+    row = next(r for r in rows if r["frames"] == NEW_LEAK)
+    assert row["status"] == f"fixed in run {FIXED_IN}"
+    assert int(row["bytes_3"]) == truths[2].outstanding_bytes["new_leak"]
+    # gate on the driver's tags: the leak makes run 4 grow against run 1 by its bytes; run 7 does not
+    planted = truths[3].outstanding_bytes["new_leak"]
+    limit = str(planted // 2)
+    gate = ["--by", "function", "--no-symbols", "--tag", "Lea?", "--fail-on-growth", limit]
+    r = trend(*paths[:4], *gate, code=1)
+    assert r.stderr.splitlines()[-1].startswith("FAIL: run 4 (build4.etl) against run 1 (build1.etl)")
+    r = trend(*paths, *gate, code=0)
+    assert r.stderr.splitlines()[-1].startswith("ok: ")
+    r = trend(*paths[:4], *gate, "--per-group", code=1)
+    assert "FAIL: " in r.stderr
+    # against the best run: the run with the fewest outstanding bytes
+    total = [sum(t.outstanding_bytes.values()) for t in truths]
+    best = min(range(RUNS - 1), key=lambda k: (total[k], k))
+    r = trend(*paths, "--no-symbols", "--fail-on-growth", "1", "--against", "best",
+              code=1 if total[-1] > total[best] + 1 else 0)
+    if total[-1] > total[best] + 1:
+        assert f"against run {best + 1} " in r.stderr
+
+
+def test_wrong_inputs(series, tmp_path):
+    paths, _ = series
+    r = trend(paths[0], "--no-symbols", code=2)
+    assert "at least 2 runs" in r.stderr and "Traceback" not in r.output
+    r = trend(paths[0], paths[1], "--run", "x", code=2)
+    assert "STORE" in r.stderr
+    r = trend(paths[0], tmp_path / "missing.etl", code=2)
+    assert "missing.etl" in r.stderr
+    trend(*paths[:2], "--fail-on-growth", "lots", code=2)
+    trend(*paths[:2], "--per-group", code=2)
+
+
+def test_html_renders_offline_in_a_browser(series, tmp_path):
+    from tests.test_html_browser import CHROMIUM, render
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed")
+    paths, _ = series
+    page = tmp_path / "trend.html"
+    trend(*paths, "--by", "function", "--no-symbols", "--format", "html", "-o", page)
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    dom, console, requests = render(page, tmp_path)
+    assert console == [] and requests == []
+    assert dom.count('<section class="group') == min(12, len(json.loads(
+        trend(*paths, "--by", "function", "--no-symbols", "--format", "json").stdout)["groups"]))
+    assert f"fixed in run {FIXED_IN}" in dom and dom.count("<rect") >= RUNS
