@@ -51,7 +51,10 @@ NULL_NS = np.iinfo(np.int64).min
 
 
 def is_dataset(path: Path) -> bool:
-    return path.is_dir() and (path / "trace.json").is_file()
+    try:
+        return path.is_dir() and (path / "trace.json").is_file()
+    except OSError:  # e.g. a name too long for the file system (the cache of a 250-character trace name)
+        return False
 
 
 def open_input(path: Path, *, progress: Callable | None = None) -> Dataset:

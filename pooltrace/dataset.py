@@ -12,6 +12,7 @@ whole trace. The directory is written under a temporary name and renamed when co
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -190,12 +191,21 @@ def _dedup_stacks(frames: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarra
     return (out, remap) if dup else (frames, None)
 
 
+def _name_max(parent: Path) -> int:
+    try:
+        return os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such directory yet, or Windows (255 on NTFS)
+        return 255
+
+
 def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S,
                progress: Callable[[int, int], None] | None = None) -> dict:
     """Pair a trace into a dataset directory; returns the trace.json content."""
     trace = Path(trace)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if len(os.fsencode(out_dir.name)) > _name_max(out_dir.parent):  # e.g. the cache of a 250-character trace name
+        raise PooltraceError(f"{out_dir}: cannot create the dataset directory: {os.strerror(errno.ENAMETOOLONG)}")
+    tmp = out_dir.with_name(f".{out_dir.name[:100]}.tmp-{os.getpid()}")  # short: names may be 255 bytes
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -207,7 +217,7 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
             meta = _pair(reader, tmp, window_s, progress)
         (tmp / "trace.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            old = out_dir.with_name(f".{out_dir.name[:100]}.old-{os.getpid()}")
             out_dir.rename(old)
             tmp.rename(out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -224,7 +234,7 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress) -> dict:
     tps = hdr.ticks_per_second or 10_000_000
     joiner = StackJoiner(hdr.start_ticks, int(window_s * tps), hdr.pointer_size)
     pairer = Pairer()
-    to_ns = hdr.ticks_to_ns if hdr.ticks_per_second else (lambda t: t)
+    to_ns = hdr.ticks_to_ns if hdr.ticks_per_second else (lambda t: t - hdr.start_ticks)
     rows = _RowWriter(out / "allocations.parquet", to_ns)
     rows.snapshots = snapshots = PoolSnapshots()
     rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": []}

@@ -125,12 +125,12 @@ def open_dataset(path: Path, progress=None) -> tuple[Path, tempfile.TemporaryDir
     from pooltrace.dataset import default_output, pair_trace
 
     ds = default_output(path)
-    if all((ds / f).exists() for f in DATASET_FILES) and _fresh(ds, path):
-        try:
+    try:
+        if all((ds / f).exists() for f in DATASET_FILES) and _fresh(ds, path):
             verify_dataset(ds, OWNER_COLUMNS)
             return ds, None
-        except PooltraceError:
-            pass  # a damaged cache is not trusted: pair again (into a temporary directory)
+    except (OSError, PooltraceError):
+        pass  # no usable cache (a damaged one is not trusted): pair again, into a temporary directory
     tmp = tempfile.TemporaryDirectory(prefix="pooltrace-whose-")
     try:
         pair_trace(path, Path(tmp.name) / "ds", progress=progress)
@@ -317,7 +317,8 @@ def split_paths(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
             traces.append(p)
         elif p.suffix.lower() == ".etl":
             if not p.is_file():
-                raise PooltraceError(f"{p}: no such trace")
+                raise PooltraceError(f"{p}: not a regular file; give an .etl file" if p.exists()
+                                     else f"{p}: no such trace")
             traces.append(p)
         else:
             targets.append(p)

@@ -97,6 +97,9 @@ class BufferSource:
         filled = int(self.index.filled[i])
         n = filled - BUFFER_HEADER_SIZE
         if self.index.flags[i] & FLAG_COMPRESSED:
+            if n > self.max_area:  # the size is read from the file: never allocate more than a buffer holds
+                raise ValueError(f"declared size {filled:,} is larger than the logger's buffers "
+                                 f"({self.max_area + BUFFER_HEADER_SIZE:,} bytes)")
             comp = self.data[off + BUFFER_HEADER_SIZE: off + size]
             out = decompress(comp, n, int(self.index.state[i]), slack=_PEEK)
             if len(out) > n and self._starts_record(i, out[_align8(n):]):

@@ -13,6 +13,7 @@ import numpy as np
 
 CLOCK_NAMES = {1: "QPC", 2: "system time", 3: "CPU cycles"}
 FILETIME_EPOCH = datetime(1601, 1, 1, tzinfo=UTC)
+MIN_TICKS_PER_SECOND, MAX_TICKS_PER_SECOND = 1_000, 100_000_000_000
 
 # Fixed part of TRACE_LOGFILE_HEADER, up to LogFileName (same offsets for both pointer sizes).
 _HEAD = struct.Struct("<IIIIqIIIIIIII")  # BufferSize .. CpuSpeedInMHz, 0x00..0x38
@@ -77,13 +78,27 @@ class LogfileHeader:
 
     @property
     def ticks_per_second(self) -> int | None:
+        """Clock frequency; None when unknown or implausible (a damaged header: outside 1 kHz..100 GHz,
+        where nanosecond times would lose all precision or overflow int64)."""
         if self.clock_type == 1:
-            return self.perf_freq or None
-        if self.clock_type == 2:
-            return 10_000_000
-        if self.clock_type == 3:
-            return self.cpu_speed_mhz * 1_000_000 or None
-        return None
+            freq = self.perf_freq
+        elif self.clock_type == 2:
+            freq = 10_000_000
+        elif self.clock_type == 3:
+            freq = self.cpu_speed_mhz * 1_000_000
+        else:
+            return None
+        return freq if MIN_TICKS_PER_SECOND <= freq <= MAX_TICKS_PER_SECOND else None
+
+    @property
+    def clock_problem(self) -> str | None:
+        """Why times cannot be converted, when the header says something impossible (None when fine)."""
+        if self.ticks_per_second is not None:
+            return None
+        if self.clock_type not in CLOCK_NAMES:
+            return f"the logfile header names an unknown clock type {self.clock_type}"
+        freq = self.perf_freq if self.clock_type == 1 else self.cpu_speed_mhz * 1_000_000
+        return f"the logfile header gives an implausible {self.clock_name} frequency ({freq} ticks/s)"
 
     @property
     def start_datetime(self) -> datetime | None:

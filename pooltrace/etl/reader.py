@@ -9,6 +9,7 @@ buffer per CPU plus the rows waiting for the time watermark.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -118,6 +119,18 @@ def _guid_str(lo: int, hi: int) -> str:
     return str(uuid.UUID(bytes_le=int(lo).to_bytes(8, "little") + int(hi).to_bytes(8, "little")))
 
 
+def _not_regular(mode: int) -> str | None:
+    """What a path that is not a regular file is ("a named pipe", ...), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def _starts_like_etl(data) -> bool:
     """The first buffer (never compressed) starts with the SYSTEM-header record of hook 0 (etl-format.md §1.5)."""
     if len(data) < 0x48 + 0x20:
@@ -133,10 +146,17 @@ class EtlReader:
         self.path = Path(path)
         self.chunk_bytes = chunk_bytes
         try:
+            kind = _not_regular(os.stat(self.path).st_mode)
+            if kind:  # a named pipe or device would block in open() or never end: refuse before opening
+                raise TraceError(f"{path}: not a regular file ({kind}); give an .etl file")
             self._fh = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         except OSError as exc:
-            raise TraceError(f"{path}: cannot open: {exc.strerror}") from None
-        size = os.fstat(self._fh.fileno()).st_size
+            raise TraceError(f"{path}: cannot open: {exc.strerror or exc}") from None
+        st_ = os.fstat(self._fh.fileno())
+        if _not_regular(st_.st_mode):  # replaced between the check and the open
+            self._fh.close()
+            raise TraceError(f"{path}: not a regular file; give an .etl file")
+        size = st_.st_size
         if size == 0:
             self.close()
             raise TraceError(f"{path}: empty file, not an .etl trace")
@@ -153,6 +173,9 @@ class EtlReader:
         self._fragments: FragmentStore | None = None
         for w in self.index.warnings:
             self.stats.warn(w)
+        if self.header.clock_problem:
+            self.stats.warn(f"{self.header.clock_problem}: times are raw clock ticks since the trace start, "
+                            "not nanoseconds")
         circular = self.header.log_file_mode & 0x2  # EVENT_TRACE_FILE_MODE_CIRCULAR
         if not circular and self.header.buffers_written > len(self.index):
             self.stats.warn(f"the logfile header says {self.header.buffers_written} buffers were written but the "
