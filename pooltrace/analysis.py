@@ -262,6 +262,7 @@ class FrameRenderer:
         self.map = ModuleMap(ds.modules, ds.trace.get("pointer_size", 8))
         self.sym = symbolizer
         self._cache: dict[int, tuple[list[str], list[int]]] = {}
+        self.rvas: dict[str, int] = {}  # frame text -> module-relative address (frames inside a module)
 
     def stack(self, stack_id: int, pid: int = 0, ns: int = 0) -> tuple[list[str], list[int]]:
         """Frame texts and module rows (-1 outside every module), innermost first."""
@@ -282,6 +283,8 @@ class FrameRenderer:
         for k, (m, r, a) in enumerate(zip(mod.tolist(), rva.tolist(), addrs.tolist(), strict=True)):
             name = self.map.names[m] if m != NONE else None
             texts.append(frame_text(name, r, a, syms[k] if syms else None))
+            if name is not None:
+                self.rvas[texts[-1]] = r
         out = (texts, mod.tolist())
         self._cache[stack_id] = out
         return out
@@ -390,6 +393,7 @@ class Report:
     times_ns: list[int] = field(default_factory=list)  # the time of each point of the groups' growth series
     sort: str = "bytes"
     likely: list[Group] = field(default_factory=list)  # likely leaks among ALL groups (leak, then growing)
+    frame_rvas: dict[str, int] = field(default_factory=dict)  # frame text -> module-relative address
 
 
 LIKELY_LEAKS = 10
@@ -456,7 +460,7 @@ def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, rend
             sel = sel[np.isin(ds.rows["alloc_stack"][sel], list(keep))]
     total_bytes = int(ds.rows["size"][sel].astype(np.int64).sum())
     return Report(ds.trace, window, lifetime_totals(ds.rows["size"], np.where(mask, cls, OUTSIDE)),
-                  len(sel), total_bytes, by, groups[:top] if top else groups, sel, times_ns, sort, likely)
+                  len(sel), total_bytes, by, groups[:top] if top else groups, sel, times_ns, sort, likely, render.rvas)
 
 
 # ---- the poolmon view --------------------------------------------------------------------------------

@@ -1,6 +1,11 @@
 """Compare two runs: outstanding allocations grouped the same way on both sides and matched by their
-module-relative frame text (never by address: the runs come from different boots), with a status per
-group and totals per side and per tag.
+module-relative frames (never by address: the runs come from different boots), with a status per group
+and totals per side and per tag.
+
+Matching survives a rebuild: a symbolized frame matches by `module!function` (its `+0xoff` changes when
+the function's code changes; it is still shown), an unsymbolized one by `module+0xrva` (which moves with
+any rebuild: such frames need symbols to match across builds), a frame outside every module by its text.
+Groups of one side whose match keys are equal (the same stack through other offsets) are merged.
 
 Status: `new` (only in NEW), `gone` (only in BASE), `grown`, `shrunk`, `same` (by outstanding bytes).
 `--normalize` scales BASE to NEW's duration (or to its allocation count) before comparing.
@@ -11,21 +16,35 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pooltrace.analysis import Report
+from pooltrace.analysis import Group, Report
 from pooltrace.errors import PooltraceError
+from pooltrace.growth import Growth
 
 STATUS_ORDER = {"new": 0, "grown": 1, "same": 2, "shrunk": 3, "gone": 4}
 
 
+def match_frame(frame: str) -> str:
+    """The part of a frame text that survives a rebuild: `module!function` for a symbolized frame."""
+    return frame.rsplit("+0x", 1)[0] if "!" in frame else frame
+
+
+def match_key(frames: list[str]) -> tuple[str, ...]:
+    """The key two runs' groups are matched by (frames innermost first, or a single key)."""
+    return tuple(match_frame(f) for f in frames)
+
+
 @dataclass
 class DiffGroup:
-    frames: list[str]
+    frames: list[str]  # as shown: NEW's frames when the group is in NEW, else BASE's
     base_count: float
     base_bytes: float
     new_count: int
     new_bytes: int
     base_tags: dict[str, int]
     new_tags: dict[str, int]
+    base_frames: list[str] | None = None  # BASE's frames (offsets of the old build) when in BASE
+    base_growth: Growth | None = None  # of the largest BASE group merged here
+    new_growth: Growth | None = None
 
     @property
     def delta_count(self) -> float:
@@ -96,24 +115,34 @@ def scale_for(base: Report, new: Report, normalize: str | None) -> float:
     raise PooltraceError(f"--normalize: unknown mode {normalize!r}")
 
 
-def match_key(frames: list[str]) -> tuple[str, ...]:
-    """What makes two groups of different runs the same group (diff and trend both match with it)."""
-    return tuple(frames)
-
-
 def diff_reports(base: Report, new: Report, normalize: str | None = None) -> Diff:
     scale = scale_for(base, new, normalize)
     by_key: dict[tuple, DiffGroup] = {}
-    for g in base.groups:
-        by_key[match_key(g.key)] = DiffGroup(list(g.key), g.count * scale, g.bytes * scale, 0, 0, dict(g.tags), {})
+    for g in base.groups:  # largest first: a merged group shows the frames and growth of its largest part
+        d = by_key.get(match_key(g.key))
+        if d is None:
+            by_key[match_key(g.key)] = DiffGroup(list(g.key), g.count * scale, g.bytes * scale, 0, 0, dict(g.tags),
+                                                 {}, list(g.key), g.growth)
+        else:
+            d.base_count += g.count * scale
+            d.base_bytes += g.bytes * scale
+            _add_tags(d.base_tags, g)
     for g in new.groups:
         d = by_key.get(match_key(g.key))
         if d is None:
-            by_key[match_key(g.key)] = DiffGroup(list(g.key), 0, 0, g.count, g.bytes, {}, dict(g.tags))
-        else:
-            d.new_count, d.new_bytes, d.new_tags = g.count, g.bytes, dict(g.tags)
+            by_key[match_key(g.key)] = d = DiffGroup(list(g.key), 0, 0, 0, 0, {}, {})
+        if d.new_count == 0 and d.new_bytes == 0:
+            d.frames, d.new_growth = list(g.key), g.growth
+        d.new_count += g.count
+        d.new_bytes += g.bytes
+        _add_tags(d.new_tags, g)
     groups = sorted(by_key.values(), key=lambda d: (-d.delta_bytes, STATUS_ORDER[d.status], d.frames))
     return Diff(base, new, scale, normalize, groups)
+
+
+def _add_tags(into: dict[str, int], g: Group) -> None:
+    for t, b in g.tags.items():
+        into[t] = into.get(t, 0) + b
 
 
 def parse_threshold(text: str) -> tuple[float, bool]:

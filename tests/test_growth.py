@@ -3,6 +3,8 @@ what is outstanding at every point."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -79,3 +81,21 @@ def test_series_match_outstanding_at_every_point(rows):
 def test_human_rate():
     assert human_rate(13354.4) == "+13.0 KiB/s" and human_rate(-12) == "-12 B/s"
     assert human_rate(3 * 1024 ** 3) == "+3.0 GiB/s"
+
+
+def test_diff_shows_growth_of_both_sides_when_asked():
+    from click.testing import CliRunner
+
+    from pooltrace.cli import cli
+    from tests.conftest import ROOT
+
+    t = ROOT / "traces"
+    args = ["diff", str(t / "sample-leak.etl"), str(t / "sample-leak-fixed.etl"), "--by", "function", "--no-symbols",
+            "--format", "json"]
+    plain = json.loads(CliRunner().invoke(cli, args).output)
+    assert "base_growth" not in plain["groups"][0]
+    data = json.loads(CliRunner().invoke(cli, [*args, "--growth"]).output)
+    by_status = {g["status"]: g for g in data["groups"]}
+    assert by_status["new"]["base_growth"] is None and by_status["new"]["new_growth"]["class"] == "leak"
+    leak = next(g for g in data["groups"] if g["frames"] == ["leaky.sys+0x1022"])
+    assert leak["base_growth"]["class"] == "leak" and leak["base_growth"]["bytes_per_s"] > 0

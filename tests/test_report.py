@@ -4,7 +4,6 @@ semantics, filters and every output format."""
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import re
@@ -20,6 +19,7 @@ from pooltrace.errors import PooltraceError
 from pooltrace.etl.writer import TraceWriter
 from pooltrace.synthetic import NT_ALLOC, _sites, kernel_modules
 from tests.conftest import ROOT
+from tests.pprof_proto import read_profile
 
 TRACES = ROOT / "traces"
 
@@ -122,42 +122,11 @@ def test_csv_and_folded(sample):
 
 def test_pprof_parses_as_profile_proto(sample, tmp_path):
     pytest.importorskip("google.protobuf")
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     ds, _ = sample
-    fdp = descriptor_pb2.FileDescriptorProto(name="profile.proto", package="perftools.profiles", syntax="proto3")
-
-    def msg(name, *fields):
-        m = fdp.message_type.add(name=name)
-        for num, fname, typ, label, type_name in fields:
-            f = m.field.add(name=fname, number=num, type=typ, label=label)
-            if type_name:
-                f.type_name = type_name
-    T, L = descriptor_pb2.FieldDescriptorProto, descriptor_pb2.FieldDescriptorProto
-    rep, opt = L.LABEL_REPEATED, L.LABEL_OPTIONAL
-    msg("ValueType", (1, "type", T.TYPE_INT64, opt, None), (2, "unit", T.TYPE_INT64, opt, None))
-    msg("Label", (1, "key", T.TYPE_INT64, opt, None), (2, "str", T.TYPE_INT64, opt, None),
-        (3, "num", T.TYPE_INT64, opt, None))
-    msg("Sample", (1, "location_id", T.TYPE_UINT64, rep, None), (2, "value", T.TYPE_INT64, rep, None),
-        (3, "label", T.TYPE_MESSAGE, rep, ".perftools.profiles.Label"))
-    msg("Line", (1, "function_id", T.TYPE_UINT64, opt, None), (2, "line", T.TYPE_INT64, opt, None))
-    msg("Location", (1, "id", T.TYPE_UINT64, opt, None), (2, "mapping_id", T.TYPE_UINT64, opt, None),
-        (3, "address", T.TYPE_UINT64, opt, None), (4, "line", T.TYPE_MESSAGE, rep, ".perftools.profiles.Line"))
-    msg("Function", (1, "id", T.TYPE_UINT64, opt, None), (2, "name", T.TYPE_INT64, opt, None),
-        (3, "system_name", T.TYPE_INT64, opt, None), (4, "filename", T.TYPE_INT64, opt, None))
-    msg("Profile", (1, "sample_type", T.TYPE_MESSAGE, rep, ".perftools.profiles.ValueType"),
-        (2, "sample", T.TYPE_MESSAGE, rep, ".perftools.profiles.Sample"),
-        (4, "location", T.TYPE_MESSAGE, rep, ".perftools.profiles.Location"),
-        (5, "function", T.TYPE_MESSAGE, rep, ".perftools.profiles.Function"),
-        (6, "string_table", T.TYPE_STRING, rep, None), (10, "duration_nanos", T.TYPE_INT64, opt, None),
-        (14, "default_sample_type", T.TYPE_INT64, opt, None))
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    Profile = message_factory.GetMessageClass(pool.FindMessageTypeByName("perftools.profiles.Profile"))
     out = tmp_path / "r.pb.gz"
     CliRunner().invoke(cli, ["report", str(ds), "--format", "pprof", "-o", str(out), "--no-symbols"])
-    p = Profile()
-    p.ParseFromString(gzip.decompress(out.read_bytes()))
+    p = read_profile(out.read_bytes())
     s = list(p.string_table)
     assert s[0] == "" and [(s[v.type], s[v.unit]) for v in p.sample_type] == [("inuse_objects", "count"),
                                                                               ("inuse_space", "bytes")]

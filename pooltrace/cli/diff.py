@@ -29,13 +29,15 @@ from pooltrace.reporters import diffout
               "(4096, 64k, 1.5MB or 10%).")
 @click.option("--per-group", is_flag=True, help="Apply --fail-on-growth to every group too.")
 @click.option("--top", type=click.IntRange(min=1), help="Show the N biggest changes [text: 30].")
+@click.option("--growth", "show_growth", is_flag=True,
+              help="Also show each side's growth class and bytes/s per group (text, json, csv).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "csv", "html", "pprof"]), default="text",
               show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write to FILE.")
 @quiet_option
 @user_errors
 def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, run_ids, labels, normalize,
-         fail_on_growth, per_group, top, fmt, output, quiet) -> None:
+         fail_on_growth, per_group, top, show_growth, fmt, output, quiet) -> None:
     """Compare outstanding allocations of BASE and NEW (.etl files or datasets, e.g. before and after a
     fix). Groups are matched by module-relative frames, never by address. Runs of a run STORE: give the
     STORE and pick two runs with --run/--label (NEW omitted)."""
@@ -56,13 +58,15 @@ def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, n
     if fmt == "text":
         if output:
             with open(output, "w", encoding="utf-8") as fh:
-                diffout.render_text(d, Console(width=100, highlight=False, file=fh, color_system=None), top or 30)
+                diffout.render_text(d, Console(width=100, highlight=False, file=fh, color_system=None), top or 30,
+                                    show_growth)
         else:
-            diffout.render_text(d, Console(width=100, highlight=False), top or 30)
+            diffout.render_text(d, Console(width=100, highlight=False), top or 30, show_growth)
     elif fmt == "pprof":
         output.write_bytes(diffout.to_pprof(d))
     else:
-        text = {"json": diffout.to_json, "csv": diffout.to_csv, "html": diffout.to_html}[fmt](d)
+        text = diffout.to_html(d) if fmt == "html" else {"json": diffout.to_json, "csv": diffout.to_csv}[fmt](
+            d, show_growth)
         if output:
             output.write_text(text, encoding="utf-8")
         else:

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from pooltrace.analysis import Group, Report
 from pooltrace.compare import Diff
+from pooltrace.growth import human_rate
 from pooltrace.reporters import pprof
 from pooltrace.reporters.html import page
 from pooltrace.reporters.text import _site
@@ -22,7 +23,11 @@ def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else round(x, 3)
 
 
-def to_json(d: Diff) -> str:
+def _growth(gr) -> dict | None:
+    return {"class": gr.cls, "bytes_per_s": round(gr.bytes_per_s, 3)} if gr is not None else None
+
+
+def to_json(d: Diff, growth: bool = False) -> str:
     data = {
         "normalize": d.normalize, "base_scale": d.scale,
         "totals": {
@@ -36,23 +41,30 @@ def to_json(d: Diff) -> str:
         },
         "groups": [{"frames": g.frames, "base_count": _num(g.base_count), "base_bytes": _num(g.base_bytes),
                     "new_count": g.new_count, "new_bytes": g.new_bytes, "delta_count": _num(g.delta_count),
-                    "delta_bytes": _num(g.delta_bytes), "status": g.status} for g in d.groups],
+                    "delta_bytes": _num(g.delta_bytes), "status": g.status,
+                    **({"base_growth": _growth(g.base_growth), "new_growth": _growth(g.new_growth)} if growth else {})}
+                   for g in d.groups],
     }
     return json.dumps(data, indent=2) + "\n"
 
 
-def to_csv(d: Diff) -> str:
+def to_csv(d: Diff, growth: bool = False) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
+    extra = ["base_class", "base_bytes_per_s", "new_class", "new_bytes_per_s"] if growth else []
     w.writerow(["status", "delta_bytes", "delta_count", "base_bytes", "new_bytes", "base_count", "new_count",
-                "frames"])
+                *extra, "frames"])
     for g in d.groups:
+        figures = []
+        if growth:
+            for gr in (g.base_growth, g.new_growth):
+                figures += [gr.cls, round(gr.bytes_per_s, 3)] if gr is not None else ["", ""]
         w.writerow([g.status, _num(g.delta_bytes), _num(g.delta_count), _num(g.base_bytes), g.new_bytes,
-                    _num(g.base_count), g.new_count, " <- ".join(g.frames)])
+                    _num(g.base_count), g.new_count, *figures, " <- ".join(g.frames)])
     return out.getvalue()
 
 
-def render_text(d: Diff, console: Console, top: int | None) -> None:
+def render_text(d: Diff, console: Console, top: int | None, growth: bool = False) -> None:
     b, n = d.base.trace.get("source", {}).get("path"), d.new.trace.get("source", {}).get("path")
     console.print(Text(f"BASE {b}\nNEW  {n}"))
     scale = f" (BASE scaled x{d.scale:.3f} by {d.normalize})" if d.normalize else ""
@@ -61,12 +73,14 @@ def render_text(d: Diff, console: Console, top: int | None) -> None:
                        f"{d.new.outstanding_bytes - d.base_bytes:+,.0f} bytes{scale}"))
     table = Table(show_edge=False, pad_edge=False)
     for c, j in (("status", "left"), ("Δ bytes", "right"), ("base", "right"), ("new", "right"),
-                 ("Δ blocks", "right"), ("call site" if d.new.by == "stack" else d.new.by, "left")):
+                 ("Δ blocks", "right"), *((("base trend", "left"), ("new trend", "left")) if growth else ()),
+                 ("call site" if d.new.by == "stack" else d.new.by, "left")):
         table.add_column(c, justify=j, overflow="fold")
     for g in d.groups[:top]:
         label = _site(g.frames) if d.new.by == "stack" else g.frames[0]
+        trends = [_trend(g.base_growth), _trend(g.new_growth)] if growth else []
         table.add_row(g.status, f"{g.delta_bytes:+,.0f}", f"{g.base_bytes:,.0f}", f"{g.new_bytes:,}",
-                      f"{g.delta_count:+,.0f}", Text(label))
+                      f"{g.delta_count:+,.0f}", *trends, Text(label))
     console.print(table)
     tags = Table(title="by tag", title_justify="left", show_edge=False, pad_edge=False)
     for c in ("tag", "base bytes", "new bytes", "Δ bytes"):
@@ -74,6 +88,12 @@ def render_text(d: Diff, console: Console, top: int | None) -> None:
     for t, row in d.tags().items():
         tags.add_row(t, f"{row['base_bytes']:,.0f}", f"{row['new_bytes']:,}", f"{row['delta_bytes']:+,.0f}")
     console.print(tags)
+
+
+def _trend(gr) -> str:
+    if gr is None:
+        return "-"
+    return f"{gr.cls} {human_rate(gr.bytes_per_s)}" if gr.cls in ("leak", "growing") else gr.cls
 
 
 def to_html(d: Diff) -> str:
@@ -97,5 +117,6 @@ def to_pprof(d: Diff) -> bytes:
     """Values are NEW minus BASE, so the profile reads like `pprof -diff_base BASE NEW`."""
     groups = [Group(g.frames, round(g.delta_count), round(g.delta_bytes), g.new_tags or g.base_tags, [], 0)
               for g in d.groups if g.delta_bytes or g.delta_count]
-    rep = Report(d.new.trace, d.new.window, d.new.lifetimes, 0, 0, d.new.by, groups, d.new.rows)
+    rep = Report(d.new.trace, d.new.window, d.new.lifetimes, 0, 0, d.new.by, groups, d.new.rows,
+                 frame_rvas={**d.base.frame_rvas, **d.new.frame_rvas})
     return pprof.to_pprof(rep)
