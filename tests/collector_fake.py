@@ -434,3 +434,29 @@ def make_pe(*, plus: bool = True, codeview: bytes | None = None, use_pointer: bo
                      0x500 if use_pointer else 0)
     out[0x500:0x500 + len(codeview)] = codeview
     return bytes(out)
+
+
+def doctor_trace(tags: tuple[str, ...] = ("File",), stacks: bool = True, allocations: int = 40) -> tuple[bytes, dict]:
+    """What the doctor's test session would write on a healthy machine: image rundown for ntoskrnl and two
+    drivers, File allocations (and frees) made by a user-mode thread, each with a stack through the driver
+    into ntoskrnl's allocator and back to user mode. Returns the trace and the kernel modules
+    (synthetic.kernel_modules) it names."""
+    from pooltrace.synthetic import kernel_modules
+
+    mods = kernel_modules()
+    nt, ntfs, leaky = mods["nt"], mods["ntfs"], mods["leaky"]
+    w = TraceWriter()
+    t = w.start_qpc + 100
+    for m in (nt, ntfs, leaky):
+        w.image(0, t, 0x1403, m.base, m.size, 0, m.path, timedatestamp=m.timedatestamp)
+    w.image(0, t + 1, 0x1403, 0x7FF6_0000_0000, 0x20000, 4242, "\\Device\\HarddiskVolume3\\Python\\python.exe")
+    for i in range(allocations):
+        ts, tag = t + 1000 + 10 * i, tags[i % len(tags)]
+        addr = 0xFFFF_A000_0000_0000 + 0x100 * i
+        w.pool(i % 2, ts, 0x0E20, 0x200, tag, 0x158, addr, tid=77, pid=4242)
+        if stacks:
+            w.stack(i % 2, ts, ts, 4242, 77, [nt.base + 0x1010, ntfs.base + 0x2345, nt.base + 0x1400,
+                                               0x7FF6_0000_1234])
+        if i % 4:
+            w.pool(i % 2, ts + 5, 0x0E22, 0x200, tag, 0x158, addr, tid=77, pid=4242)
+    return w.to_bytes(), mods

@@ -15,9 +15,10 @@ from pooltrace import __version__
 
 # command -> the module defining it (modules stay importable under their own names)
 COMMANDS = {"info": "info", "pair": "pair", "report": "report", "tags": "tags", "diff": "diff", "whose": "whose",
-            "record": "record", "stop": "record", "profile": "record", "trend": "trend"}
+            "record": "record", "stop": "record", "profile": "record", "trend": "trend", "doctor": "doctor"}
 SHORT_HELP = {
     "diff": "Compare outstanding allocations of BASE and NEW (.etl files or datasets, e.g. before and after a fix).",
+    "doctor": "Check that this machine can record pool traces with stacks (Windows 8.1+, x64, elevated).",
     "info": "OS build, CPUs, clock, duration, events by kind, losses, pool tracing/stack status, and a verdict.",
     "pair": "Match every pool allocation with its free, attach stacks, and write allocations.parquet, "
             "stacks.parquet, modules.parquet and trace.json (schema in the README).",

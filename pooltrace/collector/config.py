@@ -24,6 +24,10 @@ class SessionConstants:
         return uuid.UUID(self.raw["logger"]["private_guid"])
 
     @property
+    def doctor_guid(self) -> uuid.UUID:
+        return uuid.UUID(self.raw["logger"]["doctor_guid"])
+
+    @property
     def kernel_guid(self) -> uuid.UUID:
         return self.kernel.guids["SystemTraceControl"]
 
