@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pooltrace import __version__
+from pooltrace import __version__, pooltypes
 from pooltrace.datasetcheck import check_no_nulls, check_stacks, read_parquet, read_trace_json, verify_dataset
 from pooltrace.errors import PooltraceError
 from pooltrace.growth import Growth, class_rank, growth_table, times
@@ -241,12 +241,9 @@ def row_mask(ds: Dataset, f: Filters) -> np.ndarray:
         match = tag_matcher(f.tags)
         ok = np.array([match(t) for t in ds.tags], dtype=bool)
         mask &= ok[r["tag"]] if len(ok) else False
-    if f.pool == "paged":
-        mask &= r["paged"] & ~r["session"]
-    elif f.pool == "nonpaged":
-        mask &= ~r["paged"]
-    elif f.pool == "session":
-        mask &= r["session"]
+    pool = pooltypes.filter_mask(f.pool, r["pool_type"], r["session"])
+    if pool is not None:
+        mask &= pool
     if f.pids:
         mask &= np.isin(r["pid"], f.pids)
     return mask
@@ -468,7 +465,7 @@ def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, rend
 @dataclass
 class TagRow:
     tag: str
-    pool: str  # Paged | Nonp | Sess (poolmon's Type column)
+    pool: str  # the pool: one of pooltypes.KINDS (NonPaged, NonPagedNx, Paged, Session)
     allocs: int
     frees: int
     outstanding_bytes: int
@@ -497,8 +494,9 @@ def tag_rows(ds: Dataset, window: Window, filters: Filters, render: FrameRendere
     # a lost free has no free event: it is not counted as a free (its free time closes its lifetime)
     free_in = mask & (f != NULL_NS) & (f >= window.start_ns) & (f < window.end_ns) & ~r["lost_free"]
     cls = lifetimes(r, window)
-    kind = np.where(r["session"], 2, np.where(r["paged"], 1, 0))
-    key = r["tag"].astype(np.int64) * 3 + kind
+    kind = pooltypes.kind_codes(r["pool_type"], r["session"])
+    nk = len(pooltypes.KINDS)
+    key = r["tag"].astype(np.int64) * nk + kind
     size = r["size"].astype(np.int64)
     rows = []
     for k in np.unique(key[alloc_in | free_in]).tolist():
@@ -516,9 +514,9 @@ def tag_rows(ds: Dataset, window: Window, filters: Filters, render: FrameRendere
             _, mod = render.call_site(sid, int(r["pid"][row]) if r["pid"][row] != 0xFFFFFFFF else 0,
                                       int(r["alloc_ns"][row]))
             owners[mod] = owners.get(mod, 0) + int(c)
-        t, kd = divmod(k, 3)
+        t, kd = divmod(k, nk)
         start, end = _in_use(ds.trace.get("tag_baseline") or {}, ds.tags[t], kd)
-        rows.append(TagRow(ds.tags[t], ("Nonp", "Paged", "Sess")[kd], int(ai.sum()), int(fi.sum()),
+        rows.append(TagRow(ds.tags[t], pooltypes.KINDS[kd], int(ai.sum()), int(fi.sum()),
                            int(size[out].sum()), int(out.sum()), int(size[ai].sum()),
                            [m for m, _ in sorted(owners.items(), key=lambda kv: (-kv[1], kv[0]))], start, end))
     rows.sort(key=lambda x: (-x.outstanding_bytes, -x.diff, x.tag))
@@ -526,10 +524,10 @@ def tag_rows(ds: Dataset, window: Window, filters: Filters, render: FrameRendere
 
 
 def _in_use(baseline: dict, tag: str, kind: int) -> tuple[int | None, int | None]:
-    """Bytes of `tag` in use at the start and the stop by the baseline, for non-paged (kind 0) or paged (1)
-    pool; the kernel's tag counters do not cover session pool (kind 2)."""
+    """Bytes of `tag` in use at the start and the stop by the baseline, for a pooltypes kind: the kernel
+    counts paged and non-paged (NX or not) bytes per tag; its tag counters do not cover session pool."""
     b = baseline.get(tag)
-    if not b or kind == 2:
+    if not b or kind == pooltypes.SESSION_KIND:
         return None, None
-    key = ("nonpaged_bytes", "paged_bytes")[kind]
+    key = "paged_bytes" if kind == pooltypes.PAGED_KIND else "nonpaged_bytes"
     return tuple((b[w] or {}).get(key) for w in ("start", "stop"))

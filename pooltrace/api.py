@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pooltrace import pooltypes
 from pooltrace.analysis import (
     BY,
     Dataset,
@@ -72,8 +73,8 @@ def _filters(tag: str | Sequence[str] | None, pool: str | None, pid: int | Seque
     def many(v):
         return [] if v is None else [v] if isinstance(v, str | int) else list(v)
 
-    if pool not in (None, "paged", "nonpaged", "session"):
-        raise PooltraceError(f"pool={pool!r}: one of paged, nonpaged, session")
+    if pool is not None and pool not in pooltypes.FILTERS:
+        raise PooltraceError(f"pool={pool!r}: one of {', '.join(pooltypes.FILTERS)}")
     return Filters(many(tag), pool, [int(p) for p in many(pid)], many(module), int(min_bytes))
 
 

@@ -37,7 +37,13 @@ TRACE_RULES = Field("object", members={
     "warnings": Field("list", required=True, item=Field("str")),
     "recording": opt("object"),
     "tag_baseline": opt("object", values=Field("object", members={
-        w: opt("object", members={"allocs": _COUNT, "bytes": _COUNT}) for w in ("start", "stop")})),
+        w: opt("object", members={k: _COUNT for k in ("allocs", "bytes", "paged_allocs", "paged_bytes",
+                                                       "nonpaged_allocs", "nonpaged_bytes")})
+        for w in ("start", "stop")})),
+    "tag_baseline_source": opt("str"),
+    "pool_snapshot": opt("object", members={
+        w: opt("object", members={"tags": _COUNT, "big_blocks": _COUNT, "big_bytes": _COUNT})
+        for w in ("start", "stop")}),
 })
 
 

@@ -159,7 +159,8 @@ def classic_leak(*, fixed: bool = False, new_leak: bool = False, scale: int = 1,
 
     def pool(cpu: int, ts: int, hook: int, s: dict, addr: int, pid: int, tid: int) -> None:
         ids = {"tid": tid, "pid": pid} if pool_header != "perfinfo" else {}
-        w.pool(cpu, ts, hook, s["pool"], s["tag"], s["size"], addr, s.get("session"), header=pool_header, **ids)
+        pool_type = s["pool"] | (BIG_POOL if s["size"] > BIG_BLOCK else 0)  # as the kernel marks big blocks
+        w.pool(cpu, ts, hook, pool_type, s["tag"], s["size"], addr, s.get("session"), header=pool_header, **ids)
     # rundown at the start: images (kernel, then the app), processes, threads
     ts = start + 10
     for m in list(mods.values()) + [USER_IMAGE]:

@@ -1,5 +1,6 @@
 """Pool tags as poolmon prints them: the 4 bytes of the ULONG in memory order (etw-collector.md §4.4),
-so the ULONG 0x6B61654C is ``Leak``. Bytes outside printable ASCII are shown as ``\\xNN``."""
+so the ULONG 0x6B61654C is ``Leak``. Bytes outside printable ASCII are shown as ``\\xNN``. Also the few
+tags pooltrace itself can explain without the user's pooltag.txt (KERNEL_TAGS)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,12 @@ def parse_tag(text: str) -> int:
     if len(raw) > 4:
         raise ValueError(f"pool tag {text!r} is longer than 4 characters")
     return int.from_bytes(bytes(raw).ljust(4, b" "), "little")
+
+
+# Tags a pool trace always shows that no driver owns. With pool tracing on, the kernel allocates its own
+# tracking tables (non-paged NX) under `Pool` and logs those allocations too (etl-format.md, Corrections).
+KERNEL_TAGS = {"Pool": "the kernel's own pool tracking tables (nt), allocated while pool tracing is on"}
+
+
+def builtin_description(tag: str) -> str | None:
+    return KERNEL_TAGS.get(tag)

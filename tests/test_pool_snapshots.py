@@ -144,7 +144,7 @@ def test_tags_show_the_planted_bytes_in_use_at_start_and_stop(sample):
     rows = _json_rows(result.output)
     checked = 0
     for r in rows:
-        if r["type"] in ("Sess", "Session"):  # session pool is not in the kernel's tag counters
+        if r["type"] == "Session":  # session pool is not in the kernel's tag counters
             assert r["in_use_start_bytes"] is None and r["in_use_end_bytes"] is None
             continue
         key = "paged_bytes" if r["type"] == "Paged" else "nonpaged_bytes"
@@ -193,3 +193,15 @@ def test_no_snapshot_no_baseline(tmp_path):
     info = json.loads(CliRunner().invoke(cli, ["info", "--format", "json", str(tmp_path / "n.etl")]).output)
     assert info["baseline"] == {"source": None, "tags": {}, "pool_snapshot": None}
     assert "At Start" not in CliRunner().invoke(cli, ["tags", str(tmp_path / "n.etl")]).output
+
+
+def test_a_tampered_baseline_is_one_line(tmp_path, sample):
+    import shutil
+
+    ds, _ = sample
+    shutil.copytree(ds, tmp_path / "ds")
+    meta = json.loads((tmp_path / "ds" / "trace.json").read_text())
+    meta["tag_baseline"]["Leak"]["start"]["nonpaged_bytes"] = "lots"
+    (tmp_path / "ds" / "trace.json").write_text(json.dumps(meta))
+    result = CliRunner().invoke(cli, ["tags", str(tmp_path / "ds")])
+    assert result.exit_code == 2 and "nonpaged_bytes" in result.output and "Traceback" not in result.output

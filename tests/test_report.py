@@ -216,16 +216,16 @@ def test_tags_poolmon_view(sample):
     result = CliRunner().invoke(cli, ["tags", str(ds), "--format", "json"])
     assert result.exit_code == 0, result.output
     rows = {(r["tag"], r["type"]): r for r in json.loads(result.output)}
-    irp = rows[("Irp ", "Nonp")]
+    irp = rows[("Irp ", "NonPagedNx")]
     assert irp["allocs"] == t["allocs"]["irp"]
     pre_trace_irp = t["free_without_alloc"] - len(t["pre_trace_big_frees"])  # the others are big Ntfr blocks
     assert irp["frees"] == t["frees"]["irp"] + pre_trace_irp  # lost frees are not free events
     assert irp["diff"] == irp["allocs"] - irp["frees"]
     assert irp["outstanding_count"] == t["outstanding"]["irp"] and irp["owners"] == ["Ntfs.sys"]
-    leak = rows[("Leak", "Nonp")]
+    leak = rows[("Leak", "NonPagedNx")]
     assert leak["outstanding_bytes"] == t["outstanding_bytes"]["leak"] + t["outstanding_bytes"]["leak_ok"]
     assert leak["owners"] == ["leaky.sys"]
-    assert rows[("Gh05", "Sess")]["outstanding_count"] == t["outstanding"]["gh05"]
+    assert rows[("Gh05", "Session")]["outstanding_count"] == t["outstanding"]["gh05"]
     assert rows[("MmSt", "Paged")]["bytes_per_alloc"] == _sites()["mmst"]["size"]
     order = [r["outstanding_bytes"] for r in json.loads(result.output)]
     assert order == sorted(order, reverse=True)

@@ -9,7 +9,7 @@ import click
 import numpy as np
 from rich.console import Console
 
-from pooltrace import api
+from pooltrace import api, pooltypes
 from pooltrace.analysis import BY, NULL_NS, SORTS, Filters, open_input
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.errors import PooltraceError
@@ -33,7 +33,8 @@ def common_options(func):
         click.option("--window", help="START:END in seconds (1.5, 2s) or ns (1500ns); either side optional."),
         click.option("--tag", "tags", multiple=True, help="Pool tag, as poolmon prints it; ? and * wildcards. "
                                                           "Repeatable."),
-        click.option("--pool", type=click.Choice(["paged", "nonpaged", "session"])),
+        click.option("--pool", type=click.Choice(pooltypes.FILTERS),
+                     help="paged, nonpaged (NX or not), nx (non-paged NX) or session pool."),
         click.option("--pid", "pids", type=int, multiple=True, help="Allocating process id. Repeatable."),
         click.option("--module", "modules", multiple=True, help="Module of the allocating call site. Repeatable."),
         click.option("--min-bytes", type=click.IntRange(min=0), default=0, help="Hide groups smaller than this."),
@@ -135,6 +136,7 @@ def _blocks(ds, rep, render, win) -> list[dict]:
         pid = int(r["pid"][i])
         frames = render.stack(sid, pid if pid != 0xFFFFFFFF else 0, int(r["alloc_ns"][i]))[0] if sid >= 0 else []
         out.append({"address": int(r["address"][i]), "tag": ds.tags[int(r["tag"][i])], "size": int(r["size"][i]),
+                    "pool": pooltypes.name(r["pool_type"][i], bool(r["session"][i])),
                     "alloc_ns": int(r["alloc_ns"][i]) if r["alloc_ns"][i] != NULL_NS else None,
                     "age_ns": int(end - r["alloc_ns"][i]), "pid": pid, "tid": int(r["tid"][i]), "frames": frames})
     return out

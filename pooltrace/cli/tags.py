@@ -9,10 +9,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from pooltrace import pooltypes
 from pooltrace.analysis import Filters, FrameRenderer, open_input, parse_window, tag_rows
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.cli.report import make_symbolizer
 from pooltrace.symbols.pooltag import find_pooltag, load_pooltag
+from pooltrace.tags import builtin_description
 
 
 def _descriptions(pooltag: Path | None):
@@ -25,7 +27,8 @@ def _descriptions(pooltag: Path | None):
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--window", help="START:END in seconds or ns, either side optional.")
 @click.option("--tag", "tags", multiple=True, help="Only these tags (? and * wildcards). Repeatable.")
-@click.option("--pool", type=click.Choice(["paged", "nonpaged", "session"]))
+@click.option("--pool", type=click.Choice(pooltypes.FILTERS),
+              help="paged, nonpaged (NX or not), nx (non-paged NX) or session pool.")
 @click.option("--pid", "pids", type=int, multiple=True)
 @click.option("--pooltag", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="pooltag.txt for descriptions [default: the Debugging Tools' copy if installed].")
@@ -43,7 +46,9 @@ def tags(input_path: Path, window, tags, pool, pids, pooltag, symbols, top, fmt,
     render = FrameRenderer(ds, make_symbolizer(ds, symbols, True, input_path, True))
     rows = tag_rows(ds, win, Filters(list(tags), pool, list(pids)), render)[:top]
     desc = _descriptions(pooltag)
-    describe = (lambda t: desc.describe(t)) if desc is not None else (lambda t: None)
+    def describe(tag: str) -> str | None:  # the user's pooltag.txt first, then the kernel's own tags
+        return (desc.describe(tag) if desc is not None else None) or builtin_description(tag)
+
     if fmt == "json":
         click.echo(json.dumps([{"tag": r.tag, "type": r.pool, "allocs": r.allocs, "frees": r.frees, "diff": r.diff,
                                 "outstanding_bytes": r.outstanding_bytes, "outstanding_count": r.outstanding_count,

@@ -65,10 +65,11 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None) -
             console.print(Text(line), overflow="fold")
     if blocks is not None:
         bt = Table(title="outstanding blocks", title_justify="left", show_edge=False)
-        for c in ("address", "tag", "size", "age", "pid", "allocated by"):
+        for c in ("address", "tag", "pool", "size", "age", "pid", "allocated by"):
             bt.add_column(c, justify="right" if c in ("size", "age", "pid") else "left", overflow="fold")
         for b in blocks:
-            bt.add_row(f"0x{b['address']:x}", b["tag"], f"{b['size']:,}", f"{b['age_ns'] / 1e9:.3f} s", str(b["pid"]),
+            bt.add_row(f"0x{b['address']:x}", b["tag"], b["pool"], f"{b['size']:,}", f"{b['age_ns'] / 1e9:.3f} s",
+                       str(b["pid"]),
                        Text(b["frames"][0] if b["frames"] else "<no stack>"))
         console.print(bt)
 
