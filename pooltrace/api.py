@@ -186,10 +186,18 @@ class TraceDataset:
         return df
 
 
-def open(path: str | Path, *, symbols: str | None = None, no_symbols: bool = False,  # noqa: A001
-         progress: Callable[[int, int], None] | None = None) -> TraceDataset:
-    """A dataset directory, or an .etl paired on the fly into ``<trace>.pooltrace/`` (reused while fresh)."""
+def open(path: str | Path, *, run: str | None = None, label: Sequence[str] = (), symbols: str | None = None,  # noqa: A001
+         no_symbols: bool = False, progress: Callable[[int, int], None] | None = None) -> TraceDataset:
+    """A dataset directory, an .etl paired on the fly into ``<trace>.pooltrace/`` (reused while fresh), or
+    one run of a run store (`run` id, or `label` items ``key=value`` that select exactly one run)."""
     path = Path(path)
+    if run is not None or label:
+        from pooltrace.store import expand_inputs
+
+        items = expand_inputs([path], [run] if run is not None else [], list(label))
+        if len(items) != 1:
+            raise PooltraceError(f"{path}: the selection picks {len(items)} runs; open needs one")
+        path = items[0]["path"]
     return TraceDataset(open_input(path, progress=progress), path, symbols=symbols, no_symbols=no_symbols)
 
 
@@ -243,12 +251,7 @@ def run_reports(paths: Sequence[str | Path], *, run_ids: Sequence[str] = (), lab
 
     items = expand_inputs([Path(p) for p in paths], run_ids, labels)
     stored = [it for it in items if it["store"] is not None]
-    windows = []
-    for it in stored:
-        trace = _trace_facts(it["path"])
-        w = parse_window(window, trace.get("duration_ns"))
-        windows.append((w.start_ns, w.end_ns))
-    from_store = dict(zip([id(it) for it in stored], outstanding_datasets(stored, windows), strict=True))
+    from_store = dict(zip([id(it) for it in stored], outstanding_datasets(stored, window), strict=True))
     out = []
     for it in items:
         ds = from_store.get(id(it))
@@ -260,12 +263,6 @@ def run_reports(paths: Sequence[str | Path], *, run_ids: Sequence[str] = (), lab
         source = (ds.trace.get("source") or {}).get("path") or str(it["path"])
         out.append(RunReport(it["name"], source, rep, it["labels"]))
     return out
-
-
-def _trace_facts(path: Path) -> dict:
-    from pooltrace.datasetcheck import read_trace_json
-
-    return read_trace_json(Path(path))
 
 
 def trend(*runs: str | Path, run: Sequence[str] = (), label: Sequence[str] = (), by: str = "stack",

@@ -82,10 +82,11 @@ def default_run_id(source: Path) -> str:
 def read_catalogue(store: Path) -> pa.Table:
     path = Path(store) / CATALOGUE
     try:
-        return pq.read_table(path, schema=CATALOGUE_SCHEMA)
+        table = pq.ParquetFile(path).read()
+        return table.select(CATALOGUE_SCHEMA.names).cast(CATALOGUE_SCHEMA)
     except FileNotFoundError:
         raise PooltraceError(f"{store}: not a pooltrace run store (no {CATALOGUE})") from None
-    except (OSError, ValueError, pa.ArrowException) as exc:
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         raise PooltraceError(f"{path}: unreadable run catalogue ({exc})") from None
 
 
@@ -236,7 +237,8 @@ def select(store: Path, run_ids: Iterable[str] = (), labels: Iterable[str] = ())
 
 def expand_inputs(paths: Iterable[Path], run_ids: Iterable[str] = (), labels: Iterable[str] = ()) -> list[dict]:
     """Inputs of report, diff and trend: .etl files and datasets as given, and each STORE replaced by the
-    runs the selectors pick from it. Each: ``{"path", "name", "labels", "store", "run_id"}``."""
+    runs the selectors pick from it. Each: ``{"path", "name", "labels", "store", "run_id", "row"}`` (row: the
+    run's catalogue row)."""
     run_ids, labels = list(run_ids), list(labels)
     out, stores = [], 0
     for p in map(Path, paths):
@@ -244,9 +246,9 @@ def expand_inputs(paths: Iterable[Path], run_ids: Iterable[str] = (), labels: It
             stores += 1
             for r in select(p, run_ids, labels):
                 out.append({"path": partition(p, r["run_id"]), "name": r["run_id"], "labels": r["labels"],
-                            "store": p, "run_id": r["run_id"]})
+                            "store": p, "run_id": r["run_id"], "row": r})
         else:
-            out.append({"path": p, "name": p.name, "labels": {}, "store": None, "run_id": None})
+            out.append({"path": p, "name": p.name, "labels": {}, "store": None, "run_id": None, "row": None})
     if (run_ids or labels) and not stores:
         raise PooltraceError("--run and --label select runs of a run store: give the STORE directory")
     return out
@@ -254,31 +256,45 @@ def expand_inputs(paths: Iterable[Path], run_ids: Iterable[str] = (), labels: It
 
 # ---- the DuckDB query behind trend over a store ------------------------------------------------------
 
-def outstanding_datasets(items: list[dict], windows: list[tuple[int, int]]) -> list:
-    """For runs of stores, Datasets holding only the rows outstanding in each run's window (allocated in
-    [start, end), not freed before end), read with one DuckDB query over the runs' partitions. The groups and
-    totals of build_report on them are those of the whole run (its lifetime totals are not)."""
+# the allocation columns a report needs, read by DuckDB; `fate` comes back as a flag (lost_free or not)
+QUERY_COLUMNS = ["tag", "pool_type", "paged", "session", "session_id", "size", "address", "alloc_ns", "free_ns",
+                 "pid", "tid", "cpu", "alloc_stack"]
+
+
+def trace_facts(row: dict) -> dict:
+    """The trace.json facts a report shows, from a catalogue row (the store checked them when appending)."""
+    return {"pooltrace_version": row.get("pooltrace_version"),
+            "source": {"path": row.get("source"), "size": row.get("source_size")}, "os": {"build": row.get("os_build")},
+            "pointer_size": row.get("pointer_size") or 8, "cpus": row.get("cpus"), "start_time": row.get("start_time"),
+            "duration_ns": row.get("duration_ns"),
+            "lost": {"events": row.get("events_lost") or 0, "buffers": row.get("buffers_lost") or 0},
+            "pairing": {"allocs": row.get("allocations"),
+                        "outstanding": {"count": row.get("outstanding_count"), "bytes": row.get("outstanding_bytes")}}}
+
+
+def outstanding_datasets(items: list[dict], window: str | None) -> list:
+    """For runs of stores (items of expand_inputs), Datasets holding only the rows outstanding in `window`
+    (allocated inside it, not freed before its end), read with one DuckDB query over the runs' partitions,
+    with the trace facts of the catalogue. The groups and outstanding totals of build_report on them are
+    those of the whole run (lifetime totals and the time series are not)."""
     import duckdb
     import numpy as np
 
-    from pooltrace.analysis import COLUMNS, dataset_from_tables
-    from pooltrace.datasetcheck import read_parquet, verify_dataset
+    from pooltrace.analysis import dataset_from_tables, parse_window
 
     if not items:
         return []
-    # schemas first: a tampered partition is one line naming it, before the query
-    traces = [verify_dataset(Path(it["path"]), COLUMNS) for it in items]
-    files = [str(Path(it["path"]) / "allocations.parquet") for it in items]
-    keys = pa.table({"file": files, "k": list(range(len(items))), "start_ns": [w[0] for w in windows],
-                     "end_ns": [w[1] for w in windows]})
-    cols = ", ".join(f"a.{c}" for c in COLUMNS)
+    traces = [trace_facts(it["row"]) for it in items]
+    parts = []
+    for k, (it, trace) in enumerate(zip(items, traces, strict=True)):
+        w = parse_window(window, trace.get("duration_ns"))
+        path = str(Path(it["path"]) / "allocations.parquet").replace("'", "''")
+        parts.append(f"SELECT {k} AS k, {', '.join(QUERY_COLUMNS)}, fate = 'lost_free' AS lost "
+                     f"FROM read_parquet('{path}') WHERE alloc_ns >= {int(w.start_ns)} AND alloc_ns < {int(w.end_ns)} "
+                     f"AND (free_ns IS NULL OR free_ns >= {int(w.end_ns)})")
     con = duckdb.connect()
     try:
-        con.register("w", keys)
-        rel = con.sql(
-            f"SELECT w.k, {cols} FROM read_parquet(?, filename = true) a JOIN w ON a.filename = w.file "
-            "WHERE a.alloc_ns >= w.start_ns AND a.alloc_ns < w.end_ns AND (a.free_ns IS NULL OR a.free_ns >= w.end_ns) "
-            "ORDER BY w.k, a.alloc_ns, a.address", params=[files])
+        rel = con.sql(" UNION ALL ".join(parts))
         table = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()  # duckdb 2 / 1
     except duckdb.Error as exc:
         raise PooltraceError(f"{items[0]['store']}: the run store's Parquet files are unreadable "
@@ -286,12 +302,26 @@ def outstanding_datasets(items: list[dict], windows: list[tuple[int, int]]) -> l
     finally:
         con.close()
     k = table["k"].to_numpy()
+    order = np.argsort(k, kind="stable")
+    table = table.take(pa.array(order)) if len(k) and np.any(np.diff(k) < 0) else table
+    k = k[order]
     bounds = np.searchsorted(k, np.arange(len(items) + 1))
     out = []
     for i, it in enumerate(items):
         part = Path(it["path"])
-        stacks = read_parquet(part / "stacks.parquet")
-        modules = read_parquet(part / "modules.parquet")
-        rows = table.slice(bounds[i], bounds[i + 1] - bounds[i]).drop_columns(["k"])
-        out.append(dataset_from_tables(part, traces[i], rows, stacks, modules))
+        rows = table.slice(bounds[i], bounds[i + 1] - bounds[i])
+        lost = rows["lost"].to_numpy(zero_copy_only=False).astype(np.int8)
+        fate = pa.DictionaryArray.from_arrays(pa.array(lost), pa.array(["outstanding", "lost_free"]))
+        rows = rows.drop_columns(["k", "lost"]).append_column("fate", fate)
+        out.append(dataset_from_tables(part, traces[i], rows, _read(part / "stacks.parquet"),
+                                       _read(part / "modules.parquet")))
     return out
+
+
+def _read(path: Path) -> pa.Table:
+    """A small Parquet file of a run (ParquetFile: no dataset machinery for 2 files x 100 runs)."""
+    try:
+        return pq.ParquetFile(path).read()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise PooltraceError(f"{path}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                             "re-add the run to the store") from None

@@ -156,3 +156,23 @@ def test_readme_commands_run(tmp_path, monkeypatch):
         r = CliRunner().invoke(cli, line.split()[1:])
         assert r.exit_code == 0, (line, r.output)
     assert [r["run_id"] for r in runs(tmp_path / "store")] == ["b1234", "b1235"]
+
+
+def test_api_opens_a_run_and_a_damaged_store_is_one_line(store, tmp_path):
+    import shutil
+
+    import pooltrace
+
+    ds = pooltrace.open(store, label=["build=1233"])
+    assert ds.path == store / "run_id=b3" and ds.trace["source"]["path"].endswith("sample-leak-fixed.etl")
+    df = pooltrace.trend(store, run=["b1", "b3"], by="tag", no_symbols=True)
+    assert list(df.attrs["runs"][k]["name"] for k in (0, 1)) == ["b1", "b3"]
+    with pytest.raises(pooltrace.api.PooltraceError, match="picks 3 runs"):
+        pooltrace.open(store, label=["machine=lab7"])
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    (bad / "run_id=b2" / "allocations.parquet").write_bytes(b"PAR1 damaged")
+    r = run("trend", bad, "--no-symbols", code=2)
+    assert "unreadable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (bad / CATALOGUE).write_bytes(b"nope")
+    assert "unreadable run catalogue" in run("report", bad, "--run", "b1", code=2).stderr
