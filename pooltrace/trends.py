@@ -9,7 +9,8 @@ point of view at the last run:
 - ``fixed in run K``: present before, absent (0 bytes) from run K to the last run;
 - ``new in run K``: absent in run K-1, present from run K to the last run (K > 1);
 - ``growing across runs``: present in every run, and since the last *down* step it went *up* at least twice
-  (once with only two runs) and never down; it "starts growing" at the first of those up steps;
+  (once with only two runs) and never down, ending more than t above where that growth started; it "starts
+  growing" at the first of those up steps;
 - ``stable``: everything else (present in every run without a sustained growth).
 """
 
@@ -81,7 +82,7 @@ def classify(values: list[int], tolerance: float = DEFAULT_TOLERANCE) -> tuple[s
         steps.append(1 if b > a * (1 + tolerance) else -1 if b < a * (1 - tolerance) else 0)
     last_down = max((k for k, s in enumerate(steps) if s < 0), default=-1)
     ups = [k for k in range(last_down + 1, len(steps)) if steps[k] > 0]
-    if ups and len(ups) >= min(2, n - 1):
+    if ups and len(ups) >= min(2, n - 1) and values[-1] > values[ups[0]] * (1 + tolerance):
         return "growing", ups[0] + 2
     return "stable", None
 

@@ -9,6 +9,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pooltrace
 from pooltrace.cli import cli
@@ -82,6 +84,7 @@ def test_by_stack_matches_across_boots(series):
     ([100, 100, 150, 200, 300], ("growing", 3)),
     ([100, 300, 50, 80, 120], ("growing", 4)),  # grew, dropped, grows again from run 4
     ([100, 300, 200], ("stable", None)),
+    ([180, 199, 180, 199, 180], ("stable", None)),  # up, flat, up, flat: back where it started
     ([100, 200], ("growing", 2)),
     ([0, 0, 10, 10], ("new", 3)),
     ([10, 0, 10], ("new", 3)),  # came back
@@ -148,3 +151,18 @@ def test_html_renders_offline_in_a_browser(series, tmp_path):
     assert dom.count('<section class="group') == min(12, len(json.loads(
         trend(*paths, "--by", "function", "--no-symbols", "--format", "json").stdout)["groups"]))
     assert f"fixed in run {FIXED_IN}" in dom and dom.count("<rect") >= RUNS
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), min_size=2, max_size=12).filter(any))
+def test_status_invariants(values):
+    kind, run = classify(values, 0.10)
+    n = len(values)
+    if values[-1] == 0:
+        assert kind == "fixed" and values[run - 2] > 0 and not any(values[run - 1:])
+    elif 0 in values:
+        assert kind == "new" and values[run - 2] == 0 and all(values[run - 1:])
+    else:
+        assert kind in ("growing", "stable")
+    if kind == "growing":
+        assert 2 <= run <= n and values[-1] > values[run - 2] * 1.1 and all(
+            b >= a * 0.9 for a, b in zip(values[run - 1:], values[run:], strict=False))
