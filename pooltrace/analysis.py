@@ -525,9 +525,9 @@ def tag_rows(ds: Dataset, window: Window, filters: Filters, render: FrameRendere
 
 def _in_use(baseline: dict, tag: str, kind: int) -> tuple[int | None, int | None]:
     """Bytes of `tag` in use at the start and the stop by the baseline, for a pooltypes kind: the kernel
-    counts paged and non-paged (NX or not) bytes per tag; its tag counters do not cover session pool."""
+    counts paged and non-paged (NX or not) bytes per tag, and session pool in session snapshots only."""
     b = baseline.get(tag)
-    if not b or kind == pooltypes.SESSION_KIND:
+    if not b:
         return None, None
-    key = "paged_bytes" if kind == pooltypes.PAGED_KIND else "nonpaged_bytes"
+    key = {pooltypes.PAGED_KIND: "paged_bytes", pooltypes.SESSION_KIND: "session_bytes"}.get(kind, "nonpaged_bytes")
     return tuple((b[w] or {}).get(key) for w in ("start", "stop"))

@@ -10,8 +10,10 @@ Two sources, in this order:
   (each big block's address, size and tag, 0x0E2A/0x0E2B).
 
 A baseline entry per tag and moment is ``{"allocs", "bytes", "paged_allocs", "paged_bytes",
-"nonpaged_allocs", "nonpaged_bytes"}``: outstanding allocations (allocs minus frees; the kernel's 32-bit
-counters wrap, so the difference is taken modulo 2**32) and bytes in use, in total and per pool.
+"nonpaged_allocs", "nonpaged_bytes"}`` and, when the trace has session snapshots (0x0E2C/0x0E2D, older
+kernels), ``"session_allocs", "session_bytes"`` summed over the sessions: outstanding allocations (allocs
+minus frees; the kernel's 32-bit counters wrap, so the difference is taken modulo 2**32) and bytes in use,
+in total and per pool.
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ _WRAP = 1 << 32
 
 
 def counters_entry(e: dict) -> dict:
-    """One tag's counters (``paged_allocs``, ``paged_frees``, ``paged_bytes`` and the nonpaged ones) as a
-    baseline entry."""
+    """One tag's counters (``paged_allocs``, ``paged_frees``, ``paged_bytes``, the nonpaged ones, and
+    optionally ``session_allocs``/``session_bytes`` already outstanding) as a baseline entry."""
     paged = (e["paged_allocs"] - e["paged_frees"]) % _WRAP
     nonpaged = (e["nonpaged_allocs"] - e["nonpaged_frees"]) % _WRAP
-    return {"allocs": paged + nonpaged, "bytes": e["paged_bytes"] + e["nonpaged_bytes"],
-            "paged_allocs": paged, "paged_bytes": e["paged_bytes"],
-            "nonpaged_allocs": nonpaged, "nonpaged_bytes": e["nonpaged_bytes"]}
+    out = {"allocs": paged + nonpaged, "bytes": e["paged_bytes"] + e["nonpaged_bytes"],
+           "paged_allocs": paged, "paged_bytes": e["paged_bytes"],
+           "nonpaged_allocs": nonpaged, "nonpaged_bytes": e["nonpaged_bytes"]}
+    if e.get("session_allocs") is not None:
+        out.update(session_allocs=e["session_allocs"], session_bytes=e["session_bytes"])
+        out["allocs"] += e["session_allocs"]
+        out["bytes"] += e["session_bytes"]
+    return out
 
 
 def from_counters(snapshots: dict[str, list[dict] | None]) -> dict[str, dict]:
@@ -64,25 +71,28 @@ class PoolSnapshots:
 
     def tag_counters(self) -> dict[str, list[dict] | None]:
         """Per moment, the tags' counters in the form :func:`from_counters` takes (None: no such snapshot).
-        A tag listed twice in one snapshot (two loggers' rundowns merged) is summed."""
+        Session snapshots add each tag's outstanding allocations and bytes over all sessions; a tag listed
+        twice in one snapshot (two loggers' rundowns merged) is summed."""
         out: dict[str, list[dict] | None] = dict.fromkeys(WHENS)
         if not self._tags:
             return out
+        merged: dict[tuple[str, str], dict] = {}
         for row in pa.concat_tables(self._tags).to_pylist():
-            when = WHENS[row["end"]]
-            acc = out[when] = out[when] if out[when] is not None else []
-            acc.append({"tag": format_tag(row["tag"]), "paged_allocs": row["paged_allocs"],
-                        "paged_frees": row["paged_frees"], "paged_bytes": row["paged_used"],
-                        "nonpaged_allocs": row["nonpaged_allocs"], "nonpaged_frees": row["nonpaged_frees"],
-                        "nonpaged_bytes": row["nonpaged_used"]})
-        for when, entries in out.items():
-            if entries:
-                merged: dict[str, dict] = {}
-                for e in entries:
-                    cur = merged.get(e["tag"])
-                    merged[e["tag"]] = e if cur is None else {k: (v if k == "tag" else v + e[k])
-                                                              for k, v in cur.items()}
-                out[when] = list(merged.values())
+            key = (WHENS[row["end"]], format_tag(row["tag"]))
+            e = merged.setdefault(key, {"tag": key[1], "paged_allocs": 0, "paged_frees": 0, "paged_bytes": 0,
+                                        "nonpaged_allocs": 0, "nonpaged_frees": 0, "nonpaged_bytes": 0})
+            if row["session_id"] is None:
+                for k in ("paged_allocs", "paged_frees", "nonpaged_allocs", "nonpaged_frees"):
+                    e[k] += row[k]
+                e["paged_bytes"] += row["paged_used"]
+                e["nonpaged_bytes"] += row["nonpaged_used"]
+            else:
+                outstanding = ((row["paged_allocs"] - row["paged_frees"]) % _WRAP
+                               + (row["nonpaged_allocs"] - row["nonpaged_frees"]) % _WRAP)
+                e["session_allocs"] = e.get("session_allocs", 0) + outstanding
+                e["session_bytes"] = e.get("session_bytes", 0) + row["paged_used"] + row["nonpaged_used"]
+        for (when, _), e in merged.items():
+            out[when] = (out[when] or []) + [e]
         return out
 
     def big_blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,7 +104,9 @@ class PoolSnapshots:
                 empty = np.zeros(0, np.uint64)
                 self._big_start = (empty, empty, np.zeros(0, np.uint32))
             else:
-                start = ~t["end"].to_numpy(zero_copy_only=False)
+                # global big pool only: a session's blocks are keyed by session in the pairing
+                start = ~t["end"].to_numpy(zero_copy_only=False) & t["session_id"].is_null().to_numpy(
+                    zero_copy_only=False)
                 addr = t["virtual_address"].to_numpy()[start] & ~np.uint64(1)
                 order = np.argsort(addr, kind="stable")
                 self._big_start = (addr[order], t["size"].to_numpy()[start][order],
@@ -102,15 +114,15 @@ class PoolSnapshots:
         return self._big_start
 
     def summary(self) -> dict | None:
-        """What the trace's snapshots hold, per moment: tags listed, big blocks and their bytes; None when
-        the trace has no snapshot."""
+        """What the trace's snapshots hold, per moment: distinct tags, big blocks and their bytes (sessions
+        included); None when the trace has no snapshot."""
         if not self._tags and not self._big:
             return None
         out = {}
         tags = pa.concat_tables(self._tags) if self._tags else None
         big = pa.concat_tables(self._big) if self._big else None
         for k, when in enumerate(WHENS):
-            n_tags = int(np.count_nonzero(tags["end"].to_numpy(zero_copy_only=False) == bool(k))) if tags else 0
+            n_tags = len(set(np.asarray(tags["tag"])[np.asarray(tags["end"]) == bool(k)].tolist())) if tags else 0
             if big is not None:
                 sel = big["end"].to_numpy(zero_copy_only=False) == bool(k)
                 n_big, big_bytes = int(sel.sum()), int(big["size"].to_numpy()[sel].sum())

@@ -38,7 +38,8 @@ TRACE_RULES = Field("object", members={
     "recording": opt("object"),
     "tag_baseline": opt("object", values=Field("object", members={
         w: opt("object", members={k: _COUNT for k in ("allocs", "bytes", "paged_allocs", "paged_bytes",
-                                                       "nonpaged_allocs", "nonpaged_bytes")})
+                                                       "nonpaged_allocs", "nonpaged_bytes", "session_allocs",
+                                                       "session_bytes")})
         for w in ("start", "stop")})),
     "tag_baseline_source": opt("str"),
     "pool_snapshot": opt("object", members={

@@ -289,7 +289,7 @@ def _plant_snapshots(w: TraceWriter, truth: Truth, sites: dict, live: dict, star
     """PoolSnap/BigPoolSnap at the start and the stop, consistent with the trace's events: at the stop
     each tag has the allocations and frees of the trace added (lost free events included: the kernel
     counted those frees) and its bytes changed by what stayed outstanding and what pre-trace blocks were
-    freed. Session pool (Gh05) is not in the kernel's tag counters."""
+    freed. Session pool (Gh05) has its own snapshot, per session."""
     counters: dict[str, list[int]] = {}  # tag -> [paged allocs, frees, used, nonpaged allocs, frees, used]
     paged_tag = {s["tag"]: bool(s["pool"] & PAGED) for s in sites.values() if "session" not in s}
     paged_tag["Pool"] = False
@@ -318,11 +318,21 @@ def _plant_snapshots(w: TraceWriter, truth: Truth, sites: dict, live: dict, star
     free_event(1 % cpus, start + 600, addr)
     truth.free_without_alloc += 1
     truth.pre_trace_big_frees.append({"address": addr, "tag": tag, "size": size})
-    for when, snap, ts in (("start", start_counters, start + 20), ("stop", counters, end + 50)):
+    # session pool (older kernels log one snapshot per session): Gh05 in session 1, paged
+    gh05 = sites["gh05"]
+    session_start = [3000 + 30, 3000, 30 * gh05["size"]]
+    session_stop = [session_start[0] + truth.allocs["gh05"], session_start[1] + truth.frees["gh05"],
+                    session_start[2] + truth.outstanding_bytes["gh05"]]
+    for when, snap, sess, ts in (("start", start_counters, session_start, start + 20),
+                                 ("stop", counters, session_stop, end + 50)):
         w.pool_snapshot(0, ts, [(t, *c) for t, c in snap.items()], end=when == "stop")
+        w.pool_snapshot(0, ts, [(gh05["tag"], *sess, 0, 0, 0)], end=when == "stop", session_id=gh05["session"])
         for t, c in snap.items():
             truth.baseline.setdefault(t, {})[when] = {"paged_allocs": c[0] - c[1], "paged_bytes": c[2],
                                                        "nonpaged_allocs": c[3] - c[4], "nonpaged_bytes": c[5]}
+        truth.baseline.setdefault(gh05["tag"], {})[when] = {
+            "paged_allocs": 0, "paged_bytes": 0, "nonpaged_allocs": 0, "nonpaged_bytes": 0,
+            "session_allocs": sess[0] - sess[1], "session_bytes": sess[2]}
     big_start = [(a, size, tag, nonpaged) for a, tag, size, nonpaged in _BIG_BEFORE]
     big_stop = [b for k, b in enumerate(big_start) if k != _FREED_BIG]
     big_stop += sorted((a, sites[site]["size"], sites[site]["tag"], not sites[site]["pool"] & PAGED)

@@ -26,8 +26,9 @@ POOL_BIT_INDEX, POOL_BIT = D.mask_index_bit(D.group_masks["PERF_POOL"])
 
 EVENT_KINDS = {
     "pool_alloc": ["PoolAlloc"], "pool_alloc_session": ["PoolAllocSession"], "pool_free": ["PoolFree"],
-    "pool_free_session": ["PoolFreeSession"], "pool_snapshot": ["PoolSnapDCStart", "PoolSnapDCEnd",
-                                                                "BigPoolSnapDCStart", "BigPoolSnapDCEnd"],
+    "pool_free_session": ["PoolFreeSession"], "pool_snapshot": [
+        "PoolSnapDCStart", "PoolSnapDCEnd", "BigPoolSnapDCStart", "BigPoolSnapDCEnd", "PoolSnapSessionDCStart",
+        "PoolSnapSessionDCEnd", "SessionBigPoolSnapDCStart", "SessionBigPoolSnapDCEnd"],
     "stacks": ["Stack"], "stack_key_refs": ["StackKeyKernel", "StackKeyUser"],
     "stack_key_defs": ["StackKeyCreate", "StackKeyDelete", "StackKeyRundown"],
     "image_load": ["ImageLoad"], "image_unload": ["ImageUnload"], "image_rundown": ["ImageDCStart", "ImageDCEnd"],

@@ -67,7 +67,7 @@ def test_hand_built_snapshot_records_decode(tmp_path, pointer_size):
     w.save(tmp_path / "s.etl")
     reader, tables, _ = read_all(tmp_path / "s.etl")
     rows = tables["pool_snap"].to_pylist()
-    common = {"ts": t, "cpu": 0, "end": False}
+    common = {"session_id": None, "ts": t, "cpu": 0, "end": False}
     assert [{k: r[k] for k in r if k != "seq"} for r in rows] == [
         {"tag": 0x6B61654C, "paged_allocs": 10, "paged_frees": 4, "paged_used": 0x600, "nonpaged_allocs": 7,
          "nonpaged_frees": 1, "nonpaged_used": 0x300} | common,
@@ -144,10 +144,7 @@ def test_tags_show_the_planted_bytes_in_use_at_start_and_stop(sample):
     rows = _json_rows(result.output)
     checked = 0
     for r in rows:
-        if r["type"] == "Session":  # session pool is not in the kernel's tag counters
-            assert r["in_use_start_bytes"] is None and r["in_use_end_bytes"] is None
-            continue
-        key = "paged_bytes" if r["type"] == "Paged" else "nonpaged_bytes"
+        key = {"Paged": "paged_bytes", "Session": "session_bytes"}.get(r["type"], "nonpaged_bytes")
         planted = truth["baseline"][r["tag"]]
         assert (r["in_use_start_bytes"], r["in_use_end_bytes"]) == (planted["start"][key], planted["stop"][key])
         checked += 1
@@ -163,10 +160,12 @@ def test_info_json_gives_the_planted_baseline_and_its_source():
     assert result.exit_code == 0, result.output
     b = json.loads(result.output)["baseline"]
     assert b["source"] == "pool_snapshot"
-    got = {tag: {when: {k: v[when][k] for k in ("paged_allocs", "paged_bytes", "nonpaged_allocs", "nonpaged_bytes")}
-                 for when in ("start", "stop")} for tag, v in b["tags"].items()}
+    got = {tag: {when: {k: v[when][k] for k in truth["baseline"][tag][when]} for when in ("start", "stop")}
+           for tag, v in b["tags"].items()}
     assert got == truth["baseline"]
     assert b["pool_snapshot"]["start"]["tags"] == len(truth["baseline"]) > 100  # spans several events
+    gh05 = b["tags"]["Gh05"]["start"]  # session pool: from the session snapshot, in the totals too
+    assert gh05["allocs"] == gh05["session_allocs"] == truth["baseline"]["Gh05"]["start"]["session_allocs"] > 0
     snap = b["pool_snapshot"]
     # big blocks at the stop: those of the start but the one freed, and the trace's outstanding Ntfr blocks
     assert snap["stop"]["big_blocks"] == snap["start"]["big_blocks"] - 1 + truth["outstanding"]["ntfr"]
@@ -205,3 +204,27 @@ def test_a_tampered_baseline_is_one_line(tmp_path, sample):
     (tmp_path / "ds" / "trace.json").write_text(json.dumps(meta))
     result = CliRunner().invoke(cli, ["tags", str(tmp_path / "ds")])
     assert result.exit_code == 2 and "nonpaged_bytes" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("pointer_size", [8, 4])
+def test_session_snapshots_carry_count_then_session_id(tmp_path, pointer_size):
+    w = TraceWriter(pointer_size=pointer_size, cpus=1)
+    t = w.start_qpc + 5
+    entry = pool_tag_entry(pointer_size, b"Gh05", 30, 10, 0x1000, 0, 0, 0)
+    w.raw(0, t, perfinfo_record(pointer_size, 0x0E2C, t, struct.pack("<II", 1, 3) + entry))
+    w.raw(0, t + 1, perfinfo_record(pointer_size, 0x0E2F, t + 1, struct.pack("<II", 1, 3) +
+                                    big_entry(pointer_size, 0x90000000, 0x2000, b"Gh05")))
+    w.raw(0, t + 2, perfinfo_record(pointer_size, 0x0E2D, t + 2, struct.pack("<I", 1) + entry))  # no session id
+    w.save(tmp_path / "s.etl")
+    reader, tables, _ = read_all(tmp_path / "s.etl")
+    row = tables["pool_snap"].to_pylist()
+    assert [(r["tag"], r["paged_allocs"], r["paged_used"], r["session_id"], r["end"]) for r in row] == [
+        (0x35306847, 30, 0x1000, 3, False)]
+    big = tables["big_pool_snap"].to_pylist()
+    assert [(r["virtual_address"], r["size"], r["session_id"], r["end"]) for r in big] == [
+        (0x90000000, 0x2000, 3, True)]
+    assert reader.stats.malformed["pool_snap_session"] == 1
+    # the writer lays them out the same way
+    w2 = TraceWriter(pointer_size=pointer_size, cpus=1)
+    w2.pool_snapshot(0, t, [("Gh05", 30, 10, 0x1000, 0, 0, 0)], session_id=3)
+    assert perfinfo_record(pointer_size, 0x0E2C, t, struct.pack("<II", 1, 3) + entry) in w2.to_bytes()

@@ -309,51 +309,61 @@ def rare_schema(name: str) -> pa.Schema:
 
 # ---- pool snapshots: a few events at the start and the stop of a trace ------------------------------
 
-SNAPSHOT_LAYOUTS = {h: name for name in ("pool_snap", "big_pool_snap") for h in D.layout_hooks(name)}
+# layout -> the table its rows go to (session snapshots share their global kind's table, with a session id)
+SNAPSHOT_TABLES = {"pool_snap": "pool_snap", "pool_snap_session": "pool_snap",
+                   "big_pool_snap": "big_pool_snap", "big_pool_snap_session": "big_pool_snap"}
+SNAPSHOT_LAYOUTS = {h: name for name in SNAPSHOT_TABLES for h in D.layout_hooks(name)}
 IS_SNAPSHOT = _hook_set(SNAPSHOT_LAYOUTS)
-SNAPSHOT_END_HOOKS = frozenset((H["PoolSnapDCEnd"], H["BigPoolSnapDCEnd"]))
-_SNAPSHOT_COMMON = [("ts", pa.int64()), ("cpu", pa.uint16()), ("seq", pa.int64()), ("end", pa.bool_())]
+SNAPSHOT_END_HOOKS = frozenset(H[n] for n in ("PoolSnapDCEnd", "BigPoolSnapDCEnd", "PoolSnapSessionDCEnd",
+                                              "SessionBigPoolSnapDCEnd"))
+_SNAPSHOT_COMMON = [("session_id", pa.uint32()), ("ts", pa.int64()), ("cpu", pa.uint16()), ("seq", pa.int64()),
+                    ("end", pa.bool_())]
 
 
-def snapshot_schema(name: str) -> pa.Schema:
-    """One row per snapshot entry: the entry's fields, then its event's time, CPU, sequence and whether it
-    belongs to the snapshot at the stop (DCEnd) rather than at the start (DCStart)."""
-    entry = D.layout_specs[name]["entries"]
+def snapshot_schema(table: str) -> pa.Schema:
+    """One row per snapshot entry: the entry's fields, the session (null: global pool), then its event's
+    time, CPU, sequence and whether it belongs to the snapshot at the stop (DCEnd) or the start (DCStart)."""
+    entry = D.layout_specs[table]["entries"]
     return pa.schema([(n, _ARROW_TYPES[t]) for n, t in D.layout_specs[entry]["fields"]] + _SNAPSHOT_COMMON)
 
 
-def snapshot_entries(payload: bytes, entry_size: int) -> tuple[int, int] | None:
+def snapshot_entries(payload: bytes, entry_size: int, head: int = 4) -> tuple[int, int] | None:
     """(offset, count) of the entry array of a snapshot payload, None when it is neither form.
 
-    The kernel writes ``u32 Count`` and then Count entries (decompiled EtwpPoolRunDown: two data
-    descriptors for PoolSnap and BigPoolSnap alike). A payload that is a whole number of entries with no
-    count (how etl-format.md's Corrections describe BigPoolSnap) is read as that many entries; the two forms
-    cannot be confused, as one has 4 bytes more than a multiple of the entry size."""
+    The kernel writes ``u32 Count`` (and ``u32 SessionId`` for session snapshots: `head` = 8), then Count
+    entries (decompiled EtwpPoolRunDown: one data descriptor each, for PoolSnap and BigPoolSnap alike). A
+    global snapshot that is a whole number of entries with no count (how etl-format.md's Corrections
+    describe BigPoolSnap) is read as that many entries; the two forms cannot be confused, as one has 4 bytes
+    more than a multiple of the entry size."""
     n = len(payload)
-    if n >= 4 and n % entry_size == 4 and struct.unpack_from("<I", payload)[0] * entry_size == n - 4:
-        return 4, (n - 4) // entry_size
-    if n % entry_size == 0:
+    if n >= head and (n - head) % entry_size == 0 and \
+            struct.unpack_from("<I", payload)[0] * entry_size == n - head:
+        return head, (n - head) // entry_size
+    if head == 4 and n % entry_size == 0:
         return 0, n // entry_size
     return None
 
 
 def decode_snapshots(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> dict[str, pa.Table]:
     """PoolSnap (per-tag counters, SYSTEM_POOLTAG) and BigPoolSnap (big blocks, SYSTEM_BIGPOOL_ENTRY)
-    events as one row per entry."""
+    events, global and per session, as one row per entry."""
     rows: dict[str, list[dict]] = {}
     for i in np.flatnonzero(in_set(IS_SNAPSHOT, recs.hook)).tolist():
         hook = int(recs.hook[i])
         name = SNAPSHOT_LAYOUTS[hook]
+        head = D.layout(name, 4).fixed_size
         entry = D.layout(D.layout_specs[name]["entries"], int(recs.pointer_size[i]))
         pos = int(recs.payload[i])
         payload = chunk.data[pos:pos + int(recs.payload_len[i])].tobytes()
-        found = snapshot_entries(payload, entry.fixed_size)
+        found = snapshot_entries(payload, entry.fixed_size, head)
         if found is None:
             malformed[name] += 1
             continue
         start, count = found
-        common = {"ts": int(recs.ts[i]), "cpu": int(recs.cpu[i]), "seq": seq0 + i, "end": hook in SNAPSHOT_END_HOOKS}
-        out = rows.setdefault(name, [])
+        session = struct.unpack_from("<I", payload, 4)[0] if head == 8 else None
+        common = {"session_id": session, "ts": int(recs.ts[i]), "cpu": int(recs.cpu[i]), "seq": seq0 + i,
+                  "end": hook in SNAPSHOT_END_HOOKS}
+        out = rows.setdefault(SNAPSHOT_TABLES[name], [])
         for values in struct.iter_unpack(entry.fixed_format, payload[start:start + count * entry.fixed_size]):
             out.append(dict(zip(entry.fixed_names, values, strict=True)) | common)
     return {name: pa.Table.from_pylist(r, schema=snapshot_schema(name)) for name, r in rows.items() if r}

@@ -333,12 +333,14 @@ class TraceWriter:
             payload += struct.pack("<I", _check_int("session_id", session_id or 0, 32))
         self._add(cpu, ts, self._kernel_record(header, hook, ts, payload, version=2, tid=tid, pid=pid, pmc=pmc))
 
-    def pool_snapshot(self, cpu: int, ts: int, entries: Iterable[Sequence[int | str]], *, end: bool = False) -> None:
+    def pool_snapshot(self, cpu: int, ts: int, entries: Iterable[Sequence[int | str]], *, end: bool = False,
+                      session_id: int | None = None) -> None:
         """PoolSnap rundown, 0x0E28 at the start (0x0E29 with ``end=True``), PERFINFO header: per event
         ``u32 Count`` (at most 100) then Count ``SYSTEM_POOLTAG`` right after it — ``u32 Tag; u32 PagedAllocs;
         u32 PagedFrees; [4 bytes padding on x64;] ptr PagedUsed; u32 NonPagedAllocs; u32 NonPagedFrees;
         ptr NonPagedUsed`` (40 bytes on x64, 28 on x86). ``entries`` are (tag, paged_allocs, paged_frees,
-        paged_used, nonpaged_allocs, nonpaged_frees, nonpaged_used); more than 100 span several events."""
+        paged_used, nonpaged_allocs, nonpaged_frees, nonpaged_used); more than 100 span several events.
+        With ``session_id`` it is one session's snapshot, 0x0E2C/0x0E2D: ``u32 Count; u32 SessionId;`` entries."""
         p = self._ptr
         fmt = f"<III{'4x' if self.pointer_size == 8 else ''}{p}II{p}"
         packed = []
@@ -348,15 +350,17 @@ class TraceWriter:
                                       _check_int("paged_frees", pf, 32), self._check_ptr("paged_used", pu),
                                       _check_int("nonpaged_allocs", na, 32), _check_int("nonpaged_frees", nf, 32),
                                       self._check_ptr("nonpaged_used", nu)))
-        self._snapshot(cpu, ts, "PoolSnapDCEnd" if end else "PoolSnapDCStart", packed, True)
+        kind = "PoolSnapSession" if session_id is not None else "PoolSnap"
+        self._snapshot(cpu, ts, kind + ("DCEnd" if end else "DCStart"), packed, True, session_id)
 
     def big_pool_snapshot(self, cpu: int, ts: int, entries: Iterable[Sequence], *, end: bool = False,
-                          count_prefix: bool = True) -> None:
+                          count_prefix: bool = True, session_id: int | None = None) -> None:
         """BigPoolSnap rundown, 0x0E2A at the start (0x0E2B with ``end=True``), PERFINFO header: per event
         ``u32 Count`` (at most 100) then Count ``SYSTEM_BIGPOOL_ENTRY`` — ``ptr VirtualAddress`` (bit 0 set for
         non-paged pool), ``ptr SizeInBytes``, ``u32 Tag`` (24 bytes on x64 with 4 bytes of tail padding, 12 on
         x86). ``entries`` are (address, size, tag, nonpaged). ``count_prefix=False`` writes the bare array
-        (the form etl-format.md's Corrections describe; the kernel's rundown code writes the count)."""
+        (the form etl-format.md's Corrections describe; the kernel's rundown code writes the count).
+        With ``session_id``: one session's big blocks, 0x0E2E/0x0E2F, ``u32 Count; u32 SessionId;`` entries."""
         p = self._ptr
         fmt = f"<{p}{p}I{'4x' if self.pointer_size == 8 else ''}"
         packed = []
@@ -364,13 +368,18 @@ class TraceWriter:
             if self._check_ptr("address", address) & 1:
                 raise ValueError(f"big-pool address {address:#x} must be aligned (bit 0 carries non-paged)")
             packed.append(struct.pack(fmt, address | bool(nonpaged), self._check_ptr("size", size), self._tag(tag)))
-        self._snapshot(cpu, ts, "BigPoolSnapDCEnd" if end else "BigPoolSnapDCStart", packed, count_prefix)
+        kind = "SessionBigPoolSnap" if session_id is not None else "BigPoolSnap"
+        if session_id is not None and not count_prefix:
+            raise ValueError("a session snapshot always has its count and session id")
+        self._snapshot(cpu, ts, kind + ("DCEnd" if end else "DCStart"), packed, count_prefix, session_id)
 
-    def _snapshot(self, cpu: int, ts: int, hook_name: str, packed: list[bytes], count_prefix: bool) -> None:
+    def _snapshot(self, cpu: int, ts: int, hook_name: str, packed: list[bytes], count_prefix: bool,
+                  session_id: int | None) -> None:
         hook = definitions().hooks[hook_name]
+        sid = b"" if session_id is None else struct.pack("<I", _check_int("session_id", session_id, 32))
         for k in range(0, len(packed), SNAPSHOT_ENTRIES_PER_EVENT):
             part = packed[k:k + SNAPSHOT_ENTRIES_PER_EVENT]
-            payload = (struct.pack("<I", len(part)) if count_prefix else b"") + b"".join(part)
+            payload = (struct.pack("<I", len(part)) + sid if count_prefix else b"") + b"".join(part)
             self._add(cpu, ts, self._kernel_record("perfinfo", hook, ts, payload, version=2))
 
     def stack(self, cpu: int, ts: int, event_ts: int, pid: int, tid: int, frames: Sequence[int]) -> None:
