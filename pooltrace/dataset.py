@@ -51,6 +51,8 @@ H = D.hooks
 FATES = {CLOSED_FREE: "freed", CLOSED_LOST_FREE: "lost_free", FREE_WITHOUT_ALLOC: "free_without_alloc",
          OUTSTANDING: "outstanding"}
 DEFAULT_WINDOW_S = 2.0
+ROW_GROUP = 1 << 19  # allocation rows per Parquet row group
+PARALLEL_MIN_BYTES = 64 << 20  # smaller traces are decoded in one process (measured: benchmarks/bench_pair.py)
 
 ALLOCATIONS_SCHEMA = pa.schema([
     ("tag", pa.string()), ("pool_type", pa.uint32()), ("paged", pa.bool_()), ("session", pa.bool_()),
@@ -94,14 +96,29 @@ class _RowWriter:
         self.without_stack = 0
         self.snapshots: PoolSnapshots | None = None  # big blocks at the start size pre-trace frees
         self.sized_from_snapshot = 0
+        self._pending: list[Columns] = []
+        self._pending_rows = 0
 
     def write(self, rows: Columns) -> None:
+        """Queue rows; they are written in row groups of about ROW_GROUP rows (fewer, larger groups write
+        and read faster than one per batch; row order is kept)."""
         if not len(rows):
             return
-        c = rows.cols
-        if self.snapshots is not None:
+        if self.snapshots is not None:  # now, with the snapshots seen so far
+            c = rows.cols
             self.sized_from_snapshot += fill_free_without_alloc(c["kind"], c["address"], c["size"], c["tag"],
                                                                 self.snapshots.big_blocks(), FREE_WITHOUT_ALLOC)
+        self._pending.append(rows)
+        self._pending_rows += len(rows)
+        if self._pending_rows >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows = Columns.concat(self._pending)
+        self._pending, self._pending_rows = [], 0
+        c = rows.cols
         tags = c["tag"]
         uniq, inv = np.unique(tags, return_inverse=True)
         names = [self.tag_cache.setdefault(int(t), format_tag(int(t))) for t in uniq.tolist()]
@@ -130,7 +147,10 @@ class _RowWriter:
         self.rows += len(rows)
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self._flush()
+        finally:
+            self.writer.close()
 
 
 def _module_row(r: dict, load_ns: int | None) -> dict:
@@ -198,9 +218,20 @@ def _name_max(parent: Path) -> int:
         return 255
 
 
+def decode_jobs(jobs: int | None, trace_bytes: int) -> int:
+    """Decode processes for a trace: `jobs` (default: the processors this process may use), but one for
+    traces under PARALLEL_MIN_BYTES, where starting workers costs more than it saves."""
+    from pooltrace.etl.parallel import default_jobs
+
+    if trace_bytes < PARALLEL_MIN_BYTES:
+        return 1
+    return max(1, default_jobs() if jobs is None else jobs)
+
+
 def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S,
-               progress: Callable[[int, int], None] | None = None) -> dict:
-    """Pair a trace into a dataset directory; returns the trace.json content."""
+               progress: Callable[[int, int], None] | None = None, jobs: int | None = None) -> dict:
+    """Pair a trace into a dataset directory; returns the trace.json content. The dataset is the same
+    for every `jobs` (decode worker processes; see decode_jobs)."""
     trace = Path(trace)
     out_dir = Path(out_dir)
     if len(os.fsencode(out_dir.name)) > _name_max(out_dir.parent):  # e.g. the cache of a 250-character trace name
@@ -214,7 +245,7 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
         raise PooltraceError(f"{out_dir}: cannot create the dataset directory: {exc.strerror}") from None
     try:
         with EtlReader(trace) as reader:
-            meta = _pair(reader, tmp, window_s, progress)
+            meta = _pair(reader, tmp, window_s, progress, decode_jobs(jobs, reader.stats.file_size))
         (tmp / "trace.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name[:100]}.old-{os.getpid()}")
@@ -229,7 +260,7 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
     return meta
 
 
-def _pair(reader: EtlReader, out: Path, window_s: float, progress) -> dict:
+def _pair(reader: EtlReader, out: Path, window_s: float, progress, jobs: int = 1) -> dict:
     hdr = reader.header
     tps = hdr.ticks_per_second or 10_000_000
     joiner = StackJoiner(hdr.start_ticks, int(window_s * tps), hdr.pointer_size)
@@ -239,7 +270,7 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress) -> dict:
     rows.snapshots = snapshots = PoolSnapshots()
     rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": []}
     try:
-        for batch in reader.batches(progress, fragments=joiner.fragments):
+        for batch in reader.batches(progress, fragments=joiner.fragments, jobs=jobs):
             snapshots.feed(batch)  # before the joiner releases the pool events of the same time
             for name in rare:
                 if batch.get(name) is not None:

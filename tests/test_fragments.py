@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pooltrace.etl.fragments import FragmentStore, Interner, hash_segments
+from pooltrace.etl.fragments import Digest, FragmentStore, Interner, digest, hash_segments
 
 
 def _segments(stacks: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -36,17 +36,28 @@ def test_same_frames_same_id_across_batches(batches):
     assert sorted(set(seen.values())) == list(range(len(store)))
 
 
+def _digest(h1: list[int], h2: list[int], stacks: list[list[int]]) -> Digest:
+    values, offsets = _segments(stacks)
+    return Digest(np.array(h1, np.int64), np.array(h2, np.uint64), offsets, values, np.arange(len(h1)))
+
+
 def test_colliding_first_hash_keeps_fragments_apart():
     store = FragmentStore()
-    values, offsets = _segments([[10], [20], [30]])
-    h1 = np.array([5, 5, 2**63 + 1], dtype=np.uint64)  # same first hash, different second hash
-    h2 = np.array([1, 2, 3], dtype=np.uint64)
-    ids = store.add_hashed(h1, h2, values, offsets)
-    assert len(set(ids.tolist())) == 3
-    again = store.add_hashed(h1[[1, 0]], h2[[1, 0]], *_segments([[20], [10]]))
-    assert again.tolist() == [ids[1], ids[0]]
-    later = store.add_hashed(np.array([5], np.uint64), np.array([9], np.uint64), *_segments([[40]]))
+    ids = store.add_digest(_digest([-9, 5, 5], [3, 1, 2], [[30], [10], [20]]))  # 5: same first hash, not frames
+    assert sorted(ids.tolist()) == [0, 1, 2]
+    again = store.add_digest(_digest([5, 5], [1, 2], [[10], [20]]))
+    assert again.tolist() == [ids[1], ids[2]]
+    later = store.add_digest(_digest([5], [9], [[40]]))
     assert later[0] not in ids.tolist() and store.frames(int(later[0])).tolist() == [40]
+    assert [store.frames(int(i)).tolist() for i in ids] == [[30], [10], [20]]
+
+
+def test_digest_keeps_distinct_fragments_and_maps_every_segment():
+    values, offsets = _segments([[1, 2], [3], [1, 2], [3], [4, 5, 6]])
+    d = digest(values, offsets)
+    assert len(d.h1) == 3 and (np.diff(d.h1) > 0).all()
+    got = [d.values[d.offsets[k]:d.offsets[k + 1]].tolist() for k in d.inverse]
+    assert got == [[1, 2], [3], [1, 2], [3], [4, 5, 6]]
 
 
 def test_hash_is_order_sensitive_and_handles_empty_segments():

@@ -25,10 +25,13 @@ from pooltrace.store import append_trace, check_run_id, parse_labels
 @click.option("--run-id", help="The run's ID in the STORE [default: UTC time, trace name and a random suffix].")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Label the run in the STORE (build=1234, machine=lab7). Repeatable.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
+              help="Processes decoding the trace [default: the processors available; 1 for traces under 64 MB]. "
+                   "The dataset is the same for every value.")
 @quiet_option
 @user_errors
 def pair(trace: Path, output: Path | None, stack_window: float, as_json: bool, store: Path | None,
-         run_id: str | None, labels: tuple[str, ...], quiet: bool) -> None:
+         run_id: str | None, labels: tuple[str, ...], jobs: int | None, quiet: bool) -> None:
     """Match every pool allocation with its free, attach stacks, and write allocations.parquet,
     stacks.parquet, modules.parquet and trace.json (schema in the README)."""
     if store is None and (run_id or labels):
@@ -40,7 +43,7 @@ def pair(trace: Path, output: Path | None, stack_window: float, as_json: bool, s
         return
     out = output or default_output(trace)
     with progress_bar(trace, quiet, "pairing") as progress:
-        meta = pair_trace(trace, out, window_s=stack_window, progress=progress)
+        meta = pair_trace(trace, out, window_s=stack_window, progress=progress, jobs=jobs)
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return

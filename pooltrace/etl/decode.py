@@ -87,6 +87,10 @@ def _frames(chunk: Chunk, start: np.ndarray, count: np.ndarray, ptr: int) -> tup
     offsets = np.zeros(len(count) + 1, dtype=np.int64)
     np.cumsum(count, out=offsets[1:])
     total = int(offsets[-1])
+    if ptr == 8 and not (start & 7).any():  # aligned (always, for x64 StackWalk): one index per frame
+        idx = np.arange(total, dtype=np.int64)
+        idx += np.repeat((start >> 3) - offsets[:-1], count)
+        return offsets, chunk.u64[idx]
     within = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], count)
     addr = np.repeat(start, count) + within * ptr
     return offsets, gather(chunk, addr, ptr).astype(np.uint64, copy=False)

@@ -8,6 +8,8 @@ Lookups are binary searches in sorted arrays, so no Python code runs per stack e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 M1, M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -71,13 +73,43 @@ class Interner:
         return out, new
 
 
+@dataclass
+class Digest:
+    """The distinct fragments of a batch of segments: their hashes (ascending first hash, as int64), their
+    frames, and for every segment the index of its distinct fragment. Computed where the frames are
+    decoded (a worker process too); FragmentStore.add_digest numbers them."""
+
+    h1: np.ndarray  # int64 view of the first hash
+    h2: np.ndarray  # uint64
+    offsets: np.ndarray
+    values: np.ndarray
+    inverse: np.ndarray | None  # None once it has become the stacks table's `frag` column
+
+
+def digest(values: np.ndarray, offsets: np.ndarray) -> Digest:
+    h1, h2 = hash_segments(values, offsets)
+    k1 = h1.view(np.int64)
+    _, first, inverse = np.unique(k1, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if not (h2 == h2[first][inverse]).all():  # a 64-bit collision between different stacks: use both halves
+        pairs = np.stack([k1, h2.view(np.int64)], axis=1)
+        _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    starts = offsets[:-1][first]
+    counts = offsets[1:][first] - starts
+    new = np.zeros(len(first) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new[1:])
+    pos = np.repeat(starts - new[:-1], counts) + np.arange(int(new[-1]), dtype=np.int64)
+    return Digest(k1[first], h2[first], new, values[pos], inverse)
+
+
 class FragmentStore:
     """Distinct frame sequences (stack fragments), by id."""
 
     def __init__(self) -> None:
-        self._by_h1 = Interner()  # first hash -> id
-        self._h2: list[np.ndarray] = []  # second hash of every id, in blocks
-        self._h2_all = np.zeros(0, dtype=np.uint64)
+        self._by_h1 = Interner()  # first hash (int64) -> id
+        self._h2: list[np.ndarray] = []  # second hash of new ids, in blocks not yet joined to _h2_all
+        self._h2_all = np.zeros(0, dtype=np.uint64)  # second hash by id
         self._rare: dict[tuple[int, int], int] = {}  # (h1, h2) of fragments whose first hash collided
         self._frames: list[np.ndarray] = []
 
@@ -86,58 +118,43 @@ class FragmentStore:
 
     def add(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Ids of the segments, creating new ones for frame sequences not seen before."""
-        h1, h2 = hash_segments(values, offsets)
-        return self.add_hashed(h1, h2, values, offsets)
+        d = digest(values, offsets)
+        return self.add_digest(d)[d.inverse]
 
-    def add_hashed(self, h1: np.ndarray, h2: np.ndarray, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """As add(), for segments whose hashes are known (computed by hash_segments)."""
-        u1, first, inverse = np.unique(h1.view(np.int64), return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        u2 = h2[first]
-        if not (h2 == u2[inverse]).all():  # a 64-bit collision between different stacks in this batch
-            return self._add_slow(h1, h2, values, offsets)
-        ids, new = self._by_h1.ids(u1, len(self._frames))
-        n_new = np.flatnonzero(new)
-        if len(n_new):
-            for j in first[n_new].tolist():
-                self._frames.append(values[offsets[j]:offsets[j + 1]].copy())
-            self._h2.append(u2[n_new])
-        if len(n_new) < len(new):  # known first hash: the second must agree, else it is another fragment
-            old = np.flatnonzero(~new)
+    def add_digest(self, d: Digest) -> np.ndarray:
+        """Ids of the digest's distinct fragments (new ones numbered in ascending first hash)."""
+        n = len(d.h1)
+        dup = np.zeros(n, dtype=bool)
+        dup[1:] = d.h1[1:] == d.h1[:-1]  # same first hash as the fragment before it: a collision
+        head = np.flatnonzero(~dup)
+        ids = np.empty(n, dtype=np.int64)
+        hid, new = self._by_h1.ids(d.h1[head], len(self._frames))
+        ids[head] = hid
+        fresh = head[new]
+        for j in fresh.tolist():
+            self._frames.append(d.values[d.offsets[j]:d.offsets[j + 1]].copy())
+        if len(fresh):
+            self._h2.append(d.h2[fresh])
+        known = head[~new]
+        if len(known) or dup.any():
             self._flush_h2()
-            differ = old[self._h2_all[ids[old]] != u2[old]]
-            for k in differ.tolist():
-                ids[k] = self._rare_id(int(u1[k]), int(u2[k]), values, offsets, int(first[k]))  # h1 as int64
-        return ids[inverse]
+            differ = known[self._h2_all[ids[known]] != d.h2[known]]
+            for j in np.concatenate([differ, np.flatnonzero(dup)]).tolist():
+                ids[j] = self._rare_id(int(d.h1[j]), int(d.h2[j]), d.values[d.offsets[j]:d.offsets[j + 1]])
+        return ids
 
     def _flush_h2(self) -> None:
         if self._h2:
             self._h2_all = np.concatenate([self._h2_all, *self._h2])
             self._h2 = []
 
-    def _rare_id(self, a: int, b: int, values: np.ndarray, offsets: np.ndarray, j: int) -> int:
+    def _rare_id(self, a: int, b: int, frames: np.ndarray) -> int:
         i = self._rare.get((a, b))
         if i is None:
-            self._flush_h2()
             i = self._rare[(a, b)] = len(self._frames)
-            self._frames.append(values[offsets[j]:offsets[j + 1]].copy())
+            self._frames.append(frames.copy())
             self._h2_all = np.append(self._h2_all, np.uint64(b))  # keeps ids aligned; never matched by h1
         return i
-
-    def _add_slow(self, h1, h2, values, offsets) -> np.ndarray:
-        out = np.empty(len(h1), dtype=np.int64)
-        self._flush_h2()
-        for k, (a, b) in enumerate(zip(h1.view(np.int64).tolist(), h2.tolist(), strict=True)):
-            i, new = self._by_h1.ids(np.array([a], dtype=np.int64), len(self._frames))
-            if new[0]:
-                self._frames.append(values[offsets[k]:offsets[k + 1]].copy())
-                self._h2_all = np.append(self._h2_all, np.uint64(b))
-                out[k] = i[0]
-            elif self._h2_all[i[0]] == b:
-                out[k] = i[0]
-            else:
-                out[k] = self._rare_id(a, b, values, offsets, k)
-        return out
 
     def frames(self, frag: int) -> np.ndarray:
         return self._frames[frag]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,14 +29,11 @@ from pooltrace.etl.buffers import (
     reading_order,
     scan_buffers,
 )
+from pooltrace.etl.chunks import DecodedChunk, decode_buffers
 from pooltrace.etl.columns import Columns
-from pooltrace.etl.decode import decode_chunk
 from pooltrace.etl.fragments import FragmentStore
 from pooltrace.etl.logfile import LogfileHeader
 from pooltrace.etl.records import (
-    HEADER_TYPE_NAMES,
-    IS_CLASSIC,
-    IS_EVENT,
     SYSTEM_LIKE,
     Chunk,
     decode_headers,
@@ -113,10 +109,6 @@ def _split(parts: list, wm: int, everything: bool = False):
     now = t.filter(ready)
     rest = t.filter(pc.invert(ready))
     return (now.sort_by(SORT_KEYS) if now.num_rows else None), (rest if rest.num_rows else None)
-
-
-def _guid_str(lo: int, hi: int) -> str:
-    return str(uuid.UUID(bytes_le=int(lo).to_bytes(8, "little") + int(hi).to_bytes(8, "little")))
 
 
 def _not_regular(mode: int) -> str | None:
@@ -217,12 +209,13 @@ class EtlReader:
     # -- streaming -------------------------------------------------------------------------------
 
     def batches(self, progress: Callable[[int, int], None] | None = None,
-                fragments: FragmentStore | None = None) -> Iterator[Batch]:
+                fragments: FragmentStore | None = None, jobs: int = 1) -> Iterator[Batch]:
         """Decoded events in global time order, a batch at a time. Single pass; stats fill as it goes.
         `progress(done, total)` is called with buffers read so far after every chunk. With `fragments`,
         the frames of Stack events are interned there as each chunk is decoded, and the stacks table
         carries `frag` (fragment id) and `user` (a user-mode part) instead of `frames`: the time merge
-        then moves fixed-width columns only."""
+        then moves fixed-width columns only. With `jobs` > 1, chunks are decoded in that many worker
+        processes (parallel.py); the batches are the same for every `jobs`."""
         self._fragments = fragments
         idx = self.index
         st = self.stats
@@ -245,9 +238,9 @@ class EtlReader:
         seq0 = 0
         last_ts = np.iinfo(np.int64).min
         done = 0
-        for buffers, wm in plan:
-            decoded, n = self._decode(buffers, seq0)
-            seq0 += n
+        for (buffers, wm), dc in zip(plan, self._chunks(plan, jobs), strict=True):
+            decoded = self._apply(dc, seq0)
+            seq0 += dc.counts.records
             done += len(buffers)
             if progress is not None:
                 progress(done, len(idx))
@@ -274,64 +267,42 @@ class EtlReader:
         if rest:
             yield Batch(rest)
 
-    def _decode(self, buffers: list[int], seq0: int) -> tuple[dict[str, pa.Table], int]:
-        st = self.stats
-        areas, cpus = [], []
-        for b in buffers:
-            try:
-                areas.append(self.source.area(b))
-                cpus.append(int(self.index.cpu[b]))
-            except ValueError as exc:
-                st.buffers_skipped += 1
-                st.bytes_skipped += int(self.index.size[b])
-                st.warn(f"buffer {b} at offset 0x{int(self.index.offset[b]):x} skipped: {exc}")
-        for b, nbytes, nrec in self.source.hidden:
-            st.bytes_skipped += nbytes
-            st.warn(f"buffer {b} at offset 0x{int(self.index.offset[b]):x} is damaged: {nrec} records "
-                    f"({nbytes} bytes) follow the end its header gives (filled size "
-                    f"{int(self.index.filled[b])}); they were not read")
-        self.source.hidden.clear()
-        if not areas:
-            return {}, 0
-        chunk = Chunk(areas, cpus)
-        recs, problems, dropped = decode_headers(chunk)
-        for k, nbytes, reason in problems:
-            st.bytes_skipped += nbytes
-            st.warn(f"buffer {buffers[k]} (cpu {cpus[k]}): {reason}; last {nbytes} bytes skipped")
-        if dropped:
-            st.malformed["record header"] += dropped
-        self._count(recs)
-        dec = decode_chunk(chunk, recs, seq0)
-        st.malformed.update(dec.malformed)
-        stacks = dec.tables.get("stacks")
-        if self._fragments is not None and stacks is not None:
-            offsets, values = stacks.lists.pop("frames")
-            stacks.cols["frag"] = self._fragments.add(values, offsets)
-            stacks.cols["user"] = values[offsets[:-1]] < self.user_limit
-        return dec.tables, len(recs)
+    def _chunks(self, plan: list[tuple[list[int], int]], jobs: int) -> Iterator[DecodedChunk]:
+        """Decoded chunks in plan order: here, or in `jobs` worker processes (parallel.py)."""
+        digest_stacks = self._fragments is not None
+        if jobs > 1 and len(plan) > 2:
+            from pooltrace.etl.parallel import decode_in_workers
 
-    def _count(self, recs) -> None:
+            yield from decode_in_workers(self, plan, jobs, digest_stacks)
+            return
+        for buffers, _wm in plan:
+            yield decode_buffers(self.source, self.index, buffers, int(self.user_limit), digest_stacks)
+
+    def _apply(self, dc: DecodedChunk, seq0: int) -> dict[str, Columns | pa.Table]:
+        """Add a decoded chunk's counts to the statistics and number its rows from seq0."""
         st = self.stats
-        st.records += len(recs)
-        if len(recs):
-            lo, hi = int(recs.ts.min()), int(recs.ts.max())
-            st.first_ts = lo if st.first_ts is None else min(st.first_ts, lo)
-            st.last_ts = hi if st.last_ts is None else max(st.last_ts, hi)
-        types, counts = np.unique(recs.htype, return_counts=True)
-        for t, c in zip(types.tolist(), counts.tolist(), strict=True):
-            st.by_header_type[HEADER_TYPE_NAMES.get(t, f"0x{t:02x}")] += c
-        hooks = recs.hook[recs.hook >= 0]
-        if len(hooks):
-            h, c = np.unique(hooks, return_counts=True)
-            st.by_hook.update(dict(zip(h.tolist(), c.tolist(), strict=True)))
-        classic = IS_CLASSIC[recs.htype]
-        if classic.any():
-            keys = np.column_stack([recs.guid[classic], recs.opcode[classic].astype(np.uint64)])
-            u, c = np.unique(keys, axis=0, return_counts=True)
-            for (lo, hi, op), n in zip(u.tolist(), c.tolist(), strict=True):
-                st.by_classic[(_guid_str(lo, hi), int(op))] += n
-        event = IS_EVENT[recs.htype]
-        if event.any():
-            u, c = np.unique(recs.guid[event], axis=0, return_counts=True)
-            for (lo, hi), n in zip(u.tolist(), c.tolist(), strict=True):
-                st.by_provider[_guid_str(lo, hi)] += n
+        c = dc.counts
+        st.buffers_skipped += c.buffers_skipped
+        st.bytes_skipped += c.bytes_skipped
+        for w in c.warnings:
+            st.warn(w)
+        st.records += c.records
+        if c.first_ts is not None:
+            st.first_ts = c.first_ts if st.first_ts is None else min(st.first_ts, c.first_ts)
+            st.last_ts = c.last_ts if st.last_ts is None else max(st.last_ts, c.last_ts)
+        st.by_header_type.update(c.by_header_type)
+        st.by_hook.update(c.by_hook)
+        st.by_classic.update(c.by_classic)
+        st.by_provider.update(c.by_provider)
+        st.malformed.update(c.malformed)
+        tables = {}
+        for name, t in dc.tables.items():
+            if isinstance(t, Columns):
+                t.cols["seq"] += seq0
+            else:
+                t = t.set_column(t.schema.get_field_index("seq"), "seq", pa.array(t["seq"].to_numpy() + seq0))
+            tables[name] = t
+        if dc.digest is not None:
+            stacks = tables["stacks"]
+            stacks.cols["frag"] = self._fragments.add_digest(dc.digest)[stacks.cols["frag"]]
+        return tables

@@ -82,6 +82,9 @@ class Records:
         return len(self.pos)
 
 
+SLACK = 0x60  # zero bytes after the last area, so fixed-size header reads never run off the end
+
+
 class Chunk:
     """Decompressed data areas of several buffers, each starting on an 8-byte boundary."""
 
@@ -96,10 +99,22 @@ class Chunk:
             if pad:
                 parts.append(b"\x00" * pad)
             pos += len(a) + pad
-        parts.append(b"\x00" * 0x60)  # slack so fixed-size header reads never run off the end
-        self.data = np.frombuffer(b"".join(parts), dtype=np.uint8)
+        parts.append(b"\x00" * SLACK)
+        self._set(np.frombuffer(b"".join(parts), dtype=np.uint8), starts,
+                  [s + len(a) for s, a in zip(starts, areas, strict=True)], cpus)
+
+    @classmethod
+    def from_array(cls, data: np.ndarray, starts: list[int], ends: list[int], cpus: list[int]) -> Chunk:
+        """A chunk over areas already laid out in `data` (8-aligned starts, zero padding, SLACK zero
+        bytes after the last area; len(data) a multiple of 8)."""
+        chunk = cls.__new__(cls)
+        chunk._set(data, starts, ends, cpus)
+        return chunk
+
+    def _set(self, data: np.ndarray, starts, ends, cpus) -> None:
+        self.data = data
         self.starts = np.array(starts, dtype=np.int64)
-        self.ends = np.array([s + len(a) for s, a in zip(starts, areas, strict=True)], dtype=np.int64)
+        self.ends = np.array(ends, dtype=np.int64)
         self.cpus = np.array(cpus, dtype=np.int64)
         self.u16 = self.data.view("<u2")
         self.u32 = self.data.view("<u4")

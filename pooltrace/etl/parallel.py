@@ -1,0 +1,149 @@
+"""Parallel decoding: chunks of buffers decoded in worker processes, columns handed back in shared memory.
+
+Each worker opens the trace itself and runs chunks.decode_buffers on the chunks it is given. The numpy
+columns of a decoded chunk (pool, stacks, stack keys, the digested stack fragments) are copied into one
+shared-memory block; only a small manifest (names, dtypes, offsets) and the rare events (a few Arrow
+rows) travel through the pipe, so nothing is pickled per record. The reader takes the results in
+chunk order, so its batches, statistics and warnings are the same for any number of workers.
+
+At most two chunks per worker are decoded ahead of the reader: memory stays bounded when the reader
+(stack attachment, pairing, writing) is slower than the decoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from pooltrace.etl.buffers import BufferIndex, BufferSource, FileBytes
+from pooltrace.etl.chunks import DecodedChunk, decode_buffers
+from pooltrace.etl.columns import Columns
+from pooltrace.etl.fragments import Digest
+
+AHEAD = 2  # chunks in flight per worker
+
+_worker: dict = {}
+
+
+def default_jobs() -> int:
+    """The processors this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on every OS
+        return max(1, os.cpu_count() or 1)
+
+
+def _init(path: str, index: BufferIndex, max_area: int, user_limit: int) -> None:
+    fh = open(path, "rb")  # noqa: SIM115 - lives as long as the worker
+    data = FileBytes(fh.fileno(), os.fstat(fh.fileno()).st_size)
+    source = BufferSource(data, index)
+    source.max_area = max_area
+    _worker.update(fh=fh, source=source, index=index, user_limit=user_limit)
+
+
+def _arrays(dc: DecodedChunk):
+    """(place, array) of every numpy column of a decoded chunk; place says where it goes back."""
+    for name, t in dc.tables.items():
+        if isinstance(t, Columns):
+            for k, v in t.cols.items():
+                yield (name, "cols", k, 0), v
+            for k, v in t.valid.items():
+                yield (name, "valid", k, 0), v
+            for k, (offsets, values) in t.lists.items():
+                yield (name, "lists", k, 0), offsets
+                yield (name, "lists", k, 1), values
+    if dc.digest is not None:
+        for k in ("h1", "h2", "offsets", "values"):
+            yield ("", "digest", k, 0), getattr(dc.digest, k)
+
+
+def _work(buffers: list[int], digest_stacks: bool):
+    dc = decode_buffers(_worker["source"], _worker["index"], buffers, _worker["user_limit"], digest_stacks)
+    manifest, total, arrays = [], 0, []
+    for place, arr in _arrays(dc):
+        arr = np.ascontiguousarray(arr)
+        manifest.append((place, arr.dtype.str, arr.shape, total))
+        arrays.append(arr)
+        total += (arr.nbytes + 7) & ~7
+    shm = shared_memory.SharedMemory(create=True, size=max(total, 8))
+    try:
+        for (_p, _d, _s, off), arr in zip(manifest, arrays, strict=True):
+            shm.buf[off:off + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+        name = shm.name
+    finally:
+        shm.close()
+    # everything but the numpy columns (rare-event Arrow tables, counts, warnings) goes by pickle
+    rest = {n: t for n, t in dc.tables.items() if not isinstance(t, Columns)}
+    shapes = {n: (list(t.cols), list(t.valid), list(t.lists)) for n, t in dc.tables.items() if isinstance(t, Columns)}
+    return name, manifest, rest, shapes, dc.counts
+
+
+def _take(result) -> DecodedChunk:
+    """Rebuild a decoded chunk from a worker's shared-memory block (copied out, then unlinked)."""
+    name, manifest, rest, shapes, counts = result
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        got = {}
+        for place, dtype, shape, off in manifest:
+            dt = np.dtype(dtype)
+            n = int(np.prod(shape)) if shape else 1
+            got[place] = np.frombuffer(shm.buf, dtype=dt, count=n, offset=off).reshape(shape).copy()
+    finally:
+        shm.close()
+        shm.unlink()
+    tables: dict = {}
+    for tname, (cols, valid, lists) in shapes.items():
+        tables[tname] = Columns({k: got[(tname, "cols", k, 0)] for k in cols},
+                                {k: got[(tname, "valid", k, 0)] for k in valid},
+                                {k: (got[(tname, "lists", k, 0)], got[(tname, "lists", k, 1)]) for k in lists})
+    tables.update(rest)
+    dig = None
+    if ("", "digest", "h1", 0) in got:
+        dig = Digest(*(got[("", "digest", k, 0)] for k in ("h1", "h2", "offsets", "values")), inverse=None)
+    return DecodedChunk(tables, counts, dig)
+
+
+def _context():
+    methods = mp.get_all_start_methods()
+    if "forkserver" in methods:  # workers forked from a clean server with the decoders imported once
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["pooltrace.etl.chunks"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def decode_in_workers(reader, plan: list[tuple[list[int], int]], jobs: int, digest_stacks: bool
+                      ) -> Iterator[DecodedChunk]:
+    """Decoded chunks of `plan`, in plan order, decoded by `jobs` worker processes."""
+    src = reader.source
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_init,
+                             initargs=(str(reader.path), reader.index, src.max_area, int(reader.user_limit))) as ex:
+        todo = iter(plan)
+        inflight: deque = deque()
+
+        def submit() -> None:
+            for buffers, _wm in todo:
+                inflight.append(ex.submit(_work, buffers, digest_stacks))
+                if len(inflight) >= jobs * AHEAD:
+                    return
+
+        submit()
+        try:
+            while inflight:
+                result = inflight.popleft().result()
+                submit()
+                yield _take(result)
+        finally:
+            for f in inflight:  # stopped early (an error, or the consumer stopped): drop what is queued
+                f.cancel()
+            for f in inflight:
+                if not f.cancelled():
+                    with contextlib.suppress(Exception):  # only freeing shared memory here
+                        _take(f.result())
