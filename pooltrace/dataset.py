@@ -52,6 +52,7 @@ FATES = {CLOSED_FREE: "freed", CLOSED_LOST_FREE: "lost_free", FREE_WITHOUT_ALLOC
          OUTSTANDING: "outstanding"}
 DEFAULT_WINDOW_S = 2.0
 ROW_GROUP = 1 << 19  # allocation rows per Parquet row group
+CHUNK_BYTES = 4 << 20  # buffers decoded together (the unit of work of a decode process)
 PARALLEL_MIN_BYTES = 64 << 20  # smaller traces are decoded in one process (measured: benchmarks/bench_pair.py)
 
 ALLOCATIONS_SCHEMA = pa.schema([
@@ -244,7 +245,7 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
     except OSError as exc:
         raise PooltraceError(f"{out_dir}: cannot create the dataset directory: {exc.strerror}") from None
     try:
-        with EtlReader(trace) as reader:
+        with EtlReader(trace, chunk_bytes=CHUNK_BYTES) as reader:
             meta = _pair(reader, tmp, window_s, progress, decode_jobs(jobs, reader.stats.file_size))
         (tmp / "trace.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pooltrace import dataset
 from pooltrace.cli import cli
 from pooltrace.dataset import pair_trace
 from pooltrace.etl.writer import TraceWriter
@@ -28,10 +29,15 @@ def load(ds):
     return allocs, stacks, json.loads((ds / "trace.json").read_text())
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
 @pytest.mark.parametrize("name", ["sample-leak", "sample-leak-fixed"])
-def test_samples_pair_to_the_planted_truth(tmp_path, name):
+def test_samples_pair_to_the_planted_truth(tmp_path, monkeypatch, name, jobs):
     meta = json.loads((TRACES / f"{name}.truth.json").read_text())
-    result = CliRunner().invoke(cli, ["pair", str(TRACES / f"{name}.etl"), "-o", str(tmp_path / "ds")])
+    if jobs > 1:  # small chunks and no size threshold, so the sample really goes through decode workers
+        monkeypatch.setattr(dataset, "CHUNK_BYTES", 64 << 10)
+        monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 0)
+    result = CliRunner().invoke(cli, ["pair", str(TRACES / f"{name}.etl"), "-o", str(tmp_path / "ds"),
+                                      "--jobs", str(jobs)])
     assert result.exit_code == 0, result.output
     allocs, stacks, trace = load(tmp_path / "ds")
     got = trace["pairing"]

@@ -1,0 +1,86 @@
+"""`pair --jobs N`: chunks decoded in worker processes give the same dataset, byte for byte, as one
+process — on the shipped samples (plain and compressed), on a generated trace with stack keys and
+PERFINFO pool records, and on a damaged trace (same warnings, same skipped bytes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pooltrace import dataset
+from pooltrace.dataset import decode_jobs, pair_trace
+from pooltrace.etl.writer import TraceWriter
+from tests.conftest import ROOT
+
+FILES = ("allocations.parquet", "stacks.parquet", "modules.parquet")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(dataset, "CHUNK_BYTES", 96 << 10)
+    monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 0)
+
+
+def _pair_all(trace, tmp_path, jobs_list=(1, 2)):
+    out = {}
+    for jobs in jobs_list:
+        ds = tmp_path / f"j{jobs}"
+        meta = pair_trace(trace, ds, jobs=jobs)
+        out[jobs] = ({f: (ds / f).read_bytes() for f in FILES}, json.dumps(meta, sort_keys=False))
+    return out
+
+
+def _assert_identical(out):
+    first = out[1]
+    for jobs, got in out.items():
+        assert got[0] == first[0], f"--jobs {jobs}: Parquet files differ from --jobs 1"
+        assert got[1] == first[1], f"--jobs {jobs}: trace.json differs from --jobs 1"
+
+
+@pytest.mark.parametrize("name", ["sample-leak", "sample-leak-fixed"])
+def test_shipped_samples_identical_for_every_jobs(tmp_path, small_chunks, name):
+    _assert_identical(_pair_all(ROOT / "traces" / f"{name}.etl", tmp_path))
+
+
+def _keyed_trace(path, damage: bool = False):
+    w = TraceWriter(pointer_size=8, cpus=3, buffer_size=0x1000)
+    base = 0xFFFFF80412000000
+    for k in range(3000):
+        cpu, ts = k % 3, 1_000_000_100 + 10 * k
+        hook = 0x0E20 if k % 4 != 3 else 0x0E22
+        addr = 0xFFFFA28000000000 + 0x100 * (k // 4)
+        header = "perfinfo" if k % 5 == 0 else "system"
+        w.pool(cpu, ts, hook, 0x200, "Tst1", 0x40, addr, header=header, **({} if header == "perfinfo" else
+                                                                             {"tid": 8 + cpu, "pid": 4}))
+        if k % 7 == 0:  # a cached stack: reference now, definition later
+            w.stack_key_ref(cpu, ts, ts, 4, 8 + cpu, 0xFFFF0000 + k % 50)
+            w.stack_key_def(cpu, ts + 5, 0xFFFF0000 + k % 50, [base + 0x100 + k % 50, base + 0x200])
+        else:
+            w.stack(cpu, ts, ts, 4, 8 + cpu, [base + 0x1000 + (k % 37), base + 0x2000, base + 0x3000 + k % 3])
+    data = bytearray(w.to_bytes())
+    if damage:
+        data[0x5000 + 0x48 + 0x100:0x5000 + 0x48 + 0x140] = b"\xAB" * 0x40  # records of one buffer overwritten
+        data = data[:-0x800]  # the last buffer cut short
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_generated_trace_with_stack_keys_identical_for_every_jobs(tmp_path, small_chunks):
+    out = _pair_all(_keyed_trace(tmp_path / "keys.etl"), tmp_path, (1, 2, 3))
+    _assert_identical(out)
+    meta = json.loads(out[2][1])
+    assert meta["pairing"]["allocs"] == 2250 and meta["pairing"]["allocations_with_stack"] > 2000
+
+
+def test_damaged_trace_same_warnings_for_every_jobs(tmp_path, small_chunks):
+    out = _pair_all(_keyed_trace(tmp_path / "bad.etl", damage=True), tmp_path)
+    _assert_identical(out)
+    meta = json.loads(out[2][1])
+    assert meta["warnings"] and meta["pairing"]["bytes_skipped"] > 0
+
+
+def test_small_traces_stay_in_one_process(monkeypatch):
+    monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 1 << 20)
+    assert decode_jobs(8, 1000) == 1
+    assert decode_jobs(8, 2 << 20) == 8 and decode_jobs(1, 2 << 20) == 1 and decode_jobs(None, 2 << 20) >= 1
