@@ -228,3 +228,23 @@ def test_session_snapshots_carry_count_then_session_id(tmp_path, pointer_size):
     w2 = TraceWriter(pointer_size=pointer_size, cpus=1)
     w2.pool_snapshot(0, t, [("Gh05", 30, 10, 0x1000, 0, 0, 0)], session_id=3)
     assert perfinfo_record(pointer_size, 0x0E2C, t, struct.pack("<II", 1, 3) + entry) in w2.to_bytes()
+
+
+def test_info_prefers_the_sidecar_baseline(tmp_path):
+    import shutil
+
+    from pooltrace.sidecar import write_sidecar
+
+    trace = tmp_path / "leak.etl"
+    shutil.copy(TRACES / "sample-leak.etl", trace)
+    entry = {"tag": "Leak", "value": 0x6B61654C, "paged_allocs": 0, "paged_frees": 0, "paged_bytes": 0,
+             "nonpaged_allocs": 120, "nonpaged_frees": 100, "nonpaged_bytes": 5120}
+    write_sidecar(trace, {"format": "pooltrace-sidecar", "version": 1, "trace": "leak.etl", "recording": {},
+                          "modules": [], "module_errors": [],
+                          "pool_tags": {"filter": ["Leak"], "start": {"utc": "x", "entries": [entry]}, "stop": None}})
+    b = json.loads(CliRunner().invoke(cli, ["info", "--format", "json", str(trace)]).output)["baseline"]
+    assert b["source"] == "sidecar" and list(b["tags"]) == ["Leak"]
+    assert b["tags"]["Leak"]["start"]["nonpaged_bytes"] == 5120 and b["tags"]["Leak"]["stop"] is None
+    assert b["pool_snapshot"]["start"]["tags"] > 100  # the trace's own snapshot is still described
+    text = CliRunner().invoke(cli, ["info", str(trace)]).output
+    assert "from the recorder's sidecar" in " ".join(text.split())
