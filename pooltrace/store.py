@@ -43,6 +43,7 @@ CATALOGUE_SCHEMA = pa.schema([
     ("os_build", pa.int64()), ("pointer_size", pa.int32()), ("cpus", pa.int32()), ("events_lost", pa.int64()),
     ("buffers_lost", pa.int64()), ("allocations", pa.int64()), ("outstanding_count", pa.int64()),
     ("outstanding_bytes", pa.int64()), ("pooltrace_version", pa.string()), ("modules", pa.list_(MODULE_IDENTITY)),
+    ("notes", pa.list_(pa.string())), ("warnings", pa.list_(pa.string())),
 ])
 
 
@@ -83,6 +84,11 @@ def read_catalogue(store: Path) -> pa.Table:
     path = Path(store) / CATALOGUE
     try:
         table = pq.ParquetFile(path).read()
+        if "run_id" not in table.column_names:
+            raise ValueError("no run_id column")
+        for f in CATALOGUE_SCHEMA:  # a catalogue written by an older pooltrace lacks the newer columns
+            if f.name not in table.column_names:
+                table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
         return table.select(CATALOGUE_SCHEMA.names).cast(CATALOGUE_SCHEMA)
     except FileNotFoundError:
         raise PooltraceError(f"{store}: not a pooltrace run store (no {CATALOGUE})") from None
@@ -128,7 +134,9 @@ def catalogue_row(run_id: str, labels: dict[str, str], meta: dict, modules: pa.T
             "buffers_lost": (meta.get("lost") or {}).get("buffers"),
             "allocations": p.get("allocs"), "outstanding_count": (p.get("outstanding") or {}).get("count"),
             "outstanding_bytes": (p.get("outstanding") or {}).get("bytes"),
-            "pooltrace_version": meta.get("pooltrace_version"), "modules": idents}
+            "pooltrace_version": meta.get("pooltrace_version"), "modules": idents,
+            "notes": [str(n) for n in meta.get("notes") or []],
+            "warnings": [str(w) for w in meta.get("warnings") or []]}
 
 
 # ---- appending -----------------------------------------------------------------------------------------
@@ -269,7 +277,8 @@ def trace_facts(row: dict) -> dict:
             "duration_ns": row.get("duration_ns"),
             "lost": {"events": row.get("events_lost") or 0, "buffers": row.get("buffers_lost") or 0},
             "pairing": {"allocs": row.get("allocations"),
-                        "outstanding": {"count": row.get("outstanding_count"), "bytes": row.get("outstanding_bytes")}}}
+                        "outstanding": {"count": row.get("outstanding_count"), "bytes": row.get("outstanding_bytes")}},
+            "notes": list(row.get("notes") or []), "warnings": list(row.get("warnings") or [])}
 
 
 def outstanding_datasets(items: list[dict], window: str | None) -> list:

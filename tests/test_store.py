@@ -172,3 +172,23 @@ def test_api_opens_a_run_and_a_damaged_store_is_one_line(store, tmp_path):
     assert "unreadable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     (bad / CATALOGUE).write_bytes(b"nope")
     assert "unreadable run catalogue" in run("report", bad, "--run", "b1", code=2).stderr
+
+
+def test_a_run_without_pool_events_is_said_in_text_json_and_html(tmp_path):
+    from pooltrace.etl.writer import TraceWriter
+
+    w = TraceWriter(pointer_size=8, cpus=1, perf_freq=10_000_000, start_qpc=1_000_000_000)
+    w.image(0, 1_000_000_100, 0x1403, 0xFFFFF80412000000, 0x6000, 0, r"\SystemRoot\system32\ntoskrnl.exe")
+    w.save(tmp_path / "empty.etl")
+    s = tmp_path / "s"
+    run("pair", LEAK, "--into", s, "--run-id", "a", "-q")
+    run("pair", tmp_path / "empty.etl", "--into", s, "--run-id", "b", "-q")
+    assert runs(s)[1]["notes"][0].startswith("no pool events")
+    data = json.loads(run("trend", s, "--no-symbols", "--by", "tag", "--format", "json").stdout)
+    assert data["runs"][1]["notes"][0].startswith("no pool events") and data["runs"][0]["notes"] == []
+    assert {g["status"] for g in data["groups"]} == {"fixed in run 2"}
+    text = run("trend", s, "--no-symbols", "--by", "tag").stdout
+    assert "run 2 (b): no pool events" in text
+    page = tmp_path / "t.html"
+    run("trend", s, "--no-symbols", "--format", "html", "-o", page)
+    assert "run 2 (b): no pool events" in page.read_text()

@@ -27,7 +27,9 @@ def to_data(t: Trend) -> dict:
         "by": t.by, "tolerance": t.tolerance,
         "runs": [{"run": k, "name": r.name, "source": r.source, "labels": r.labels,
                   "outstanding_count": r.report.outstanding_count, "outstanding_bytes": r.report.outstanding_bytes,
-                  "events_lost": r.report.trace.get("lost", {}).get("events", 0)}
+                  "events_lost": r.report.trace.get("lost", {}).get("events", 0),
+                  "notes": list(r.report.trace.get("notes") or []),
+                  "warnings": list(r.report.trace.get("warnings") or [])}
                  for k, r in enumerate(t.runs, 1)],
         "groups": [{"frames": g.frames, "status": g.status, "first_run": g.first_run, "bytes": g.bytes,
                     "count": g.counts} for g in t.groups],
@@ -50,8 +52,14 @@ def to_csv(t: Trend) -> str:
 
 
 def _lost(t: Trend) -> list[str]:
-    return [f"run {k} ({r.name}): {r.report.trace['lost']['events']:,} events lost while recording"
-            for k, r in enumerate(t.runs, 1) if r.report.trace.get("lost", {}).get("events")]
+    """Per run: events lost while recording, the pairing's notes (no pool events...) and warnings."""
+    out = []
+    for k, r in enumerate(t.runs, 1):
+        tr = r.report.trace
+        if tr.get("lost", {}).get("events"):
+            out.append(f"run {k} ({r.name}): {tr['lost']['events']:,} events lost while recording")
+        out += [f"run {k} ({r.name}): {n}" for n in [*(tr.get("notes") or []), *(tr.get("warnings") or [])]]
+    return out
 
 
 def render_text(t: Trend, console: Console, top: int | None) -> None:
