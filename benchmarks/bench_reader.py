@@ -1,6 +1,6 @@
 """Reader throughput and memory on a generated x64 pool trace with stacks.
 
-    python benchmarks/bench_reader.py [--events 1000000] [--compressed] [--keep]
+    python benchmarks/bench_reader.py [--events 1000000] [--compressed] [--keep] [--trace FILE] [--jobs N]
 
 Generates the classic-leak scenario scaled to about --events records (pool alloc/free + stacks + rundown),
 then, in a fresh subprocess, reads it with EtlReader (every buffer decoded into typed tables, in time
@@ -24,11 +24,12 @@ sys.path.insert(0, str(ROOT))
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
+from pooltrace.etl.fragments import FragmentStore
 from pooltrace.etl.reader import EtlReader
 t0 = time.perf_counter()
 rows = {}
 with EtlReader(sys.argv[1], chunk_bytes=int(sys.argv[3]) << 20) as r:
-    for b in r.batches():
+    for b in r.batches(fragments=FragmentStore(), jobs=int(sys.argv[4])):
         for n, t in b.tables.items():
             rows[n] = rows.get(n, 0) + t.num_rows
     records = r.stats.records
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--chunk-mb", type=int, default=4, help="reader chunk size")
     ap.add_argument("--trace", help="read this trace instead of generating one")
+    ap.add_argument("--jobs", type=int, default=1, help="decode processes (as pair --jobs)")
     args = ap.parse_args()
     from pooltrace.synthetic import classic_leak
 
@@ -68,11 +70,13 @@ def main() -> None:
         print(f"generated {truth.records:,} records, {size / 1e6:.1f} MB in {gen:.1f} s -> {path}")
     runs = []
     for _ in range(args.repeat):
-        res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(ROOT), str(args.chunk_mb)],
+        res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(ROOT), str(args.chunk_mb), str(args.jobs)],
                              capture_output=True, text=True, check=True)
         runs.append(json.loads(res.stdout))
-    best = min(runs, key=lambda r: r["seconds"])
-    print(f"reader: {best['records']:,} records in {best['seconds']:.2f} s = "
+    runs.sort(key=lambda r: r["seconds"])
+    best = runs[len(runs) // 2]  # the median run
+    print(f"reader (--jobs {args.jobs}, median of {len(runs)}): {best['records']:,} records in "
+          f"{best['seconds']:.2f} s = "
           f"{best['records'] / best['seconds'] / 1e6:.2f} M records/s "
           f"({size / best['seconds'] / 1e6:.0f} MB/s); peak RSS {best['peak_rss_mb']:.0f} MB; rows {best['rows']}")
     if not args.keep:

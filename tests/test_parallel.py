@@ -5,6 +5,8 @@ PERFINFO pool records, and on a damaged trace (same warnings, same skipped bytes
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -84,3 +86,16 @@ def test_small_traces_stay_in_one_process(monkeypatch):
     monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 1 << 20)
     assert decode_jobs(8, 1000) == 1
     assert decode_jobs(8, 2 << 20) == 8 and decode_jobs(1, 2 << 20) == 1 and decode_jobs(None, 2 << 20) >= 1
+
+
+def test_a_script_without_main_guard_is_not_run_again_by_the_workers(tmp_path):
+    """spawn/forkserver import the parent's main module in every worker; pooltrace hides it."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import pooltrace.dataset as d\n"
+        "d.PARALLEL_MIN_BYTES, d.CHUNK_BYTES = 0, 96 << 10\n"
+        f"d.pair_trace({str(ROOT / 'traces' / 'sample-leak.etl')!r}, {str(tmp_path / 'ds')!r}, jobs=2)\n"
+        "print('paired')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["paired"]

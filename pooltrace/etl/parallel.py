@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import sys
+import types
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -110,6 +112,20 @@ def _take(result) -> DecodedChunk:
     return DecodedChunk(tables, counts, dig)
 
 
+@contextlib.contextmanager
+def _caller_script_hidden():
+    """Workers run pooltrace code only: while they start, hide the caller's __main__ so that spawn and
+    forkserver do not import it again in every worker (a script without a main guard, or
+    ``python -m pooltrace``, would run again there)."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
 def _context():
     methods = mp.get_all_start_methods()
     if "forkserver" in methods:  # workers forked from a clean server with the decoders imported once
@@ -130,7 +146,8 @@ def decode_in_workers(reader, plan: list[tuple[list[int], int]], jobs: int, dige
 
         def submit() -> None:
             for buffers, _wm in todo:
-                inflight.append(ex.submit(_work, buffers, digest_stacks))
+                with _caller_script_hidden():  # the first submissions start the workers
+                    inflight.append(ex.submit(_work, buffers, digest_stacks))
                 if len(inflight) >= jobs * AHEAD:
                     return
 
