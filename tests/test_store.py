@@ -69,6 +69,7 @@ def test_report_and_diff_select_runs(store, tmp_path):
     assert "no run matches --label build=1" in run("report", store, "--label", "build=1", code=2).stderr
     assert "select 3 run(s) where 1 are needed" in run("report", store, code=2).stderr
     assert "key=value" in run("report", store, "--label", "build", code=2).stderr
+    assert "1 input(s) given where 2 are needed" in run("diff", LEAK, code=2).stderr
 
 
 def test_trend_over_the_store_equals_trend_over_the_files(store):

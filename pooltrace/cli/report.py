@@ -56,11 +56,13 @@ def store_input(paths: list[Path], run_ids, labels, wanted: int) -> list[Path]:
     """The inputs with each run STORE replaced by its selected runs' directories; exactly `wanted` of them."""
     from pooltrace.store import expand_inputs
 
-    items = [it["path"] for it in expand_inputs(paths, run_ids, labels)]
-    if len(items) != wanted:
-        raise PooltraceError(f"the inputs select {len(items)} run(s) where {wanted} are needed "
+    found = expand_inputs(paths, run_ids, labels)
+    if len(found) != wanted:
+        if not any(it["store"] for it in found):
+            raise PooltraceError(f"{len(found)} input(s) given where {wanted} are needed")
+        raise PooltraceError(f"the inputs select {len(found)} run(s) where {wanted} are needed "
                              "(pick runs of a STORE with --run ID or --label KEY=VALUE)")
-    return items
+    return [it["path"] for it in found]
 
 
 @click.command()
