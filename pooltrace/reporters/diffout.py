@@ -15,7 +15,7 @@ from pooltrace.analysis import Group, Report
 from pooltrace.compare import Diff
 from pooltrace.growth import human_rate
 from pooltrace.reporters import pprof
-from pooltrace.reporters.html import page
+from pooltrace.reporters.html import empty_verdict, page
 from pooltrace.reporters.text import _site
 
 
@@ -99,18 +99,34 @@ def _trend(gr) -> str:
 def to_html(d: Diff) -> str:
     groups = [{"frames": g.frames, "bytes": g.new_bytes, "count": g.new_count, "delta": g.delta_bytes}
               for g in d.groups if g.new_bytes > 0]
-    rows = [{"status": g.status, "delta": g.delta_bytes, "base": g.base_bytes, "new": g.new_bytes,
+    gi = {id(g): i for i, g in enumerate(g for g in d.groups if g.new_bytes > 0)}
+    rows = [{"gi": gi.get(id(g), -1), "status": g.status, "delta": g.delta_bytes, "base": g.base_bytes,
+             "new": g.new_bytes, "base_count": g.base_count, "new_count": g.new_count, "delta_count": g.delta_count,
              "site": _site(g.frames) if d.new.by == "stack" else g.frames[0]} for g in d.groups]
-    columns = [{"key": "status", "label": "status"}, {"key": "delta", "label": "Δ bytes", "num": True},
-               {"key": "base", "label": "BASE bytes", "num": True}, {"key": "new", "label": "NEW bytes", "num": True},
-               {"key": "site", "label": "call site", "mono": True}]
+    columns = [{"key": "status", "label": "status"},
+               {"key": "delta", "label": "Δ bytes", "bytes": True, "signed": True},
+               {"key": "base", "label": "BASE bytes", "bytes": True},
+               {"key": "new", "label": "NEW bytes", "bytes": True},
+               {"key": "base_count", "label": "BASE blocks", "num": True},
+               {"key": "new_count", "label": "NEW blocks", "num": True},
+               {"key": "delta_count", "label": "Δ blocks", "num": True, "signed": True},
+               {"key": "site", "label": "call site" if d.new.by == "stack" else d.new.by, "mono": True}]
+    tagrows = [{"tag": t, "base": r["base_bytes"], "new": r["new_bytes"], "delta": r["delta_bytes"]}
+               for t, r in d.tags().items()]
+    tagcolumns = [{"key": "tag", "label": "tag", "mono": True}, {"key": "base", "label": "BASE bytes", "bytes": True},
+                  {"key": "new", "label": "NEW bytes", "bytes": True},
+                  {"key": "delta", "label": "Δ bytes", "bytes": True, "signed": True}]
     meta = (f"BASE {d.base.trace.get('source', {}).get('path')} ({d.base_bytes:,.0f} bytes outstanding) — NEW "
             f"{d.new.trace.get('source', {}).get('path')} ({d.new.outstanding_bytes:,} bytes)"
             + (f"; BASE scaled x{d.scale:.3f} by {d.normalize}" if d.normalize else ""))
+    verdict = None
+    if not d.groups:
+        verdict = "; ".join(f"{side}: {empty_verdict(r.trace)}" for side, r in (("BASE", d.base), ("NEW", d.new)))
     return page(d.new.trace, {"title": "Pool leak comparison", "meta": meta, "groups": groups, "rows": rows,
-                              "columns": columns, "diff": True, "series": None,
-                              "flametitle": "Differential flame graph (width = NEW outstanding bytes; red = grown or "
-                                            "new, blue = shrunk)", "plottitle": ""})
+                              "columns": columns, "diff": True, "series": None, "verdict": verdict,
+                              "tagrows": tagrows, "tagcolumns": tagcolumns,
+                              "flametitle": "Differential flame graph (width = NEW outstanding bytes; click a frame "
+                                            "to zoom)", "plottitle": ""})
 
 
 def to_pprof(d: Diff) -> bytes:
