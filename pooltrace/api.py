@@ -164,22 +164,24 @@ class TraceDataset:
 
     def report(self, *, by: str = "stack", window: str | None = None, tag: str | Sequence[str] | None = None,
                pool: str | None = None, pid: int | Sequence[int] | None = None,
-               module: str | Sequence[str] | None = None, min_bytes: int = 0, top: int | None = None) -> Report:
+               module: str | Sequence[str] | None = None, min_bytes: int = 0, top: int | None = None,
+               sort: str = "bytes") -> Report:
         """The report object `pooltrace report` renders (analysis.Report)."""
         return analyze(self._ds, self.source, by=by, window=window, filters=_filters(tag, pool, pid, module, min_bytes),
-                       top=top, render=self._renderer())[0]
+                       top=top, render=self._renderer(), sort=sort)[0]
 
     def outstanding(self, *, by: str = "stack", window: str | None = None, tag: str | Sequence[str] | None = None,
                     pool: str | None = None, pid: int | Sequence[int] | None = None,
                     module: str | Sequence[str] | None = None, min_bytes: int = 0,
-                    top: int | None = None) -> pd.DataFrame:
+                    top: int | None = None, sort: str = "bytes") -> pd.DataFrame:
         """Outstanding allocations (allocated in `window` and not freed by its end) grouped `by` stack,
         function, module or tag: one row per group, largest first, with the columns of the JSON report's
-        groups (frames, count, bytes, tags, growth). ``.attrs`` holds the totals and the window."""
+        groups (frames, count, bytes, tags, growth); `sort` "growth" orders them as ``--sort growth``.
+        ``.attrs`` holds the totals and the window."""
         from pooltrace.reporters.structured import report_data
 
         data = report_data(self.report(by=by, window=window, tag=tag, pool=pool, pid=pid, module=module,
-                                       min_bytes=min_bytes, top=top))
+                                       min_bytes=min_bytes, top=top, sort=sort))
         df = _groups_frame(data["groups"], ["count", "bytes", "tags", "growth"])
         df = df.astype({"count": "int64", "bytes": "int64"})
         df.attrs.update({k: v for k, v in data.items() if k != "groups"})

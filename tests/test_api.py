@@ -79,7 +79,7 @@ def test_outstanding_equals_report_json(pair_dirs):
     ds = pooltrace.open(path)
     for by, extra in (("stack", {}), ("function", {}), ("module", {}), ("tag", {}),
                       ("function", {"tag": "Lea?", "window": "1:8"}), ("stack", {"pid": 4242, "pool": "nonpaged"}),
-                      ("function", {"module": "leaky.sys"})):
+                      ("function", {"module": "leaky.sys"}), ("function", {"sort": "growth"})):
         args = ["report", path, "--by", by, "--format", "json"]
         for k, v in extra.items():
             args += [f"--{k}", v]
