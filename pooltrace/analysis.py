@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pooltrace import __version__, pooltypes
 from pooltrace.datasetcheck import check_no_nulls, check_stacks, read_parquet, read_trace_json, verify_dataset
-from pooltrace.errors import PooltraceError
+from pooltrace.errors import OutputError, PooltraceError
 from pooltrace.growth import Growth, class_rank, growth_table, times
 from pooltrace.modulemap import NONE, ModuleMap, frame_text
 
@@ -78,9 +78,8 @@ def open_input(path: Path, *, progress: Callable | None = None) -> Dataset:
     try:
         pair_trace(path, cache, progress=progress)
         return load_dataset(cache)
-    except PooltraceError as exc:
-        if "cannot create the dataset directory" not in str(exc):
-            raise
+    except OutputError:  # not writable beside the trace, or a directory of that name that is not ours
+        pass
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="pooltrace-")) / "ds"
@@ -391,6 +390,10 @@ class Report:
     sort: str = "bytes"
     likely: list[Group] = field(default_factory=list)  # likely leaks among ALL groups (leak, then growing)
     frame_rvas: dict[str, int] = field(default_factory=dict)  # frame text -> module-relative address
+    hidden_groups: int = 0  # groups left out by --top / --min-bytes ...
+    hidden_bytes: int = 0  # ... and their outstanding bytes
+    hidden_reason: str = ""
+    notices: dict = field(default_factory=dict)  # verdict, warnings, symbols: what every format must say
 
 
 LIKELY_LEAKS = 10
@@ -445,8 +448,9 @@ def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, rend
     mask = row_mask(ds, filters)
     cls = lifetimes(ds.rows, window)
     sel = np.flatnonzero(mask & (cls == AIFO))
-    groups = outstanding_groups(ds, sel, by, render, filters, None)
-    times_ns = attach_growth(ds, mask, groups, by, window)
+    every = outstanding_groups(ds, sel, by, render, replace(filters, min_bytes=0), None)
+    times_ns = attach_growth(ds, mask, every, by, window)
+    groups = [g for g in every if g.bytes >= filters.min_bytes]
     likely = [g for g in sort_groups(groups, "growth") if g.growth.cls in ("leak", "growing")][:LIKELY_LEAKS]
     groups = sort_groups(groups, sort)
     if filters.modules or filters.min_bytes:  # totals follow the group filters
@@ -456,8 +460,13 @@ def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, rend
         if by != "tag" and filters.modules:
             sel = sel[np.isin(ds.rows["alloc_stack"][sel], list(keep))]
     total_bytes = int(ds.rows["size"][sel].astype(np.int64).sum())
+    shown = groups[:top] if top else groups
+    reasons = ([f"--min-bytes {filters.min_bytes:,}"] if len(groups) < len(every) else []) + \
+        ([f"--top {top}"] if len(shown) < len(groups) else [])
+    hidden = len(every) - len(shown)
     return Report(ds.trace, window, lifetime_totals(ds.rows["size"], np.where(mask, cls, OUTSIDE)),
-                  len(sel), total_bytes, by, groups[:top] if top else groups, sel, times_ns, sort, likely, render.rvas)
+                  len(sel), total_bytes, by, shown, sel, times_ns, sort, likely, render.rvas, hidden,
+                  sum(g.bytes for g in every) - sum(g.bytes for g in shown), ", ".join(reasons))
 
 
 # ---- the poolmon view --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,11 +27,12 @@ import pyarrow.parquet as pq
 from pooltrace import __version__
 from pooltrace.baseline import PoolSnapshots, choose, fill_free_without_alloc
 from pooltrace.definitions import definitions
-from pooltrace.errors import PooltraceError
+from pooltrace.errors import OutputError, PooltraceError
 from pooltrace.etl.columns import Columns
 from pooltrace.etl.decode import IS_ALLOC, IS_SESSION, in_set
 from pooltrace.etl.images import join_debug_ids
 from pooltrace.etl.reader import EtlReader
+from pooltrace.outputs import TMP_PREFIX, check_dataset_dir, install_dataset, os_reason
 from pooltrace.pairing import (
     CLOSED_FREE,
     CLOSED_LOST_FREE,
@@ -67,6 +69,12 @@ MODULES_SCHEMA = pa.schema([
     ("pid", pa.uint32()), ("timedatestamp", pa.uint32()), ("checksum", pa.uint32()), ("pdb_name", pa.string()),
     ("pdb_guid", pa.string()), ("pdb_age", pa.uint32()), ("load_ns", pa.int64()), ("unload_ns", pa.int64()),
 ])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def default_output(trace: Path) -> Path:
@@ -234,27 +242,27 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
     """Pair a trace into a dataset directory; returns the trace.json content. The dataset is the same
     for every `jobs` (decode worker processes; see decode_jobs)."""
     trace = Path(trace)
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))
     if len(os.fsencode(out_dir.name)) > _name_max(out_dir.parent):  # e.g. the cache of a 250-character trace name
         raise PooltraceError(f"{out_dir}: cannot create the dataset directory: {os.strerror(errno.ENAMETOOLONG)}")
-    tmp = out_dir.with_name(f".{out_dir.name[:100]}.tmp-{os.getpid()}")  # short: names may be 255 bytes
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    check_dataset_dir(out_dir, [trace])
+    existing = out_dir.is_dir()
+    parent = out_dir if existing else out_dir.parent
     try:
-        tmp.mkdir(parents=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
     except OSError as exc:
-        raise PooltraceError(f"{out_dir}: cannot create the dataset directory: {exc.strerror}") from None
+        raise OutputError(f"{out_dir}: cannot create the dataset directory: {os_reason(exc)}") from None
     try:
         with EtlReader(trace, chunk_bytes=CHUNK_BYTES) as reader:
             meta = _pair(reader, tmp, window_s, progress, decode_jobs(jobs, reader.stats.file_size))
         (tmp / "trace.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name[:100]}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+        if existing:
+            install_dataset(tmp, out_dir)
         else:
+            os.chmod(tmp, 0o777 & ~_umask())
             tmp.rename(out_dir)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write the dataset: {os_reason(exc)}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -7,3 +7,7 @@ class PooltraceError(Exception):
 
 class TraceError(PooltraceError):
     """The file is not a readable .etl trace (empty, foreign, truncated before any data, corrupt header)."""
+
+
+class OutputError(PooltraceError):
+    """An output cannot be written where the user asked (missing directory, no permission, not ours)."""

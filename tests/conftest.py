@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,3 +30,21 @@ def read_all(path, **kw) -> tuple[EtlReader, dict[str, pa.Table], list[dict[str,
     names = {n for b in batches for n in b}
     tables = {n: pa.concat_tables([b[n] for b in batches if n in b]) for n in names}
     return reader, tables, batches
+
+
+@pytest.fixture(scope="session")
+def shipped(tmp_path_factory) -> Path:
+    """A private copy of the shipped traces/ (traces, truth files, sample PDBs): commands that pair an .etl on
+    the fly write their `<trace>.pooltrace/` cache beside it, and tests must never write into the source tree."""
+    dest = tmp_path_factory.mktemp("shipped") / "traces"
+    shutil.copytree(ROOT / "traces", dest, ignore=shutil.ignore_patterns("*.pooltrace", "__pycache__"))
+    return dest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def source_tree_untouched():
+    """Fails the run if a test left files in traces/ (e.g. a dataset cache beside a shipped sample)."""
+    before = {p.name for p in (ROOT / "traces").iterdir()}
+    yield
+    after = {p.name for p in (ROOT / "traces").iterdir()}
+    assert after <= before, f"tests wrote into the source tree: traces/{sorted(after - before)}"

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from pooltrace.cli import cli
 from pooltrace.etl.writer import TraceWriter
-from tests.conftest import ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
@@ -78,9 +77,9 @@ def _browser_service(request_line: str) -> bool:
     return host.endswith((".google.com", ".googleapis.com", ".gvt1.com", ".gstatic.com"))
 
 
-def test_report_page_renders_without_errors_or_requests(tmp_path):
+def test_report_page_renders_without_errors_or_requests(tmp_path, shipped):
     page = tmp_path / "r.html"
-    result = CliRunner().invoke(cli, ["report", str(ROOT / "traces" / "sample-leak.etl"), "--format", "html",
+    result = CliRunner().invoke(cli, ["report", str(shipped / "sample-leak.etl"), "--format", "html",
                                       "-o", str(page), "--no-symbols"])
     assert result.exit_code == 0, result.output
     dom, console, requests = render(page, tmp_path)
@@ -90,9 +89,9 @@ def test_report_page_renders_without_errors_or_requests(tmp_path):
     assert "<polyline" in dom and "leaky.sys+0x" in dom
 
 
-def test_diff_page_renders(tmp_path):
+def test_diff_page_renders(tmp_path, shipped):
     page = tmp_path / "d.html"
-    t = ROOT / "traces"
+    t = shipped
     result = CliRunner().invoke(cli, ["diff", str(t / "sample-leak.etl"), str(t / "sample-leak-fixed.etl"),
                                       "--format", "html", "-o", str(page), "--no-symbols"])
     assert result.exit_code == 0, result.output

@@ -104,11 +104,12 @@ def test_unreadable_trace_leaves_no_dataset(tmp_path):
 
 def test_existing_dataset_is_replaced_atomically(tmp_path):
     out = tmp_path / "ds"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    pair_trace(TRACES / "sample-leak-fixed.etl", out)
+    (out / "notes.txt").write_text("mine")  # a user's file in a dataset directory is not pooltrace's to delete
     pair_trace(TRACES / "sample-leak.etl", out)
-    assert sorted(p.name for p in out.iterdir()) == ["allocations.parquet", "modules.parquet", "stacks.parquet",
-                                                     "trace.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["allocations.parquet", "modules.parquet", "notes.txt",
+                                                     "stacks.parquet", "trace.json"]
+    assert json.loads((out / "trace.json").read_text())["source"]["path"].endswith("sample-leak.etl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 

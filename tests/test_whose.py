@@ -21,7 +21,8 @@ LAYOUT = json.loads((FX / "layout.json").read_text())
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
+def isolated(tmp_path, monkeypatch, shipped):
+    monkeypatch.setitem(globals(), "TRACES", shipped)  # whose pairs an .etl beside it: never in the source tree
     monkeypatch.setenv("POOLTRACE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("_NT_SYMBOL_PATH", raising=False)
     monkeypatch.delenv("_NT_ALT_SYMBOL_PATH", raising=False)
