@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pooltrace.analysis import Group, Report
 from pooltrace.errors import PooltraceError
 from pooltrace.growth import Growth
+from pooltrace.sizes import parse_size
 
 STATUS_ORDER = {"new": 0, "grown": 1, "same": 2, "shrunk": 3, "gone": 4}
 
@@ -146,16 +147,15 @@ def _add_tags(into: dict[str, int], g: Group) -> None:
 
 
 def parse_threshold(text: str) -> tuple[float, bool]:
-    """`4096`, `64k`, `1.5MB` (bytes) or `10%` -> (value, is_percent)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*", text.lower())
-    if not m:
-        raise PooltraceError(f"--fail-on-growth {text!r}: give bytes (4096, 64k, 1.5MB) or a percentage (10%)")
-    unit = m.group(2) or "b"
-    if unit == "%":
+    """`4096`, `64k`, `1.5MB` (bytes, the one size parser) or `10%` -> (value, is_percent)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", text)
+    if m:
         return float(m.group(1)), True
-    mult = {"b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-            "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}[unit]
-    return float(m.group(1)) * mult, False
+    try:
+        return float(parse_size(text)), False
+    except ValueError:
+        raise PooltraceError(f"--fail-on-growth {text!r}: give bytes (4096, 64k, 1.5MB) or a percentage (10%)"
+                             ) from None
 
 
 def gate(d: Diff, threshold: str, per_group: bool) -> str | None:

@@ -111,7 +111,7 @@ def test_normalize(pair_of, tmp_path):
 
 def test_formats(pair_of, tmp_path):
     base, new, _ = pair_of
-    csv_out = diff(base, new, "--format", "csv", "--no-symbols").output.splitlines()
+    csv_out = diff(base, new, "--format", "csv", "--no-symbols").stdout.splitlines()
     assert csv_out[0].startswith("status,delta_bytes") and len(csv_out) > 3
     diff(base, new, "--format", "html", "-o", tmp_path / "d.html")
     page = (tmp_path / "d.html").read_text()

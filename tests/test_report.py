@@ -35,7 +35,7 @@ def sample(tmp_path_factory):
 def run(*args):
     result = CliRunner().invoke(cli, ["report", *map(str, args)])
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout  # notes (hidden rows, missing symbols) go to stderr
 
 
 def site_text(site: str, shift=0) -> str:
@@ -215,7 +215,9 @@ def test_tags_poolmon_view(sample):
     t = truth["truth"]
     result = CliRunner().invoke(cli, ["tags", str(ds), "--format", "json"])
     assert result.exit_code == 0, result.output
-    rows = {(r["tag"], r["type"]): r for r in json.loads(result.output)}
+    data = json.loads(result.output)
+    assert data["trace"]["source"].endswith("sample-leak.etl") and data["window"]["start_ns"] == 0
+    rows = {(r["tag"], r["type"]): r for r in data["rows"]}
     irp = rows[("Irp ", "NonPagedNx")]
     assert irp["allocs"] == t["allocs"]["irp"]
     pre_trace_irp = t["free_without_alloc"] - len(t["pre_trace_big_frees"])  # the others are big Ntfr blocks
@@ -227,16 +229,18 @@ def test_tags_poolmon_view(sample):
     assert leak["owners"] == ["leaky.sys"]
     assert rows[("Gh05", "Session")]["outstanding_count"] == t["outstanding"]["gh05"]
     assert rows[("MmSt", "Paged")]["bytes_per_alloc"] == _sites()["mmst"]["size"]
-    order = [r["outstanding_bytes"] for r in json.loads(result.output)]
+    order = [r["outstanding_bytes"] for r in data["rows"]]
     assert order == sorted(order, reverse=True)
-    text = CliRunner().invoke(cli, ["tags", str(ds)]).output
-    assert text.splitlines()[2].startswith("Leak")
+    lines = CliRunner().invoke(cli, ["tags", str(ds)]).stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("Tag"))
+    assert lines[head + 2].startswith("Leak")
 
 
 def test_tags_with_pooltag_descriptions(sample):
     ds, _ = sample
     pooltag = ROOT / "tests" / "fixtures" / "symbols" / "pooltag.txt"
-    rows = json.loads(CliRunner().invoke(cli, ["tags", str(ds), "--format", "json", "--pooltag", str(pooltag)]).output)
+    rows = json.loads(CliRunner().invoke(cli, ["tags", str(ds), "--format", "json", "--pooltag", str(pooltag)]).output
+                      )["rows"]
     desc = {r["tag"]: r["description"] for r in rows}
     assert desc["Leak"] == "leaky test driver, request buffers (leaky.sys)"
     assert "I/O request packets" in desc["Irp "]
@@ -244,10 +248,10 @@ def test_tags_with_pooltag_descriptions(sample):
     assert "leakytestdriver" in re.sub(r"[\s│┃]", "", text)  # the Owner column may wrap it
 
 
-def test_by_function_with_symbols_names_the_functions(sample):
+def test_by_function_with_symbols_names_the_functions(sample, shipped):
     """With the shipped fixture PDBs (found beside the trace) call sites become functions."""
     ds, truth = sample
-    trace = TRACES / "sample-leak.etl"
+    trace = shipped / "sample-leak.etl"
     data = json.loads(run(trace, "--format", "json", "--by", "function", "--tag", "Leak"))
     got = {g["frames"][0]: g["count"] for g in data["groups"]}
     t = truth["truth"]["outstanding"]

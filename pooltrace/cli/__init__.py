@@ -8,10 +8,12 @@ pyarrow, numpy and rich are loaded only by the commands that use them.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
 from pooltrace import __version__
+from pooltrace.cli.common import PooltraceGroup, closed_pipe, encoding_fallbacks, verbose_option
 
 # command -> the module defining it (modules stay importable under their own names)
 COMMANDS = {"info": "info", "pair": "pair", "report": "report", "tags": "tags", "diff": "diff", "whose": "whose",
@@ -37,7 +39,7 @@ SHORT_HELP = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(PooltraceGroup):
     """A group whose commands are imported when used, not when the group is built."""
 
     def list_commands(self, ctx: click.Context | None) -> list[str]:
@@ -59,12 +61,29 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pooltrace")
+@verbose_option
 def cli() -> None:
     """Find Windows kernel pool leaks down to the call stack, from .etl traces, on any OS.
 
-    Exit codes: 0 ok, 1 a check failed, 2 bad input or usage.
+    Exit codes: 0 ok, 1 a check failed, 2 bad input or usage (one line on stderr; --verbose for detail).
+
+    \b
+    Example:
+      pooltrace report traces/sample-leak.etl
     """
 
 
 def main() -> None:
-    cli(prog_name="pooltrace")
+    encoding_fallbacks()
+    try:
+        cli(prog_name="pooltrace")
+    finally:
+        _flush_quietly()
+
+
+def _flush_quietly() -> None:
+    """Flush stdout now, so that a reader that already went away ends the run quietly (keeping the exit code)."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        closed_pipe(exit=False)

@@ -10,12 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
+from pooltrace.cli.common import render_text as emit
 from pooltrace.traceinfo import summarize
 
 
-@click.command()
+@click.command(epilog="Example: pooltrace info traces/sample-leak.etl")
 @click.argument("trace", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: a summary with a verdict; json: the same as one object.")
 @quiet_option
 @user_errors
 def info(trace: Path, fmt: str, quiet: bool) -> None:
@@ -25,7 +27,7 @@ def info(trace: Path, fmt: str, quiet: bool) -> None:
     if fmt == "json":
         click.echo(json.dumps(summary.data, indent=2))
         return
-    render_text(summary.data, Console(highlight=False, width=100))
+    emit(lambda con: render_text(summary.data, con))
 
 
 def _yes_no(value) -> str:

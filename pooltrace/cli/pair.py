@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -12,14 +13,25 @@ from pooltrace.dataset import DEFAULT_WINDOW_S, default_output, pair_trace
 from pooltrace.errors import PooltraceError
 from pooltrace.store import append_trace, check_run_id, parse_labels
 
+MAX_STACK_WINDOW_S = 3600.0
 
-@click.command()
+
+def _stack_window(_ctx, _param, value: float) -> float:
+    if not math.isfinite(value) or not 0 <= value <= MAX_STACK_WINDOW_S:
+        raise click.BadParameter(f"{value} is not a number of seconds from 0 to {MAX_STACK_WINDOW_S:g}")
+    return value
+
+
+@click.command(epilog="Example: pooltrace pair traces/sample-leak.etl -o /tmp/leak.pooltrace")
 @click.argument("trace", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
-              help="Dataset directory [default: TRACE's name with .pooltrace, beside it].")
-@click.option("--stack-window", type=click.FloatRange(min=0), default=DEFAULT_WINDOW_S, show_default=True,
+              help="Dataset directory [default: TRACE's name with .pooltrace, beside it]. Must be new, empty or "
+                   "an earlier pooltrace dataset (its dataset files are replaced, nothing else is touched).")
+@click.option("--stack-window", type=float, default=DEFAULT_WINDOW_S, show_default=True, callback=_stack_window,
               help="Seconds of trace time a late stack part (user-mode half) may follow its event.")
-@click.option("--json", "as_json", is_flag=True, help="Print trace.json instead of the summary line.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: one summary line; json: trace.json.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--into", "store", type=click.Path(path_type=Path, file_okay=False),
               help="Append the run to this run STORE (Hive-partitioned Parquet; created when new) instead.")
 @click.option("--run-id", help="The run's ID in the STORE [default: UTC time, trace name and a random suffix].")
@@ -30,10 +42,11 @@ from pooltrace.store import append_trace, check_run_id, parse_labels
                    "The dataset is the same for every value.")
 @quiet_option
 @user_errors
-def pair(trace: Path, output: Path | None, stack_window: float, as_json: bool, store: Path | None,
+def pair(trace: Path, output: Path | None, stack_window: float, fmt: str, as_json: bool, store: Path | None,
          run_id: str | None, labels: tuple[str, ...], jobs: int | None, quiet: bool) -> None:
     """Match every pool allocation with its free, attach stacks, and write allocations.parquet,
     stacks.parquet, modules.parquet and trace.json (schema in the README)."""
+    as_json = as_json or fmt == "json"
     if store is None and (run_id or labels):
         raise PooltraceError("--run-id and --label need --into STORE")
     if store is not None:
@@ -41,7 +54,7 @@ def pair(trace: Path, output: Path | None, stack_window: float, as_json: bool, s
             raise PooltraceError("give -o DIR or --into STORE, not both")
         _into(trace, store, run_id, parse_labels(labels), stack_window, as_json, quiet)
         return
-    out = output or default_output(trace)
+    out = (output or default_output(trace)).absolute()
     with progress_bar(trace, quiet, "pairing") as progress:
         meta = pair_trace(trace, out, window_s=stack_window, progress=progress, jobs=jobs)
     if as_json:

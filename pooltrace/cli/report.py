@@ -3,20 +3,48 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 import numpy as np
-from rich.console import Console
 
 from pooltrace import api, pooltypes
-from pooltrace.analysis import BY, NULL_NS, SORTS, Filters, open_input
-from pooltrace.cli.common import progress_bar, quiet_option, user_errors
+from pooltrace.analysis import BY, NULL_NS, SORTS, Filters, open_input, parse_window
+from pooltrace.cli.common import (
+    check_output,
+    progress_bar,
+    quiet_option,
+    render_text,
+    size_option_value,
+    user_errors,
+    write_output,
+)
 from pooltrace.errors import PooltraceError
+from pooltrace.notices import Hidden, missing_symbols, pool_verdict, trace_warnings, unmatched_filters
 from pooltrace.reporters import structured, text
+from pooltrace.reporters.text import _site
 
 FORMATS = ("text", "json", "csv", "folded", "pprof", "html")
+LIST_FORMATS = ("text", "json")
 LIST_LIMIT = 1000
+
+
+def check_symbol_options(symbols: str | None, no_symbols: bool) -> None:
+    """--symbols and --no-symbols exclude each other; a plain directory in --symbols must exist."""
+    if symbols is not None and no_symbols:
+        raise click.UsageError("--symbols and --no-symbols exclude each other; give one")
+    if not symbols:
+        return
+    from pooltrace.symbols.symbolpath import SymbolPathError, default_cache_dir, parse_symbol_path
+
+    try:
+        entries = parse_symbol_path(symbols, default_cache_dir() / "sym")
+    except SymbolPathError as exc:
+        raise PooltraceError(f"--symbols: {exc}") from None
+    for e in entries:
+        if e.kind == "dir" and not os.path.isdir(e.path):
+            raise PooltraceError(f"--symbols: {e.path}: no such directory")
 
 
 def make_symbolizer(ds, symbols: str | None, no_symbols: bool, input_path: Path, quiet: bool):
@@ -28,16 +56,50 @@ def warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
+def check_window(window, ds):
+    """The --window, refused when it lies wholly after the trace's end."""
+    duration = ds.trace.get("duration_ns")
+    start = parse_window(window, None).start_ns
+    if window and duration is not None and start > duration:
+        raise PooltraceError(f"--window {window}: starts at {start / 1e9:.3f} s, after the trace's end "
+                             f"({duration / 1e9:.3f} s)")
+    return parse_window(window, duration)
+
+
+def check_filters(datasets, filters: Filters) -> None:
+    """A filter that matches nothing is an error naming the closest tags or modules, never an empty pass."""
+    problems = unmatched_filters(datasets, filters)
+    if problems:
+        raise PooltraceError("; ".join(problems))
+
+
+def notices_of(ds, render) -> dict:
+    """What a report of `ds` must say besides its numbers (see pooltrace.notices)."""
+    status = render.sym.status() if render.sym is not None else []
+    return {"verdict": pool_verdict(ds.trace), "warnings": trace_warnings(ds.trace), "symbols": missing_symbols(status)}
+
+
+def say_notices(trace: dict, label: str = "") -> None:
+    """The verdict and damage warnings on stderr (for formats whose file has no place for them)."""
+    prefix = f"{label}: " if label else ""
+    verdict = pool_verdict(trace)
+    if verdict:
+        click.echo(f"warning: {prefix}{verdict}", err=True)
+    for w in trace_warnings(trace):
+        click.echo(f"warning: {prefix}{w}", err=True)
+
+
 def common_options(func):
     for opt in reversed([
-        click.option("--window", help="START:END in seconds (1.5, 2s) or ns (1500ns); either side optional."),
+        click.option("--window", help="START:END in seconds (1.5, 2s, 500ms) or ns (1500ns); either side optional."),
         click.option("--tag", "tags", multiple=True, help="Pool tag, as poolmon prints it; ? and * wildcards. "
                                                           "Repeatable."),
         click.option("--pool", type=click.Choice(pooltypes.FILTERS),
                      help="paged, nonpaged (NX or not), nx (non-paged NX) or session pool."),
         click.option("--pid", "pids", type=int, multiple=True, help="Allocating process id. Repeatable."),
         click.option("--module", "modules", multiple=True, help="Module of the allocating call site. Repeatable."),
-        click.option("--min-bytes", type=click.IntRange(min=0), default=0, help="Hide groups smaller than this."),
+        click.option("--min-bytes", default="0", callback=size_option_value, metavar="SIZE",
+                     help="Hide groups smaller than this (4096, 10k, 1.5MB); a footer counts what is hidden."),
         click.option("--symbols", help="Symbol path (_NT_SYMBOL_PATH syntax); default $_NT_SYMBOL_PATH, offline."),
         click.option("--no-symbols", is_flag=True, help="Print module+0xrva, never load PDBs."),
     ]):
@@ -65,7 +127,7 @@ def store_input(paths: list[Path], run_ids, labels, wanted: int) -> list[Path]:
     return [it["path"] for it in found]
 
 
-@click.command()
+@click.command(epilog="Example: pooltrace report traces/sample-leak.etl --by function --top 5")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--by", type=click.Choice(BY), default="stack", show_default=True,
               help="Group by allocating stack, call site (first frame outside ntoskrnl), its module, or tag.")
@@ -75,38 +137,53 @@ def store_input(paths: list[Path], run_ids, labels, wanted: int) -> list[Path]:
 @click.option("--sort", type=click.Choice(SORTS), default="bytes", show_default=True,
               help="bytes: outstanding bytes, largest first; growth: leak, growing, plateau, transient, each "
                    "fastest-growing first.")
-@click.option("--list", "list_blocks", is_flag=True, help="Also list the outstanding blocks themselves.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write to FILE.")
+@click.option("--list", "list_blocks", is_flag=True,
+              help=f"Also list the outstanding blocks, group by group (text and json; at most {LIST_LIMIT:,}).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="Output format (pprof needs -o).")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write to FILE (atomically; never one of the inputs).")
 @quiet_option
 @user_errors
 def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, run_ids,
-           labels, top, sort, list_blocks, fmt, output, quiet) -> None:
+           labels, top, sort, list_blocks, fmt, as_json, output, quiet) -> None:
     """Outstanding pool allocations (allocated inside the window, not freed by its end — WPA's AIFO),
     grouped and symbolized. INPUT is an .etl (paired on the fly into INPUT.pooltrace/) or a dataset."""
-    if fmt in ("pprof",) and output is None:
+    fmt = "json" if as_json else fmt
+    if list_blocks and fmt not in LIST_FORMATS:
+        raise click.UsageError(f"--list works with --format text or json, not {fmt}")
+    if fmt == "pprof" and output is None:
         raise PooltraceError("--format pprof is binary: give -o FILE")
+    check_symbol_options(symbols, no_symbols)
+    check_output(output, [input_path])
     (input_path,) = store_input([input_path], run_ids, labels, 1)
     with progress_bar(input_path, quiet, "pairing") as progress:
         ds = open_input(input_path, progress=progress)
+    check_window(window, ds)
     filters = Filters(list(tags), pool, list(pids), list(modules), min_bytes)
+    check_filters([ds], filters)
     if top is None and fmt == "text":
         top = 20
     rep, render = api.analyze(ds, input_path, by=by, window=window, filters=filters, symbols=symbols,
                               no_symbols=no_symbols, top=top, quiet=quiet, warn=warn, sort=sort)
     win = rep.window
-    blocks = _blocks(ds, rep, render, win) if list_blocks else None
+    blocks, hidden_blocks = _blocks(ds, rep, render, win) if list_blocks else (None, None)
+    rep.notices = notices_of(ds, render)
+    if fmt in ("csv", "folded", "pprof"):  # these files have no header: say it on stderr
+        say_notices(ds.trace)
+        hidden = Hidden(rep.hidden_groups, rep.hidden_bytes, "groups", rep.hidden_reason).sentence()
+        if hidden:
+            click.echo(f"note: {hidden}", err=True)
+        if rep.notices["symbols"]:
+            click.echo(f"note: {rep.notices['symbols']}", err=True)
     if fmt == "text":
-        if output:
-            with open(output, "w", encoding="utf-8") as fh:
-                text.render(rep, Console(file=fh, width=100, highlight=False, color_system=None), blocks)
-        else:
-            text.render(rep, Console(width=100, highlight=False), blocks)
+        render_text(lambda con: text.render(rep, con, blocks, hidden_blocks), output)
         return
     if fmt == "pprof":
         from pooltrace.reporters import pprof
 
-        output.write_bytes(pprof.to_pprof(rep))
+        write_output(output, pprof.to_pprof(rep))
         return
     if fmt == "html":
         from pooltrace.reporters import html
@@ -117,28 +194,54 @@ def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_byt
         if blocks is not None:
             data = json.loads(out)
             data["blocks"] = blocks
+            data["blocks_hidden"] = hidden_blocks.as_dict()
             out = json.dumps(data, indent=2) + "\n"
     elif fmt == "csv":
         out = structured.to_csv(rep)
     else:
         out = structured.to_folded(rep)
-    if output:
-        output.write_text(out, encoding="utf-8")
-    else:
-        click.echo(out, nl=False)
+    write_output(output, out)
 
 
-def _blocks(ds, rep, render, win) -> list[dict]:
+def _blocks(ds, rep, render, win) -> tuple[list[dict], Hidden]:
+    """The outstanding blocks of the shown groups, in the report's group order, largest first within a
+    group; at most LIST_LIMIT, with what is left out counted."""
     r = ds.rows
-    sel = rep.rows[np.argsort(-r["size"][rep.rows].astype(np.int64), kind="stable")][:LIST_LIMIT]
+    rows = rep.rows
+    rank = np.full(len(rows), len(rep.groups), dtype=np.int64)
+    if rep.by == "tag":
+        index = {name: i for i, name in enumerate(ds.tags)}
+        by_tag = np.full(len(ds.tags) + 1, len(rep.groups), dtype=np.int64)
+        for k, g in enumerate(rep.groups):
+            by_tag[index[g.key[0]]] = k
+        rank = by_tag[r["tag"][rows]]
+    else:
+        sid_rank = {}
+        for k, g in enumerate(rep.groups):
+            for sid in g.stack_ids:
+                sid_rank.setdefault(sid, k)
+        stacks = r["alloc_stack"][rows]
+        rank = np.array([sid_rank.get(s, len(rep.groups)) for s in stacks.tolist()], dtype=np.int64)
+    shown_rows = rows[rank < len(rep.groups)]
+    shown_rank = rank[rank < len(rep.groups)]
+    size = r["size"][shown_rows].astype(np.int64)
+    order = np.lexsort((-size, shown_rank))
+    sel = shown_rows[order]
+    all_bytes = int(r["size"][rows].astype(np.int64).sum())
+    kept = sel[:LIST_LIMIT]
+    why = ([f"--list shows at most {LIST_LIMIT:,}"] if len(sel) > len(kept) else []) + \
+        (["blocks of groups not shown"] if len(rows) > len(sel) else [])
+    hidden = Hidden(len(rows) - len(kept), all_bytes - int(r["size"][kept].astype(np.int64).sum()), "blocks",
+                    "; ".join(why))
     end = min(win.end_ns, (ds.trace.get("duration_ns") or win.end_ns))
     out = []
-    for i in sel.tolist():
+    for i in kept.tolist():
         sid = int(r["alloc_stack"][i])
         pid = int(r["pid"][i])
         frames = render.stack(sid, pid if pid != 0xFFFFFFFF else 0, int(r["alloc_ns"][i]))[0] if sid >= 0 else []
-        out.append({"address": int(r["address"][i]), "tag": ds.tags[int(r["tag"][i])], "size": int(r["size"][i]),
+        out.append({"address": f"0x{int(r['address'][i]):x}", "tag": ds.tags[int(r["tag"][i])],
+                    "size": int(r["size"][i]), "call_site": _site(frames) if frames else None,
                     "pool": pooltypes.name(r["pool_type"][i], bool(r["session"][i])),
                     "alloc_ns": int(r["alloc_ns"][i]) if r["alloc_ns"][i] != NULL_NS else None,
                     "age_ns": int(end - r["alloc_ns"][i]), "pid": pid, "tid": int(r["tid"][i]), "frames": frames})
-    return out
+    return out, hidden

@@ -16,7 +16,7 @@ from pooltrace.compare import Diff
 from pooltrace.growth import human_rate
 from pooltrace.reporters import pprof
 from pooltrace.reporters.html import empty_verdict, page
-from pooltrace.reporters.text import _site
+from pooltrace.reporters.text import _site, notice_lines, say
 
 
 def _num(x: float) -> float | int:
@@ -27,8 +27,30 @@ def _growth(gr) -> dict | None:
     return {"class": gr.cls, "bytes_per_s": round(gr.bytes_per_s, 3)} if gr is not None else None
 
 
-def to_json(d: Diff, growth: bool = False) -> str:
+def biggest(d: Diff, top: int | None) -> list:
+    """The `top` groups with the biggest changes (growth or shrinkage), in the diff's order (growth first)."""
+    if not top or top >= len(d.groups):
+        return list(d.groups)
+    keep = {id(g) for g in sorted(d.groups, key=lambda g: -abs(g.delta_bytes))[:top]}
+    return [g for g in d.groups if id(g) in keep]
+
+
+def hidden(d: Diff, shown: list) -> tuple[int, float]:
+    keep = {id(g) for g in shown}
+    rest = [g for g in d.groups if id(g) not in keep]
+    return len(rest), sum(abs(g.delta_bytes) for g in rest)
+
+
+def _side_notices(rep: Report) -> dict:
+    n = rep.notices or {}
+    return {"verdict": n.get("verdict"), "warnings": n.get("warnings") or [], "symbols": n.get("symbols")}
+
+
+def to_json(d: Diff, gate: dict | None = None, top: int | None = None, growth: bool = False) -> str:
+    shown = biggest(d, top)
+    n_hidden, b_hidden = hidden(d, shown)
     data = {
+        "gate": gate,
         "normalize": d.normalize, "base_scale": d.scale,
         "totals": {
             "base": {"outstanding_count": _num(d.base_count), "outstanding_bytes": _num(d.base_bytes),
@@ -43,7 +65,11 @@ def to_json(d: Diff, growth: bool = False) -> str:
                     "new_count": g.new_count, "new_bytes": g.new_bytes, "delta_count": _num(g.delta_count),
                     "delta_bytes": _num(g.delta_bytes), "status": g.status,
                     **({"base_growth": _growth(g.base_growth), "new_growth": _growth(g.new_growth)} if growth else {})}
-                   for g in d.groups],
+                   for g in shown],
+        "hidden": {"groups": n_hidden, "abs_delta_bytes": _num(b_hidden), "reason": f"--top {top}" if n_hidden else ""},
+        "base": _side_notices(d.base), "new": _side_notices(d.new),
+        "warnings": [f"BASE: {w}" for w in _side_notices(d.base)["warnings"]] +
+                    [f"NEW: {w}" for w in _side_notices(d.new)["warnings"]],
     }
     return json.dumps(data, indent=2) + "\n"
 
@@ -67,6 +93,9 @@ def to_csv(d: Diff, growth: bool = False) -> str:
 def render_text(d: Diff, console: Console, top: int | None, growth: bool = False) -> None:
     b, n = d.base.trace.get("source", {}).get("path"), d.new.trace.get("source", {}).get("path")
     console.print(Text(f"BASE {b}\nNEW  {n}"))
+    for label, rep in (("BASE", d.base), ("NEW", d.new)):
+        for line in notice_lines(rep):
+            say(console, f"{label}: {line}")
     scale = f" (BASE scaled x{d.scale:.3f} by {d.normalize})" if d.normalize else ""
     console.print(Text(f"outstanding: BASE {d.base_count:,.0f} blocks {d.base_bytes:,.0f} bytes; NEW "
                        f"{d.new.outstanding_count:,} blocks {d.new.outstanding_bytes:,} bytes; change "
@@ -76,12 +105,16 @@ def render_text(d: Diff, console: Console, top: int | None, growth: bool = False
                  ("Δ blocks", "right"), *((("base trend", "left"), ("new trend", "left")) if growth else ()),
                  ("call site" if d.new.by == "stack" else d.new.by, "left")):
         table.add_column(c, justify=j, overflow="fold")
-    for g in d.groups[:top]:
+    shown = biggest(d, top)
+    for g in shown:
         label = _site(g.frames) if d.new.by == "stack" else g.frames[0]
         trends = [_trend(g.base_growth), _trend(g.new_growth)] if growth else []
         table.add_row(g.status, f"{g.delta_bytes:+,.0f}", f"{g.base_bytes:,.0f}", f"{g.new_bytes:,}",
                       f"{g.delta_count:+,.0f}", *trends, Text(label))
     console.print(table)
+    n_hidden, b_hidden = hidden(d, shown)
+    if n_hidden:
+        say(console, f"{n_hidden:,} more groups not shown (changes of {b_hidden:,.0f} bytes in all; --top {top})")
     tags = Table(title="by tag", title_justify="left", show_edge=False, pad_edge=False)
     for c in ("tag", "base bytes", "new bytes", "Δ bytes"):
         tags.add_column(c, justify="left" if c == "tag" else "right")
@@ -122,7 +155,9 @@ def to_html(d: Diff) -> str:
     verdict = None
     if not d.groups:
         verdict = "; ".join(f"{side}: {empty_verdict(r.trace)}" for side, r in (("BASE", d.base), ("NEW", d.new)))
-    return page(d.new.trace, {"title": "Pool leak comparison", "meta": meta, "groups": groups, "rows": rows,
+    notices = [f"{label}: {line}" for label, rep in (("BASE", d.base), ("NEW", d.new)) for line in notice_lines(rep)]
+    return page(d.new.trace, {"title": "Pool leak comparison", "meta": meta, "notices": notices,
+                              "groups": groups, "rows": rows,
                               "columns": columns, "diff": True, "series": None, "verdict": verdict,
                               "tagrows": tagrows, "tagcolumns": tagcolumns,
                               "flametitle": "Differential flame graph (width = NEW outstanding bytes; click a frame "

@@ -21,7 +21,7 @@ import numpy as np
 from pooltrace.analysis import NULL_NS, Dataset, Filters, Report, row_mask
 from pooltrace.errors import PooltraceError
 from pooltrace.growth import human_rate
-from pooltrace.reporters.text import _site
+from pooltrace.reporters.text import _site, hidden_line, notice_lines
 
 POINTS = 120
 TOP_TAGS = 5
@@ -99,7 +99,12 @@ def to_html(report: Report, ds: Dataset, render=None) -> str:
     columns = [{"key": "bytes", "label": "bytes", "bytes": True}, {"key": "count", "label": "blocks", "num": True},
                {"key": "bps", "label": "trend (bytes over the window)", "trend": True},
                {"key": "tags", "label": "tags"}, {"key": "site", "label": keyname, "mono": True}]
-    return page(t, {"title": "Outstanding pool allocations", "meta": meta, "groups": groups, "rows": rows,
+    notices = notice_lines(report)
+    more = hidden_line(report.hidden_groups, report.hidden_bytes, "groups", report.hidden_reason)
+    if more:
+        notices.append(f"note: {more}")
+    return page(t, {"title": "Outstanding pool allocations", "meta": meta, "notices": notices, "groups": groups,
+                    "rows": rows,
                     "columns": columns, "series": series(ds, report) if report.groups else None,
                     "verdict": None if report.groups else empty_verdict(t),
                     "flametitle": "Flame graph (width = outstanding bytes; outermost caller at the top; click a frame "

@@ -12,11 +12,25 @@ from pooltrace.growth import THRESHOLDS
 
 
 def trace_summary(report: Report) -> dict:
-    t = report.trace
+    return trace_summary_of(report.trace)
+
+
+def trace_summary_of(t: dict) -> dict:
+    """The trace facts every JSON output starts with (from trace.json)."""
     return {"source": t.get("source", {}).get("path"), "os_build": t.get("os", {}).get("build"),
             "pointer_size": t.get("pointer_size"), "cpus": t.get("cpus"), "start_time": t.get("start_time"),
             "duration_ns": t.get("duration_ns"), "events_lost": t.get("lost", {}).get("events", 0),
             "buffers_lost": t.get("lost", {}).get("buffers", 0)}
+
+
+def notices(report: Report) -> dict:
+    """`verdict` (null when the trace can answer), `warnings` (damage, losses) and `symbols` (null or the
+    missing-PDB line): the same in every JSON output."""
+    n = report.notices or {}
+    warnings = n.get("warnings")
+    if warnings is None:
+        warnings = list(report.trace.get("warnings") or [])
+    return {"verdict": n.get("verdict"), "warnings": warnings, "symbols": n.get("symbols")}
 
 
 def report_data(report: Report) -> dict:
@@ -33,6 +47,8 @@ def report_data(report: Report) -> dict:
                           "growth": g.growth.as_dict(series=False)} for g in report.likely],
         "groups": [{"frames": g.key, "count": g.count, "bytes": g.bytes, "tags": g.tags,
                     "growth": g.growth.as_dict() if g.growth else None} for g in report.groups],
+        "hidden": {"groups": report.hidden_groups, "bytes": report.hidden_bytes, "reason": report.hidden_reason},
+        **notices(report),
     }
 
 

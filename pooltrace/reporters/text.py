@@ -1,7 +1,10 @@
 """The text report: header with the window and lifetime counts, a table of the top groups, and for
-`--by stack` an indented caller tree of the leading stacks — readable in 100 columns."""
+`--by stack` an indented caller tree of the leading stacks — readable in 100 columns. The header carries the
+trace's verdict, damage and loss warnings and the missing-symbols line; a footer counts hidden rows."""
 
 from __future__ import annotations
+
+import textwrap
 
 from rich.console import Console
 from rich.table import Table
@@ -18,7 +21,30 @@ def _secs(ns: int) -> str:
     return f"{ns / 1e9:.3f} s"
 
 
-def render(report: Report, console: Console, blocks: list[dict] | None = None) -> None:
+def say(console: Console, line: str) -> None:
+    """A sentence wrapped to the console's width, continuation lines indented."""
+    for part in textwrap.wrap(line, width=max(40, console.width), subsequent_indent="    ", break_on_hyphens=False,
+                              break_long_words=False):
+        console.print(Text(part), overflow="ignore", crop=False)
+
+
+def notice_lines(report: Report) -> list[str]:
+    """The verdict, damage/loss warnings and the missing-symbols line, as the header shows them."""
+    n = report.notices or {}
+    out = [f"verdict: {n['verdict']}"] if n.get("verdict") else []
+    out += [f"warning: {w}" for w in n.get("warnings") or []]
+    if n.get("symbols"):
+        out.append(f"note: {n['symbols']}")
+    return out
+
+
+def hidden_line(count: int, nbytes: int, what: str, why: str) -> str | None:
+    if not count:
+        return None
+    return f"{count:,} more {what}, {nbytes:,} bytes not shown" + (f" ({why})" if why else "")
+
+
+def render(report: Report, console: Console, blocks: list[dict] | None = None, hidden_blocks=None) -> None:
     t = report.trace
     w = report.window
     end = w.end_ns - 1 if t.get("duration_ns") is None or w.end_ns <= t["duration_ns"] + 1 else t["duration_ns"]
@@ -28,10 +54,13 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None) -
                        f"{report.outstanding_count:,} blocks, {report.outstanding_bytes:,} bytes"))
     lt = report.lifetimes
     console.print(Text("lifetimes  " + "  ".join(f"{k} {lt[k]['count']:,} ({lt[k]['bytes']:,} B)" for k in LIFETIMES)))
-    lost = t.get("lost", {})
-    if lost.get("events") or lost.get("buffers"):
-        console.print(Text(f"warning: {lost.get('events', 0):,} events and {lost.get('buffers', 0):,} buffers were "
-                           "lost while recording; counts may be incomplete", style="yellow"))
+    if not report.notices:  # a caller that did not fill the notices still shows the losses
+        lost = t.get("lost", {})
+        if lost.get("events") or lost.get("buffers"):
+            console.print(Text(f"warning: {lost.get('events', 0):,} events and {lost.get('buffers', 0):,} buffers "
+                               "were lost while recording; counts may be incomplete", style="yellow"))
+    for line in notice_lines(report):
+        say(console, line)
     baseline = t.get("tag_baseline") or {}
     shown = {tag for g in report.groups for tag in g.tags}
     source = {"pool_snapshot": "the pool snapshot in the trace", "sidecar": "the recorder's sidecar"}.get(
@@ -58,6 +87,9 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None) -
         label = _site(g.key) if report.by == "stack" else g.key[0]
         table.add_row(str(i), f"{g.bytes:,}", f"{g.count:,}", trend(g), tags, Text(label))
     console.print(table)
+    more = hidden_line(report.hidden_groups, report.hidden_bytes, "groups", report.hidden_reason)
+    if more:
+        say(console, more)
     if report.by == "stack" and report.groups:
         console.print(Text(f"caller tree of the {min(TREE_STACKS, len(report.groups))} largest stacks "
                            "(outermost caller first; bytes outstanding below each frame)", style="bold"))
@@ -65,13 +97,16 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None) -
             console.print(Text(line), overflow="fold")
     if blocks is not None:
         bt = Table(title="outstanding blocks", title_justify="left", show_edge=False)
-        for c in ("address", "tag", "pool", "size", "age", "pid", "allocated by"):
+        for c in ("address", "tag", "pool", "size", "age", "pid", "call site"):
             bt.add_column(c, justify="right" if c in ("size", "age", "pid") else "left", overflow="fold")
         for b in blocks:
-            bt.add_row(f"0x{b['address']:x}", b["tag"], b["pool"], f"{b['size']:,}", f"{b['age_ns'] / 1e9:.3f} s",
-                       str(b["pid"]),
-                       Text(b["frames"][0] if b["frames"] else "<no stack>"))
+            bt.add_row(b["address"], b["tag"], b["pool"], f"{b['size']:,}", f"{b['age_ns'] / 1e9:.3f} s",
+                       str(b["pid"]), Text(b.get("call_site") or "<no stack>"))
         console.print(bt)
+        if hidden_blocks is not None:
+            more = hidden_line(hidden_blocks.count, hidden_blocks.bytes, "blocks", hidden_blocks.why)
+            if more:
+                say(console, more)
 
 
 def trend(g) -> str:
