@@ -249,6 +249,7 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
     existing = out_dir.is_dir()
     parent = out_dir if existing else out_dir.parent
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot create the dataset directory: {os_reason(exc)}") from None

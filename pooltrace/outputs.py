@@ -131,8 +131,6 @@ def check_dataset_dir(out_dir: Path, inputs: Iterable[Path] = ()) -> None:
         if _same_or_inside(_resolved(inp), target):
             raise PooltraceError(f"{out_dir}: holds the input {inp}; choose a new or empty directory")
     if not os.path.lexists(out_dir):
-        if not target.parent.is_dir():
-            raise OutputError(f"{out_dir}: cannot create the dataset directory: {target.parent} does not exist")
         return
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory; {NOT_OURS}")
@@ -144,6 +142,13 @@ def check_dataset_dir(out_dir: Path, inputs: Iterable[Path] = ()) -> None:
     if not entries or is_our_dataset(out_dir) or set(entries) <= set(DATASET_FILES):
         return
     raise OutputError(f"{out_dir}: {NOT_OURS}")
+
+
+def check_parent(out_dir: Path) -> None:
+    """Exit 2 when the directory that should hold `out_dir` does not exist (a typo is not created)."""
+    parent = _resolved(out_dir).parent
+    if not parent.is_dir():
+        raise OutputError(f"{out_dir}: cannot create the dataset directory: {parent} does not exist")
 
 
 def install_dataset(tmp: Path, out_dir: Path) -> None:

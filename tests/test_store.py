@@ -22,6 +22,13 @@ TRACES = ROOT / "traces"
 LEAK, FIXED = TRACES / "sample-leak.etl", TRACES / "sample-leak-fixed.etl"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_traces(shipped):
+    """Commands on an .etl write its dataset cache beside it: use the session's copy, not the source tree."""
+    global LEAK, FIXED
+    LEAK, FIXED = shipped / "sample-leak.etl", shipped / "sample-leak-fixed.etl"
+
+
 def run(*args, code=0):
     r = CliRunner().invoke(cli, [*map(str, args)])
     assert r.exit_code == code, r.output

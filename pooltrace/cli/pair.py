@@ -11,6 +11,7 @@ import click
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.dataset import DEFAULT_WINDOW_S, default_output, pair_trace
 from pooltrace.errors import PooltraceError
+from pooltrace.outputs import check_parent
 from pooltrace.store import append_trace, check_run_id, parse_labels
 
 MAX_STACK_WINDOW_S = 3600.0
@@ -55,6 +56,7 @@ def pair(trace: Path, output: Path | None, stack_window: float, fmt: str, as_jso
         _into(trace, store, run_id, parse_labels(labels), stack_window, as_json, quiet)
         return
     out = (output or default_output(trace)).absolute()
+    check_parent(out)
     with progress_bar(trace, quiet, "pairing") as progress:
         meta = pair_trace(trace, out, window_s=stack_window, progress=progress, jobs=jobs)
     if as_json:
