@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pooltrace import __version__
 from pooltrace.baseline import PoolSnapshots, choose, fill_free_without_alloc
 from pooltrace.definitions import definitions
-from pooltrace.errors import OutputError, PooltraceError
+from pooltrace.errors import OutputError
 from pooltrace.etl.columns import Columns
 from pooltrace.etl.decode import IS_ALLOC, IS_SESSION, in_set
 from pooltrace.etl.images import join_debug_ids
@@ -244,7 +244,7 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
     trace = Path(trace)
     out_dir = Path(os.path.abspath(out_dir))
     if len(os.fsencode(out_dir.name)) > _name_max(out_dir.parent):  # e.g. the cache of a 250-character trace name
-        raise PooltraceError(f"{out_dir}: cannot create the dataset directory: {os.strerror(errno.ENAMETOOLONG)}")
+        raise OutputError(f"{out_dir}: cannot create the dataset directory: {os.strerror(errno.ENAMETOOLONG)}")
     check_dataset_dir(out_dir, [trace])
     existing = out_dir.is_dir()
     parent = out_dir if existing else out_dir.parent

@@ -83,13 +83,12 @@ def test_human_rate():
     assert human_rate(3 * 1024 ** 3) == "+3.0 GiB/s"
 
 
-def test_diff_shows_growth_of_both_sides_when_asked():
+def test_diff_shows_growth_of_both_sides_when_asked(shipped):
     from click.testing import CliRunner
 
     from pooltrace.cli import cli
-    from tests.conftest import ROOT
 
-    t = ROOT / "traces"
+    t = shipped  # a copy: the .etl inputs get their dataset cache beside them
     args = ["diff", str(t / "sample-leak.etl"), str(t / "sample-leak-fixed.etl"), "--by", "function", "--no-symbols",
             "--format", "json"]
     plain = json.loads(CliRunner().invoke(cli, args).output)
