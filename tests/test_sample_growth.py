@@ -16,6 +16,13 @@ TRACE = ROOT / "traces" / "sample-growth.etl"
 TRUTH = json.loads((ROOT / "traces" / "sample-growth.truth.json").read_text())["truth"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_trace(shipped):
+    """report pairs the .etl into a cache beside it: use the session's copy, never the source tree."""
+    global TRACE
+    TRACE = shipped / "sample-growth.etl"
+
+
 def report(*args) -> str:
     r = CliRunner().invoke(cli, ["report", str(TRACE), *args])
     assert r.exit_code == 0, r.output
