@@ -15,7 +15,6 @@ from click.testing import CliRunner
 
 from pooltrace.cli import cli
 from pooltrace.outputs import atomic_write
-from tests.conftest import ROOT
 
 
 def run(*args, cwd=None):
@@ -168,13 +167,6 @@ def test_output_in_a_read_only_directory_is_one_line(dataset, tmp_path):
         assert "Permission denied" in one_line_error(run("report", dataset, "-o", ro / "r.txt"))
     finally:
         ro.chmod(0o700)
-
-
-def test_egg_info_is_not_tracked():
-    if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout")
-    r = subprocess.run(["git", "ls-files", "pooltrace.egg-info"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0 or r.stdout == ""
 
 
 # ---- one error path ----------------------------------------------------------------------------------
