@@ -83,14 +83,14 @@ def growth_table(alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, gi
     width = span / points
     stride = points + 1  # bin `points`: not freed inside the window
     af = (alloc_ns.astype(np.float64) - start_ns) / width  # NULL (allocated before the trace) is negative
-    g = np.where((af >= 0) & (af < points) & (gid >= 0), gid, groups).astype(np.int64)
+    counted = (af >= 0) & (af < points) & (gid >= 0)
+    g = np.where(counted, gid, groups).astype(np.int64)
     g *= stride
     ff = (free_ns.astype(np.float64) - start_ns) / width
-    freed = (free_ns != null_ns) & (ff < points)
-    ia = af.astype(np.int64)
-    np.clip(ia, 0, points - 1, out=ia)
+    freed = counted & (free_ns != null_ns) & (ff < points)  # counted rows are freed at or after the start
+    ia = np.clip(af, 0, points - 1).astype(np.int64)
     ia += g
-    fi = np.where(freed, ff.astype(np.int64), points)
+    fi = np.where(freed, ff, points).astype(np.int64)
     fi += g
     n = (groups + 1) * stride
     w = size.astype(np.float64)

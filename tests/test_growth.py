@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from pooltrace.growth import POINTS, growth_table, human_rate, times
 NULL = np.iinfo(np.int64).min
 S = 1_000_000_000
 END = 60 * S
+START = 4 * S  # the property test's window: [START, END)
 
 
 def table(groups):
@@ -55,25 +57,27 @@ def test_steps_are_growing_not_leak():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, END - 1), st.integers(0, 2 * END), st.integers(0, 3),
+@given(st.lists(st.tuples(st.integers(0, END - 1), st.integers(0, END), st.integers(0, 3),
                           st.integers(1, 4096)), min_size=1, max_size=60))
 def test_series_match_outstanding_at_every_point(rows):
+    # the window starts at START: rows allocated before it (some freed before it, some inside) do not count
     a = np.array([r[0] for r in rows], dtype=np.int64)
-    f = np.array([r[0] + r[1] if r[1] < END else NULL for r in rows], dtype=np.int64)
+    f = np.array([r[0] + r[1] if r[0] + r[1] < END else NULL for r in rows], dtype=np.int64)
     gid = np.array([r[2] for r in rows])
     size = np.array([r[3] for r in rows], dtype=np.uint64)
-    out = growth_table(a, f, size, gid, 4, 0, END, NULL)
-    t = times(0, END)
+    out = growth_table(a, f, size, gid, 4, START, END, NULL)
+    t = times(START, END)
     assert len(t) == POINTS and t[-1] == END
     for k in range(4):
-        sel = gid == k
+        sel = (gid == k) & (a >= START)
         for p in (0, POINTS // 2, POINTS - 1):
             # the value at the end of bin p: allocated in bins 0..p and not freed in bins 0..p
-            edge = (p + 1) * END // POINTS
+            edge = START + (p + 1) * (END - START) // POINTS
             live = sel & (a < edge) & ((f == NULL) | (f >= edge))
             assert out[k].series_bytes[p] == int(size[live].sum())
             assert out[k].series_blocks[p] == int(live.sum())
         outstanding = sel & ((f == NULL) | (f >= END))
+        assert out[k].alloc_per_s == pytest.approx(sel.sum() / ((END - START) / 1e9))
         assert out[k].series_bytes[-1] == int(size[outstanding].sum())
         assert out[k].cls in ("leak", "growing", "plateau", "transient")
 

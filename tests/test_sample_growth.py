@@ -72,3 +72,13 @@ def test_by_tag_the_slow_leak_hides_under_its_cache():
     file = next(g for g in data["groups"] if g["frames"] == ["File"])
     assert file["growth"]["class"] == "plateau"
     assert file["count"] == TRUTH["big_cache"]["outstanding"] + TRUTH["slow_leak"]["outstanding"]
+
+
+def test_a_window_inside_the_trace_counts_only_its_own_allocations():
+    data = json.loads(report("--window", "20:60", "--format", "json", "--no-symbols", "--by", "tag"))
+    t = data["growth"]["times_ns"]
+    assert 20e9 < t[0] < t[-1] <= data["window"]["end_ns"]
+    for g in data["groups"]:
+        assert g["growth"]["series"]["bytes"][-1] == g["bytes"] and g["growth"]["series"]["blocks"][-1] == g["count"]
+    leak = next(g for g in data["groups"] if g["frames"] == ["Leak"])
+    assert leak["growth"]["class"] == "leak"
