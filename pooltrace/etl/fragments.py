@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 M1, M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-SEEDS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD1B54A32D192ED03))
+# per hash: (element multiplier, position base K) — odd numbers, so every step is invertible mod 2**64
+PARAMS = ((np.uint64(0xFF51AFD7ED558CCD), 0x9E3779B97F4A7C15), (np.uint64(0xC4CEB9FE1A85EC53), 0xD1B54A32D192ED03))
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -24,24 +25,55 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+class _Powers:
+    """K**i and K**-i mod 2**64 for i < n, grown on demand (one table per hash, shared by all calls)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.up = np.ones(1, dtype=np.uint64)
+        self.down = np.ones(1, dtype=np.uint64)
+
+    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.up) < n:
+            size = max(n, 2 * len(self.up))
+            self.up = _power_table(self.k, size)
+            self.down = _power_table(pow(self.k, -1, 1 << 64), size)
+        return self.up, self.down
+
+
+def _power_table(k: int, n: int) -> np.ndarray:
+    t = np.full(n, np.uint64(k), dtype=np.uint64)
+    t[0] = 1
+    return np.cumprod(t, dtype=np.uint64)  # wraps modulo 2**64, as intended
+
+
+_POWERS = [_Powers(k) for _m, k in PARAMS]
+
+
 def hash_segments(values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two independent 64-bit hashes of every segment values[offsets[i]:offsets[i+1]] (order-sensitive)."""
+    """Two independent 64-bit hashes of every segment values[offsets[i]:offsets[i+1]] (order-sensitive).
+
+    Each is a polynomial hash mod 2**64 of mixed frames: sum of mix(v[j]) * K**(j - start), computed as
+    K**j weights over the whole array (a table, no per-frame position arithmetic), summed per segment and
+    brought back to segment-relative powers with K**-start; then mixed with the segment's length."""
     counts = np.diff(offsets)
     if not len(counts):
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    pos = (np.arange(len(values), dtype=np.int64) - np.repeat(offsets[:-1], counts)).astype(np.uint64)
     v = values.astype(np.uint64, copy=False)
     starts = offsets[:-1]
     nonempty = counts > 0
     h = []
-    for seed in SEEDS:
-        x = _mix(v ^ (pos * seed + seed))
-        if len(x):
-            s = np.add.reduceat(x, np.minimum(starts, len(x) - 1))
-            s = np.where(nonempty, s, np.uint64(0))
+    for (mult, k), powers in zip(PARAMS, _POWERS, strict=True):
+        up, down = powers.get(len(v) + 1)
+        if len(v):
+            x = v * mult
+            x ^= x >> np.uint64(29)
+            x *= up[:len(v)]
+            s = np.add.reduceat(x, np.minimum(starts, len(v) - 1))
+            s = np.where(nonempty, s, np.uint64(0)) * down[starts]
         else:
             s = np.zeros(len(counts), np.uint64)
-        h.append(_mix(s ^ (counts.astype(np.uint64) * seed)))
+        h.append(_mix(s ^ (counts.astype(np.uint64) * np.uint64(k))))
     return h[0], h[1]
 
 
