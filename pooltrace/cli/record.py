@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,12 +17,10 @@ from pooltrace.cli import common
 from pooltrace.cli.common import quiet_option, user_errors
 from pooltrace.collector import NOT_WINDOWS
 from pooltrace.collector.config import constants
-from pooltrace.collector.plan import RecordRequest
-from pooltrace.collector.recorder import LiveStatus, Recorder, RecordResult, size_text, status_line
-from pooltrace.collector.stop import stop_sessions
-from pooltrace.collector.tagfilter import parse_patterns
-from pooltrace.collector.wprp import build_profile
 from pooltrace.errors import PooltraceError
+
+if TYPE_CHECKING:  # the recorder is imported by the commands, not for `pooltrace record --help`
+    from pooltrace.collector.recorder import LiveStatus, RecordResult
 
 STOPPED_BY = {"ctrl-c": "Ctrl+C", "ctrl-break": "Ctrl+Break", "duration": "--duration",
               "command": "the command exiting", "console-close": "the console closing",
@@ -61,6 +60,8 @@ class LiveUi:
             self.live.stop()
 
     def tick(self, status: LiveStatus) -> None:
+        from pooltrace.collector.recorder import status_line
+
         if self.live:
             self.live.update(self._text(status_line(status)), refresh=True)
 
@@ -77,6 +78,8 @@ def _clock(seconds: float) -> str:
 
 
 def summary_lines(r: RecordResult) -> list[str]:
+    from pooltrace.collector.recorder import size_text
+
     lost = (f"events lost {r.stats.events_lost:,}, buffers lost "
             f"{r.stats.log_buffers_lost + r.stats.real_time_buffers_lost:,}" if r.stats else "losses unknown")
     lines = [f"wrote {r.output}: {size_text(r.file_bytes)} in {_clock(r.seconds)} "
@@ -132,6 +135,9 @@ def record(output: Path | None, tags: tuple[str, ...], free_stacks: bool, durati
     api = windows_api()
     if output is None:
         raise PooltraceError("-o OUT.etl is required")
+    from pooltrace.collector.plan import RecordRequest
+    from pooltrace.collector.recorder import Recorder
+
     request = RecordRequest(output=output, tags=tags, free_stacks=free_stacks, kernel_logger=kernel_logger,
                             circular=circular, max_size_mb=max_size, duration_s=duration, command=command,
                             buffer_size_kb=buffer_size, buffers=buffers, force=force)
@@ -152,6 +158,8 @@ def stop(kernel_logger: bool) -> None:
     """Stop every pooltrace recording session still running: one left by a killed `pooltrace record`, or
     one that outlived a logoff or shutdown (Windows, elevated)."""
     api = windows_api()
+    from pooltrace.collector.stop import stop_sessions
+
     for r in stop_sessions(api, kernel_logger):
         click.echo(f"stopped {r.name}: events lost {r.stats.events_lost:,}, buffers lost "
                    f"{r.stats.log_buffers_lost + r.stats.real_time_buffers_lost:,}")
@@ -169,6 +177,9 @@ def stop(kernel_logger: bool) -> None:
 @user_errors
 def profile(output: Path, tags: tuple[str, ...], free_stacks: bool) -> None:
     """Write a WPR profile (.wprp) with the settings `pooltrace record` uses, for recording with WPR."""
+    from pooltrace.collector.tagfilter import parse_patterns
+    from pooltrace.collector.wprp import build_profile
+
     xml = build_profile(parse_patterns(tags), free_stacks)
     if str(output) == "-":
         click.echo(xml, nl=False)
