@@ -143,6 +143,7 @@ def open_dataset(path: Path, progress=None) -> tuple[Path, tempfile.TemporaryDir
 def trace_owners(ds: Path, slots: list[int], *, symbols: str | None, enabled: bool, local_dirs: list[Path],
                  quiet: bool, top: int, warn) -> dict:
     from pooltrace.datasetcheck import check_no_nulls, check_stacks, read_parquet, read_trace_json
+    from pooltrace.notices import closest, pool_verdict, trace_warnings
 
     meta = read_trace_json(ds)
     allocs = read_parquet(ds / "allocations.parquet", columns=OWNER_COLUMNS)
@@ -154,7 +155,9 @@ def trace_owners(ds: Path, slots: list[int], *, symbols: str | None, enabled: bo
     source = meta.get("source")
     out = {"dataset": str(ds), "trace": source.get("path") if isinstance(source, dict) else source,
            "tags": sorted(wanted), "allocations": rows.num_rows, "outstanding": 0,
-           "outstanding_bytes": 0, "without_stack": 0, "owners": [], "symbols": []}
+           "outstanding_bytes": 0, "without_stack": 0, "owners": [], "symbols": [],
+           "pool_verdict": pool_verdict(meta), "warnings": trace_warnings(meta),
+           "closest_tags": [] if wanted else closest(slots_text(slots).strip("?* "), [t.strip() for t in tags if t])}
     if not rows.num_rows:
         return out
     fate = rows["fate"].cast(pa.string()).to_numpy(zero_copy_only=False)

@@ -148,3 +148,23 @@ def test_missing_symbols_are_one_summary_line(leak):
     text = run("report", leak).stdout
     assert sum("no PDB for" in line for line in text.splitlines()) == 1
     assert json.loads(run("report", leak, "--format", "json", "--no-symbols").stdout)["symbols"] is None
+
+
+def test_whose_says_no_pool_events_and_the_closest_tag(no_pool, leak):
+    r = CliRunner().invoke(cli, ["whose", "Leak", str(no_pool), "--no-scan"])
+    assert r.exit_code == 0 and "no pool events" in r.stdout
+    data = json.loads(CliRunner().invoke(cli, ["whose", "leak", str(leak), "--no-scan", "--format", "json"]).stdout)
+    assert data["trace"]["tags"] == [] and data["trace"]["closest_tags"][0] == "Leak"
+    assert data["trace"]["pool_verdict"] is None
+    r = CliRunner().invoke(cli, ["whose", "Leak", str(leak), "--symbols", str(leak.parent), "--no-symbols"])
+    assert r.exit_code == 2 and "exclude each other" in r.output
+
+
+@pytest.mark.parametrize("bad", ["Leaky", "", "\\xzz"])
+def test_one_tag_validator_for_report_tags_and_whose(leak, bad):
+    msgs = []
+    for args in (["report", leak, "--tag", bad], ["tags", leak, "--tag", bad], ["whose", bad, leak, "--no-scan"]):
+        r = run(*args)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        msgs.append(r.stderr.strip().splitlines()[-1].split("pool tag", 1)[-1])
+    assert len(set(msgs)) == 1, msgs

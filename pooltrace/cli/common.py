@@ -210,6 +210,19 @@ def size_option_value(_ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def tag_values(_ctx, _param, values):
+    """Click callback: every --tag checked by the one pool-tag parser `whose` uses for its TAG (1 to 4
+    single-byte characters, \\xNN escapes, ? and * wildcards)."""
+    from pooltrace.owners import tag_slots
+
+    for v in values:
+        try:
+            tag_slots(v)
+        except PooltraceError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return values
+
+
 @contextmanager
 def progress_bar(path: Path, quiet: bool, label: str):
     """Yield a progress(done, total) callback; a bar is shown for large traces unless quiet."""

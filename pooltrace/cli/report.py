@@ -17,6 +17,7 @@ from pooltrace.cli.common import (
     quiet_option,
     render_text,
     size_option_value,
+    tag_values,
     user_errors,
     write_output,
 )
@@ -92,8 +93,8 @@ def say_notices(trace: dict, label: str = "") -> None:
 def common_options(func):
     for opt in reversed([
         click.option("--window", help="START:END in seconds (1.5, 2s, 500ms) or ns (1500ns); either side optional."),
-        click.option("--tag", "tags", multiple=True, help="Pool tag, as poolmon prints it; ? and * wildcards. "
-                                                          "Repeatable."),
+        click.option("--tag", "tags", multiple=True, callback=tag_values,
+                     help="Pool tag, as poolmon prints it; ? and * wildcards. Repeatable."),
         click.option("--pool", type=click.Choice(pooltypes.FILTERS),
                      help="paged, nonpaged (NX or not), nx (non-paged NX) or session pool."),
         click.option("--pid", "pids", type=int, multiple=True, help="Allocating process id. Repeatable."),

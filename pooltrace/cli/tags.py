@@ -10,7 +10,7 @@ from rich.table import Table
 
 from pooltrace import pooltypes
 from pooltrace.analysis import Filters, FrameRenderer, open_input, tag_rows
-from pooltrace.cli.common import progress_bar, quiet_option, render_text, user_errors, write_output
+from pooltrace.cli.common import progress_bar, quiet_option, render_text, tag_values, user_errors, write_output
 from pooltrace.cli.report import check_filters, check_output, check_window, make_symbolizer
 from pooltrace.notices import pool_verdict, trace_warnings
 from pooltrace.reporters.text import hidden_line, say
@@ -27,7 +27,8 @@ def _descriptions(pooltag: Path | None):
 @click.command(epilog="Example: pooltrace tags traces/sample-leak.etl --top 5")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("--window", help="START:END in seconds or ns, either side optional.")
-@click.option("--tag", "tags", multiple=True, help="Only these tags (? and * wildcards). Repeatable.")
+@click.option("--tag", "tags", multiple=True, callback=tag_values,
+              help="Only these tags (? and * wildcards). Repeatable.")
 @click.option("--pool", type=click.Choice(pooltypes.FILTERS),
               help="paged, nonpaged (NX or not), nx (non-paged NX) or session pool.")
 @click.option("--pid", "pids", type=int, multiple=True, help="Allocating process id. Repeatable.")

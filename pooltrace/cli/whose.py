@@ -14,10 +14,12 @@ from pathlib import Path
 import click
 
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
+from pooltrace.cli.report import check_symbol_options
 from pooltrace.owners import KERNEL_IMAGES, find_owners, split_paths
 
 
-@click.command()
+@click.command(epilog="Example: pooltrace whose Leak traces/sample-leak.etl tests/fixtures/symbols "
+                      "--pooltag tests/fixtures/symbols/pooltag.txt")
 @click.argument("tag")
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--pooltag", "pooltag_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -31,13 +33,17 @@ from pooltrace.owners import KERNEL_IMAGES, find_owners, split_paths
               help="Scan driver files for the tag's bytes (the directories among PATH, else on Windows "
                    "%SystemRoot%\\System32\\drivers).")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Call sites per module.")
-@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: the three answers with their evidence; json: the same as one object.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @quiet_option
 @user_errors
 def whose(tag: str, paths: tuple[Path, ...], pooltag_path: Path | None, symbol_path: str | None,
-          no_symbols: bool, scan: bool, top: int, as_json: bool, quiet: bool) -> None:
+          no_symbols: bool, scan: bool, top: int, fmt: str, as_json: bool, quiet: bool) -> None:
     """Who owns pool tag TAG: call sites in a trace (PATH: a .etl or a dataset directory), the user's
     pooltag.txt, and the driver files holding the tag (PATH: directories or files to scan)."""
+    check_symbol_options(symbol_path, no_symbols)
+    as_json = as_json or fmt == "json"
     answer = find_owners(tag, paths, pooltag=pooltag_path, symbols=symbol_path, no_symbols=no_symbols, scan=scan,
                          top=top, quiet=quiet, pairing_progress=lambda p: progress_bar(p, quiet, "pairing"))
     if as_json:
@@ -65,6 +71,13 @@ def _render(a: dict, scanned_explicitly: bool) -> None:
         echo(f"  trace {tr['source']}: {tr['allocations']:,} allocations of {', '.join(tr['tags']) or a['tag']}, "
              f"{tr['outstanding']:,} outstanding ({tr['outstanding_bytes']:,} bytes)"
              + (f", {tr['without_stack']:,} without a stack" if tr["without_stack"] else ""))
+        if tr.get("pool_verdict"):
+            echo(f"    verdict: {tr['pool_verdict']}")
+        for w in tr.get("warnings") or []:
+            echo(f"    warning: {w}")
+        if not tr["tags"] and tr.get("closest_tags"):
+            echo(f"    no tag of this trace matches {a['tag']!r}; closest: {', '.join(tr['closest_tags'])} "
+                 "(tags are case-sensitive)")
         for o in tr["owners"]:
             echo(f"    {o['module']}: {o['allocations']:,} allocations, {o['outstanding']:,} outstanding "
                  f"({o['outstanding_bytes']:,} bytes)")
