@@ -62,3 +62,18 @@ def test_progress_bar_on_stderr_and_quiet(monkeypatch, tmp_path):
                            env={**__import__("os").environ, "POOLTRACE_PROGRESS": "1"})
     assert quiet.returncode == 0 and quiet.stderr.strip().startswith("warning: 3 events")
     assert "pairing" not in quiet.stderr
+
+
+def test_data_commands_leave_pandas_unimported_but_available():
+    """pyarrow's pandas probe is answered without importing pandas (arrowprobe); DataFrames still work."""
+    code = ("import sys\n"
+            "from pooltrace.arrowprobe import skip_pandas_probe\n"
+            "skip_pandas_probe()\n"
+            "import numpy as np, pyarrow as pa\n"
+            "t = pa.table({'a': np.arange(3)})\n"
+            "t['a'].to_numpy()\n"
+            "print('pandas' in sys.modules)\n"
+            "print(t.to_pandas()['a'].tolist())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["False", "[0, 1, 2]"]

@@ -39,6 +39,10 @@ SHORT_HELP = {
 }
 
 
+# commands that read traces or datasets with pyarrow but build no pandas DataFrame
+ARROW_COMMANDS = {"info", "pair", "report", "tags", "diff", "whose"}
+
+
 class LazyGroup(PooltraceGroup):
     """A group whose commands are imported when used, not when the group is built."""
 
@@ -47,6 +51,10 @@ class LazyGroup(PooltraceGroup):
 
     def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in COMMANDS:
+            if cmd_name in ARROW_COMMANDS:
+                from pooltrace.arrowprobe import skip_pandas_probe
+
+                skip_pandas_probe()
             module = importlib.import_module(f"pooltrace.cli.{COMMANDS[cmd_name]}")
             self.add_command(getattr(module, cmd_name))
         return self.commands.get(cmd_name)
