@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pooltrace import __version__  # noqa: E402
 from pooltrace.dataset import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA  # noqa: E402
 
 K = 0xFFFFF80412000000
@@ -67,7 +68,8 @@ def build(out: Path, rows: int, stacks: int) -> None:
             pa.array(rng.integers(0, stacks, n).astype(np.int64)), pa.nulls(n, pa.int64())], schema=ALLOCATIONS_SCHEMA)
         writer.write_table(t)
     writer.close()
-    (out / "trace.json").write_text(json.dumps({"source": {"path": "synthetic", "size": 0}, "os": {"build": 19045},
+    (out / "trace.json").write_text(json.dumps({"pooltrace_version": __version__, "notes": [], "warnings": [],
+                                                "source": {"path": "synthetic", "size": 0}, "os": {"build": 19045},
                                                 "pointer_size": 8, "cpus": 8, "duration_ns": 62_000_000_000,
                                                 "lost": {"events": 0, "buffers": 0},
                                                 "pairing": {"allocs": rows}}))

@@ -80,27 +80,34 @@ def growth_table(alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, gi
     removes it at (group, free bin); a cumulative sum over the bins gives the series. Rows that are not
     counted go to an extra group, frees after the window to an extra bin, so nothing is compressed."""
     span = max(1, end_ns - start_ns)
-    width = span / points
     stride = points + 1  # bin `points`: not freed inside the window
-    af = (alloc_ns.astype(np.float64) - start_ns) / width  # NULL (allocated before the trace) is negative
-    counted = (af >= 0) & (af < points) & (gid >= 0)
-    g = np.where(counted, gid, groups).astype(np.int64)
-    g *= stride
-    ff = (free_ns.astype(np.float64) - start_ns) / width
-    freed = counted & (free_ns != null_ns) & (ff < points)  # counted rows are freed at or after the start
-    ia = np.clip(af, 0, points - 1).astype(np.int64)
-    ia += g
-    fi = np.where(freed, ff, points).astype(np.int64)
-    fi += g
+    # integer bins, (t - start) * points // span, and few full-size temporaries, updated in place: this runs
+    # over every allocation of the trace (rows allocated before the trace have alloc_ns = null_ns)
+    counted = (alloc_ns >= start_ns) & (alloc_ns < end_ns) & (gid >= 0)
+    base = np.where(counted, gid, groups)
+    base *= stride
+    freed = (free_ns < end_ns) & (free_ns != null_ns) & counted  # counted rows are freed at or after the start
+    ia = alloc_ns - start_ns  # wraps for null_ns rows: they are not counted, and clipped below
+    ia *= points
+    ia //= span
+    np.clip(ia, 0, points - 1, out=ia)
+    ia += base
+    ia *= 2
+    ia += ~freed  # the lowest bit: still outstanding at the end (a survivor)
+    fi = free_ns - start_ns
+    fi *= points
+    fi //= span
+    np.copyto(fi, points, where=~freed)
+    fi += base
+    del base
     n = (groups + 1) * stride
     w = size.astype(np.float64)
+    up = np.bincount(ia, weights=w, minlength=2 * n).reshape(groups + 1, stride, 2)[:groups, :points]
+    up_n2 = np.bincount(ia, minlength=2 * n).reshape(groups + 1, stride, 2)[:groups, :points]
+    up_b, up_n, surv = up.sum(axis=2), up_n2.sum(axis=2), up_n2[:, :, 1].astype(np.float64)
     shape = (groups + 1, stride)
-    up_b = np.bincount(ia, weights=w, minlength=n).reshape(shape)[:groups, :points]
-    up_n = np.bincount(ia, minlength=n).reshape(shape)[:groups, :points]
     down_b = np.bincount(fi, weights=w, minlength=n).reshape(shape)[:groups]
     down_n = np.bincount(fi, minlength=n).reshape(shape)[:groups]
-    # survivors (outstanding at the end) by allocation bin: the rows whose free index is the extra bin
-    surv = np.bincount(ia, weights=(~freed).astype(np.float64), minlength=n).reshape(shape)[:groups, :points]
     ybytes = np.cumsum(up_b - down_b[:, :points], axis=1)
     yblocks = np.cumsum(up_n - down_n[:, :points], axis=1)
     secs = span / 1e9
