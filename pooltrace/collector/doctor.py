@@ -32,23 +32,6 @@ from pooltrace.tags import parse_tag
 
 FORMAT = "pooltrace-doctor"
 
-# Run as the "command" of the test recording: create and close files for a few seconds.
-PROVOKE = """
-import os, sys, time
-d, end, n = sys.argv[1], time.monotonic() + float(sys.argv[2]), 0
-while time.monotonic() < end:
-    p = os.path.join(d, "provoke-%d.tmp" % (n % 64))
-    with open(p, "wb") as f:
-        f.write(b"x")
-    n += 1
-for i in range(64):
-    try:
-        os.remove(os.path.join(d, "provoke-%d.tmp" % i))
-    except OSError:
-        pass
-"""
-
-
 @dataclass
 class Check:
     name: str
@@ -167,7 +150,7 @@ class Doctor:
         out = tmp / "pooltrace-doctor.etl"
         request = RecordRequest(
             output=out, tags=(tag.text,), duration_s=self.seconds + 30,
-            command=(sys.executable, "-c", PROVOKE, str(tmp), str(self.seconds)),
+            command=(sys.executable, "-m", "pooltrace.collector.provoke", str(tmp), str(self.seconds)),
             session_name=c["logger"]["doctor_name"], session_guid=c.doctor_guid)
         try:
             result = Recorder(self.api, request).run()
