@@ -248,3 +248,13 @@ def test_text_output_has_no_ansi_and_no_trailing_spaces_when_piped(dataset):
     assert max(len(line) for line in out.splitlines()) <= 100
     wide = _pooltrace(["report", dataset, "--no-symbols"], env={"COLUMNS": "160"}).stdout.decode()
     assert max(len(line) for line in wide.splitlines()) > 100 or wide == out
+
+
+@pytest.mark.parametrize("name", ["info", "pair", "report", "tags", "diff", "whose"])
+def test_every_option_has_help_and_the_command_an_example(name):
+    cmd = cli.get_command(None, name)
+    missing = [p.name for p in cmd.params if isinstance(p, __import__("click").Option) and not p.help]
+    assert missing == []
+    assert (cmd.epilog or "").startswith("Example: pooltrace ")
+    r = run(name, "--help")
+    assert r.exit_code == 0 and "Example: pooltrace" in r.stdout

@@ -40,7 +40,8 @@ from pooltrace.reporters import diffout
                       "--by function --fail-on-growth 64k")
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("new", type=click.Path(path_type=Path), required=False)
-@click.option("--by", type=click.Choice(BY), default="stack", show_default=True)
+@click.option("--by", type=click.Choice(BY), default="stack", show_default=True,
+              help="Group both sides by allocating stack, call site, module or tag (as `report --by`).")
 @common_options
 @store_options
 @click.option("--normalize", type=click.Choice(["duration", "allocs"]), is_flag=False, flag_value="duration",

@@ -23,7 +23,7 @@ from pooltrace.traceinfo import summarize
 def info(trace: Path, fmt: str, quiet: bool) -> None:
     """OS build, CPUs, clock, duration, events by kind, losses, pool tracing/stack status, and a verdict."""
     with progress_bar(trace, quiet, "reading") as progress:
-        summary = summarize(trace, progress)
+        summary = summarize(trace.absolute(), progress)  # paths in outputs are absolute
     if fmt == "json":
         click.echo(json.dumps(summary.data, indent=2))
         return

@@ -46,6 +46,11 @@ def whose(tag: str, paths: tuple[Path, ...], pooltag_path: Path | None, symbol_p
     as_json = as_json or fmt == "json"
     answer = find_owners(tag, paths, pooltag=pooltag_path, symbols=symbol_path, no_symbols=no_symbols, scan=scan,
                          top=top, quiet=quiet, pairing_progress=lambda p: progress_bar(p, quiet, "pairing"))
+    tr = answer.get("trace")
+    if tr is not None:  # paths in outputs are absolute
+        for key in ("source", "dataset"):
+            if tr.get(key):
+                tr[key] = str(Path(tr[key]).absolute())
     if as_json:
         click.echo(json.dumps(answer, indent=2))
     else:
