@@ -157,6 +157,21 @@ def test_record_cli_errors(windows, tmp_path):
     assert windows.sessions == {}
 
 
+def test_leftover_session_and_platform_floor_through_the_cli(windows, tmp_path):
+    windows.running("pooltrace", mode=0x02000001)
+    r = CliRunner().invoke(record, ["-o", str(tmp_path / "x.etl"), "--duration", "0.02"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "`pooltrace stop`, or pass --force" in r.output
+    r = CliRunner().invoke(record, ["-o", str(tmp_path / "x.etl"), "--duration", "0.02", "--force", "-q"])
+    assert r.exit_code == 0 and r.output.startswith("warning: stopped a leftover pooltrace session")
+    assert windows.sessions == {}
+    windows.version = (6, 1, 7601)
+    r = CliRunner().invoke(record, ["-o", str(tmp_path / "y.etl")])
+    assert r.exit_code == 2 and r.output == ("pooltrace: error: recording needs Windows 8.1 or later, x64 (this is "
+                                             "Windows 6.1.7601)\n")
+    assert "--max-size" in CliRunner().invoke(record, ["--help"]).output
+    assert "default: 4096" in " ".join(CliRunner().invoke(record, ["--help"]).output.split())
+
+
 def test_stop_through_the_cli(windows, tmp_path):
     partial = tmp_path / "old.etl.partial"
     partial.write_bytes(b"x")
