@@ -192,6 +192,8 @@ def test_stack_window_must_be_a_finite_number(trace):
 def test_window_after_the_trace_is_refused(dataset):
     err = one_line_error(run("report", dataset, "--window", "1000:"))
     assert "after the trace's end" in err
+    r = run("report", dataset, "--window", "1:1000", "--no-symbols")
+    assert r.exit_code == 0 and "ends after the trace's end" in r.stderr
 
 
 def test_min_bytes_takes_sizes_like_fail_on_growth(dataset):

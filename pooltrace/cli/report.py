@@ -64,7 +64,11 @@ def check_window(window, ds):
     if window and duration is not None and start > duration:
         raise PooltraceError(f"--window {window}: starts at {start / 1e9:.3f} s, after the trace's end "
                              f"({duration / 1e9:.3f} s)")
-    return parse_window(window, duration)
+    win = parse_window(window, duration)
+    if window and duration is not None and window.split(":", 1)[-1].strip() and win.end_ns > duration + 1:
+        click.echo(f"note: --window {window}: ends after the trace's end ({duration / 1e9:.3f} s); the window "
+                   "stops there", err=True)
+    return win
 
 
 def check_filters(datasets, filters: Filters) -> None:
