@@ -55,7 +55,8 @@ FATES = {CLOSED_FREE: "freed", CLOSED_LOST_FREE: "lost_free", FREE_WITHOUT_ALLOC
 DEFAULT_WINDOW_S = 2.0
 ROW_GROUP = 1 << 19  # allocation rows per Parquet row group
 CHUNK_BYTES = 4 << 20  # buffers decoded together (the unit of work of a decode process)
-PARALLEL_MIN_BYTES = 64 << 20  # smaller traces are decoded in one process (measured: benchmarks/bench_pair.py)
+# smaller traces are decoded in one process: worker start-up (~0.5 s) > the decode moved (~0.4 s per 100 MB)
+PARALLEL_MIN_BYTES = 128 << 20
 
 ALLOCATIONS_SCHEMA = pa.schema([
     ("tag", pa.string()), ("pool_type", pa.uint32()), ("paged", pa.bool_()), ("session", pa.bool_()),

@@ -39,7 +39,7 @@ def _stack_window(_ctx, _param, value: float) -> float:
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Label the run in the STORE (build=1234, machine=lab7). Repeatable.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
-              help="Processes decoding the trace [default: the processors available; 1 for traces under 64 MB]. "
+              help="Processes decoding the trace [default: the processors available; 1 for traces under 128 MB]. "
                    "The dataset is the same for every value.")
 @quiet_option
 @user_errors
