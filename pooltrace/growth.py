@@ -98,6 +98,7 @@ def growth_table(alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, gi
     fi *= points
     fi //= span
     np.copyto(fi, points, where=~freed)
+    np.clip(fi, 0, points, out=fi)  # a free before the start comes only from damaged times (freed before allocated)
     fi += base
     del base
     n = (groups + 1) * stride

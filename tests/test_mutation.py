@@ -1,0 +1,61 @@
+"""Robustness suite (issue 10 §6): seeded mutations of the shipped samples, their datasets and sidecars, and
+odd paths, through every analysis command (info, pair, report in text/JSON/HTML/CSV, tags, diff, whose).
+Every run must end with exit 0, 1 or 2 and no traceback, within bounded time and memory, and say so
+wherever the input was damaged (tests/mutations.py defines the classes). Commands run in-process through
+click's CliRunner; a few run as real subprocesses. The long version is benchmarks/mutation_campaign.py."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.mutations import KINDS, TRACE_KINDS, load_samples, make_case, run_case
+
+CASES_PER_KIND = {"truncate": 6, "truncate-at-buffer": 5, "bit-flips": 5, "buffer-header": 8, "record-header": 5,
+                  "compressed-data": 5, "logfile-header": 4, "dataset": 14, "sidecar": 8, "odd-path": 10}
+SECONDS_PER_COMMAND = 20
+MAX_RSS_MB = 1500
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    return load_samples(tmp_path_factory.mktemp("intact"))
+
+
+def _seeds():
+    for kind in KINDS:
+        for k in range(CASES_PER_KIND[kind]):
+            yield pytest.param(kind, 1000 * KINDS.index(kind) + k, id=f"{kind}-{k}")
+
+
+@pytest.mark.parametrize(("kind", "seed"), list(_seeds()))
+def test_mutated_input_never_crashes_hangs_or_passes_silently(samples, tmp_path, kind, seed):
+    case = make_case(seed, samples, tmp_path, kinds=(kind,))
+    cls, problems, runs = run_case(case, tmp_path)
+    assert cls in ("ok", "bad-input") and not problems, f"{case.kind}: {case.label}: {problems}"
+    for r in runs:
+        assert r.seconds < SECONDS_PER_COMMAND, (case.label, r.args, r.seconds)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024 < MAX_RSS_MB
+
+
+@pytest.mark.parametrize("kind", ["truncate", "buffer-header", "compressed-data"])
+def test_as_a_real_process(samples, tmp_path, kind):
+    """A few cases through the installed entry point: exit codes and stderr as a shell sees them."""
+    case = make_case(7, samples, tmp_path, kinds=(kind,))
+    for args in (["info", str(case.trace)], ["report", str(case.trace), "--format", "json"]):
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "pooltrace", *args], capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "100"})
+        assert time.monotonic() - t0 < 60
+        assert p.returncode in (0, 2) and "Traceback" not in p.stderr, (case.label, p.stderr)
+        if p.returncode == 2:
+            assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("pooltrace: error:")
+
+
+def test_the_case_mix_covers_every_kind():
+    assert set(CASES_PER_KIND) == set(KINDS) and set(TRACE_KINDS) < set(KINDS)
