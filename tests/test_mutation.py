@@ -20,6 +20,7 @@ CASES_PER_KIND = {"truncate": 6, "truncate-at-buffer": 5, "bit-flips": 5, "buffe
                   "compressed-data": 5, "logfile-header": 4, "dataset": 14, "sidecar": 8, "odd-path": 10}
 SECONDS_PER_COMMAND = 20
 MAX_RSS_MB = 1500
+REPORT_NOTICES = False  # report/tags/diff showing trace.json warnings: on once the report headers carry them
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _seeds():
 @pytest.mark.parametrize(("kind", "seed"), list(_seeds()))
 def test_mutated_input_never_crashes_hangs_or_passes_silently(samples, tmp_path, kind, seed):
     case = make_case(seed, samples, tmp_path, kinds=(kind,))
-    cls, problems, runs = run_case(case, tmp_path)
+    cls, problems, runs = run_case(case, tmp_path, notices=REPORT_NOTICES)
     assert cls in ("ok", "bad-input") and not problems, f"{case.kind}: {case.label}: {problems}"
     for r in runs:
         assert r.seconds < SECONDS_PER_COMMAND, (case.label, r.args, r.seconds)
