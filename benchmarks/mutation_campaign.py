@@ -1,6 +1,6 @@
 """Mutation campaign: N damaged inputs (default 10,000) through every analysis command, counted per class.
 
-    python benchmarks/mutation_campaign.py [-n 10000] [--seed 0] [--jobs 2] [--kinds truncate,dataset,...]
+    python benchmarks/mutation_campaign.py [-n 10000] [--seed 0] [--jobs 2] [--minutes M] [--kinds truncate,...]
 
 Cases are built by tests/mutations.py from their seed alone (so every finding can be replayed with
 ``--seed S -n 1``): truncated and bit-flipped traces, damaged buffer, record and logfile headers, corrupted
@@ -66,6 +66,8 @@ def main() -> int:
     ap.add_argument("--max-rss-mb", type=int, default=1500, help="peak RSS of a worker that counts as a blow-up")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated case kinds")
     ap.add_argument("--show", type=int, default=10, help="findings shown per bad class")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="stop after this long and count the cases finished (default: run all N)")
     args = ap.parse_args()
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = set(kinds) - set(KINDS)
@@ -90,8 +92,9 @@ def main() -> int:
     findings: dict[str, list[str]] = collections.defaultdict(list)
     done = 0
     t0 = time.monotonic()
+    deadline = t0 + 60 * args.minutes if args.minutes else None
     try:
-        while done < args.n:
+        while done < args.n and (deadline is None or time.monotonic() < deadline):
             try:
                 what, seed, cls, detail = results.get(timeout=1)
                 if what == "start":
@@ -134,8 +137,9 @@ def main() -> int:
                 w.kill()
         shutil.rmtree(base, ignore_errors=True)
     secs = time.monotonic() - t0
-    print(f"\n{done:,} cases in {secs:,.0f} s ({done / max(secs, 1e-9):.1f} cases/s), seeds {args.seed}.."
-          f"{args.seed + args.n - 1}")
+    stopped = " (stopped by --minutes)" if done < args.n else ""
+    print(f"\n{done:,} cases in {secs:,.0f} s ({done / max(secs, 1e-9):.1f} cases/s), seeds from {args.seed}"
+          f"{stopped}")
     for cls in CLASSES:
         print(f"  {cls:14} {counts[cls]:7,}")
     print("\nper kind:")

@@ -20,7 +20,7 @@ CASES_PER_KIND = {"truncate": 6, "truncate-at-buffer": 5, "bit-flips": 5, "buffe
                   "compressed-data": 5, "logfile-header": 4, "dataset": 14, "sidecar": 8, "odd-path": 10}
 SECONDS_PER_COMMAND = 20
 MAX_RSS_MB = 1500
-REPORT_NOTICES = False  # report/tags/diff showing trace.json warnings: on once the report headers carry them
+REPORT_NOTICES = True  # report/tags/diff (text, JSON, HTML, CSV) show trace.json warnings
 
 
 @pytest.fixture(scope="module")
