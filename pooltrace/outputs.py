@@ -30,7 +30,10 @@ def os_reason(exc: OSError) -> str:
 
 
 def _resolved(path: Path) -> Path:
-    return Path(os.path.abspath(path)).resolve()
+    try:
+        return Path(os.path.abspath(path)).resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13): the path as given
+        return Path(os.path.abspath(path))
 
 
 def _same_or_inside(path: Path, other: Path) -> bool:

@@ -110,3 +110,24 @@ def test_a_compressed_fill_size_beyond_the_loggers_buffers_is_not_allocated(tmp_
     d = json.loads(r.output)
     assert d["lost"]["buffers_skipped"] == len(victims)
     assert any("larger than the logger's buffers" in w for w in d["warnings"])
+
+
+@pytest.mark.parametrize("command", [["info"], ["pair"], ["report"], ["tags"]])
+def test_a_symlink_loop_is_one_line(tmp_path, command):
+    loop = tmp_path / "loop.etl"
+    loop.symlink_to(loop)
+    r = CliRunner().invoke(cli, [command[0], str(loop)])
+    assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    assert "Traceback" not in r.output and str(loop) in r.output
+
+
+def test_growth_of_a_block_freed_before_the_window_starts():
+    """Damaged times (a free earlier than the window start for a block allocated inside it) bin at the start."""
+    import numpy as np
+
+    from pooltrace.growth import growth_table
+
+    null = np.iinfo(np.int64).min
+    out = growth_table(np.array([500, 600], np.int64), np.array([100, null], np.int64), np.array([64, 32], np.uint64),
+                       np.array([0, 0], np.int64), 1, 200, 1200, null)
+    assert len(out) == 1
