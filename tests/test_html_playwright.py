@@ -34,13 +34,15 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def pages(tmp_path_factory):
+def pages(tmp_path_factory, shipped):
+    """The pages under test, made from the session's copy of traces/ (pairing on the fly writes a cache beside
+    the trace; the source tree must stay untouched)."""
     d = tmp_path_factory.mktemp("html")
     out = {"report": d / "report.html", "diff": d / "diff.html", "empty": d / "empty.html"}
-    r = CliRunner().invoke(cli, ["report", str(TRACES / "sample-growth.etl"), "--format", "html", "-o",
+    r = CliRunner().invoke(cli, ["report", str(shipped / "sample-growth.etl"), "--format", "html", "-o",
                                  str(out["report"])])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(cli, ["diff", str(TRACES / "sample-leak.etl"), str(TRACES / "sample-leak-fixed.etl"),
+    r = CliRunner().invoke(cli, ["diff", str(shipped / "sample-leak.etl"), str(shipped / "sample-leak-fixed.etl"),
                                  "--format", "html", "-o", str(out["diff"])])
     assert r.exit_code == 0, r.output
     w = TraceWriter(pointer_size=8, cpus=1)  # a kernel trace with images but no pool events
