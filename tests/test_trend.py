@@ -136,6 +136,37 @@ def test_wrong_inputs(series, tmp_path):
     trend(*paths[:2], "--per-group", code=2)
 
 
+def test_output_never_overwrites_an_input_and_text_is_clean(series, tmp_path):
+    paths, _ = series
+    run = tmp_path / "run2.etl"
+    run.write_bytes(paths[1].read_bytes())
+    before = run.read_bytes()
+    for fmt in ("text", "json", "csv", "html"):
+        r = trend(paths[0], run, "--no-symbols", "--format", fmt, "-o", run, code=2)
+        assert "input" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert run.read_bytes() == before  # `trend A B -o B` used to replace the trace B with the report
+    r = trend(paths[0], run, "--no-symbols", "-o", tmp_path / "missing" / "t.txt", code=2)
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.output
+    out = tmp_path / "t.txt"
+    trend(paths[0], run, "--by", "function", "--no-symbols", "-o", out)
+    text = out.read_text()
+    assert NEW_LEAK not in text and OLD_LEAK in text
+    assert all(line == line.rstrip() for line in text.splitlines()), "trailing spaces in the text table"
+
+
+def test_text_on_a_cp1252_stream_uses_ascii_boxes(series):
+    import subprocess
+    import sys
+
+    paths, _ = series
+    env = {**__import__("os").environ, "PYTHONIOENCODING": "cp1252"}
+    r = subprocess.run([sys.executable, "-m", "pooltrace", "trend", *map(str, paths[:2]), "--no-symbols"],
+                       capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    table = [line for line in r.stdout.decode("cp1252").splitlines() if line.startswith("stable")]
+    assert table and all("?" not in line for line in table)  # box characters were replaced by '?'
+
+
 def test_html_renders_offline_in_a_browser(series, tmp_path):
     from tests.test_html_browser import CHROMIUM, render
 

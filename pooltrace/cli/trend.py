@@ -3,16 +3,22 @@ group (new, growing, fixed, stable), usable as a CI gate."""
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from pooltrace import api
 from pooltrace.analysis import BY, Filters
-from pooltrace.cli.common import EXIT_CHECK_FAILED, progress_bar, quiet_option, user_errors
+from pooltrace.cli.common import (
+    EXIT_CHECK_FAILED,
+    check_output,
+    progress_bar,
+    quiet_option,
+    render_text,
+    user_errors,
+    write_output,
+)
 from pooltrace.cli.report import common_options, store_options, warn
 from pooltrace.compare import parse_threshold
 from pooltrace.errors import PooltraceError
@@ -48,6 +54,7 @@ def trend(runs, by, window, tags, pool, pids, modules, min_bytes, symbols, no_sy
         parse_threshold(fail_on_growth)
     if per_group and not fail_on_growth:
         raise PooltraceError("--per-group needs --fail-on-growth")
+    check_output(output, runs)
     reports = api.run_reports(runs, run_ids=run_ids, labels=labels, by=by, window=window,
                               filters=Filters(list(tags), pool, list(pids), list(modules), min_bytes),
                               symbols=symbols, no_symbols=no_symbols, quiet=quiet, warn=warn,
@@ -55,17 +62,11 @@ def trend(runs, by, window, tags, pool, pids, modules, min_bytes, symbols, no_sy
     if len(reports) < 2:
         raise PooltraceError(f"trend needs at least 2 runs ({len(reports)} given)")
     t = build_trend(reports, tolerance / 100)
-    if fmt == "text":
-        buf = io.StringIO()
-        trendout.render_text(t, Console(file=buf, width=120, highlight=False, color_system=None), top or 30)
-        text = buf.getvalue()
-    else:
-        text = {"json": trendout.to_json, "csv": trendout.to_csv,
-                "html": lambda x: trendout.to_html(x, top)}[fmt](t)
-    if output:
-        output.write_text(text, encoding="utf-8")
-    else:
-        click.echo(text, nl=False)
+    if fmt == "text":  # the terminal's width, no trailing spaces, ASCII boxes where the stream needs them
+        render_text(lambda con: trendout.render_text(t, con, top or 30), output, width=120)
+    else:  # -o: written atomically
+        write_output(output, {"json": trendout.to_json, "csv": trendout.to_csv,
+                              "html": lambda x: trendout.to_html(x, top)}[fmt](t))
     if fail_on_growth:
         reason = trend_gate(t, fail_on_growth, against, per_group)
         if reason:
