@@ -167,6 +167,21 @@ def test_text_on_a_cp1252_stream_uses_ascii_boxes(series):
     assert table and all("?" not in line for line in table)  # box characters were replaced by '?'
 
 
+def test_gate_never_passes_on_a_run_without_pool_events(series, tmp_path):
+    from pooltrace.etl.writer import TraceWriter
+
+    paths, _ = series
+    w = TraceWriter(pointer_size=8, cpus=1)  # a kernel trace with an image but no pool events
+    w.image(0, w.start_qpc + 10, 0x1403, 0xFFFFF80000000000, 0x10000, 0, "\\SystemRoot\\system32\\ntoskrnl.exe")
+    w.save(tmp_path / "nopool.etl")
+    # the last run recorded nothing: every group would read "fixed" and the gate "ok"
+    r = trend(paths[0], tmp_path / "nopool.etl", "--no-symbols", "--fail-on-growth", "1k", code=2)
+    assert r.stderr.splitlines()[-1] == ("pooltrace: error: run 2 (nopool.etl) has no pool events: the gate "
+                                         "cannot pass on nothing")
+    trend(tmp_path / "nopool.etl", paths[0], "--no-symbols", "--fail-on-growth", "1k", "--against", "best", code=2)
+    trend(paths[0], tmp_path / "nopool.etl", "--no-symbols")  # without the gate: the table and its warning
+
+
 def test_html_renders_offline_in_a_browser(series, tmp_path):
     from tests.test_html_browser import CHROMIUM, render
 

@@ -13,6 +13,7 @@ from pooltrace.analysis import BY, Filters
 from pooltrace.cli.common import (
     EXIT_CHECK_FAILED,
     check_output,
+    fail,
     progress_bar,
     quiet_option,
     render_text,
@@ -22,6 +23,7 @@ from pooltrace.cli.common import (
 from pooltrace.cli.report import common_options, store_options, warn
 from pooltrace.compare import parse_threshold
 from pooltrace.errors import PooltraceError
+from pooltrace.notices import pool_event_count
 from pooltrace.reporters import trendout
 from pooltrace.trends import DEFAULT_TOLERANCE, build_trend, trend_gate
 
@@ -68,6 +70,10 @@ def trend(runs, by, window, tags, pool, pids, modules, min_bytes, symbols, no_sy
         write_output(output, {"json": trendout.to_json, "csv": trendout.to_csv,
                               "html": lambda x: trendout.to_html(x, top)}[fmt](t))
     if fail_on_growth:
+        empty = [f"run {k} ({r.name})" for k, r in enumerate(t.runs, 1) if not pool_event_count(r.report.trace)]
+        if empty:  # as diff's gate: a CI gate never passes on a run that recorded nothing
+            fail(f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no pool events: the gate cannot pass "
+                 "on nothing")
         reason = trend_gate(t, fail_on_growth, against, per_group)
         if reason:
             click.echo(f"FAIL: {reason}", err=True)
