@@ -159,7 +159,10 @@ def _owner_key(cpu: pa.ChunkedArray, ts: pa.ChunkedArray) -> np.ndarray:
 
 def _verdict(d: dict) -> str:
     lost = d["lost"]
-    if d["kernel_events"] == 0:
+    if d["kernel_events"] == 0 and d["warnings"]:  # a truncated kernel trace is no user-mode trace
+        v = ("no kernel events could be read: the file is truncated or damaged (see the warnings); pool leaks "
+             "need the whole trace")
+    elif d["kernel_events"] == 0:
         v = (f"no kernel events: this is a user-mode trace (logger {d['logger']!r}); pool leaks need a kernel "
              "trace with pool events: record with `pooltrace record`")
     elif d["pool"]["events"] == 0:
@@ -178,5 +181,6 @@ def _verdict(d: dict) -> str:
         # a truncated or damaged file is never just "ready": say what is missing
         what = d["warnings"][0] if d["warnings"] else "damaged records"
         more = f" (+{len(d['warnings']) - 1} more warnings)" if len(d["warnings"]) > 1 else ""
-        v += f"; DAMAGED: {lost['bytes_skipped']:,} bytes not read: {what}{more}"
+        skipped = f"{lost['bytes_skipped']:,} bytes not read: " if lost["bytes_skipped"] else ""
+        v += f"; DAMAGED: {skipped}{what}{more}"
     return v

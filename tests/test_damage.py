@@ -141,3 +141,16 @@ def test_real_samples_have_no_hidden_records(samples):
     for path in sorted(samples.glob("*.etl")):
         reader, _, _ = read_all(path)
         assert not any("follow the end its header gives" in w for w in reader.stats.warnings), path
+
+
+def test_a_trace_truncated_inside_its_first_buffer_is_not_called_user_mode(tmp_path):
+    # `head -c 100000 sample-leak.etl`: the logfile header survives, the first event buffer is cut short
+    path = tmp_path / "cut.etl"
+    path.write_bytes((TRACES / "sample-leak.etl").read_bytes()[:100_000])
+    r = CliRunner().invoke(cli, ["info", "--format", "json", str(path)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["kernel_events"] == 0 and any("truncated" in w for w in d["warnings"])
+    assert "user-mode" not in d["verdict"]
+    assert d["verdict"].startswith("no kernel events could be read: the file is truncated or damaged")
+    assert "DAMAGED: file truncated" in d["verdict"]  # no "0 bytes not read" before what is missing
