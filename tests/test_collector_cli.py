@@ -245,6 +245,24 @@ def test_profile_with_tags_and_free_stacks(tmp_path):
     assert values == ["Leak", "Ab  ", "Mm*"] and all(1 <= len(v) <= 4 for v in values)
 
 
+def test_profile_never_replaces_a_file_it_did_not_write(tmp_path):
+    trace = tmp_path / "t.etl"
+    trace.write_bytes(b"\x00" * 64 + b"a trace")
+    for target in (trace, tmp_path / "notes.txt"):
+        target.write_bytes(target.read_bytes() if target.exists() else b"keep me")
+        before = target.read_bytes()
+        r = CliRunner().invoke(profile, ["-o", str(target), "--tag", "Leak"])
+        assert r.exit_code == 2 and "not a profile written by pooltrace" in r.output
+        assert target.read_bytes() == before
+    out = tmp_path / "pool.wprp"  # its own profile is replaced (a new tag), atomically
+    assert CliRunner().invoke(profile, ["-o", str(out), "--tag", "Leak"]).exit_code == 0
+    assert CliRunner().invoke(profile, ["-o", str(out), "--tag", "Mm*"]).exit_code == 0
+    assert "Mm*" in out.read_text(encoding="utf-8") and "Leak" not in out.read_text(encoding="utf-8")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    r = CliRunner().invoke(profile, ["-o", str(tmp_path / "missing" / "p.wprp")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+
+
 def test_profile_rejects_what_wpr_cannot_take():
     r = CliRunner().invoke(profile, [a for t in "ABCDE" for a in ("--tag", t)])
     assert r.exit_code == 2 and "at most 4 pool tags" in r.output

@@ -184,9 +184,23 @@ def profile(output: Path, tags: tuple[str, ...], free_stacks: bool) -> None:
     if str(output) == "-":
         click.echo(xml, nl=False)
         return
-    try:
-        output.write_text(xml, encoding="utf-8")
-    except OSError as exc:
-        raise PooltraceError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    _check_profile_path(output)
+    from pooltrace.outputs import atomic_write
+
+    atomic_write(output, xml)
     click.echo(f"wrote {output}; record with: wpr -start {output}!pooltrace -filemode, reproduce, "
                "then: wpr -stop OUT.etl", err=True)
+
+
+def _check_profile_path(path: Path) -> None:
+    """An existing file is replaced only when it is a profile pooltrace wrote (`profile -o t.etl` replaced the
+    trace with XML)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        with open(path, "rb") as fh:
+            ours = path.is_file() and b'Author="pooltrace"' in fh.read(4096)
+    except OSError:
+        ours = False
+    if not ours:
+        raise PooltraceError(f"{path} exists and is not a profile written by pooltrace: choose another file")
