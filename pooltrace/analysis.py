@@ -259,6 +259,7 @@ class FrameRenderer:
         self.sym = symbolizer
         self._cache: dict[int, tuple[list[str], list[int]]] = {}
         self.rvas: dict[str, int] = {}  # frame text -> module-relative address (frames inside a module)
+        self._lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # stacks: valid, offsets, values
 
     def stack(self, stack_id: int, pid: int = 0, ns: int = 0) -> tuple[list[str], list[int]]:
         """Frame texts and module rows (-1 outside every module), innermost first."""
@@ -267,8 +268,7 @@ class FrameRenderer:
             return hit
         if stack_id < 0 or stack_id >= len(self.ds.stacks):
             return [], []
-        addrs = self.ds.stacks[stack_id].values.to_numpy() if self.ds.stacks[stack_id].is_valid else np.zeros(0)
-        addrs = np.asarray(addrs, dtype=np.uint64)
+        addrs = self._addresses(stack_id)
         mod, rva = self.map.locate(addrs, pid, ns)
         syms = None
         if self.sym is not None and len(addrs):
@@ -284,6 +284,17 @@ class FrameRenderer:
         out = (texts, mod.tolist())
         self._cache[stack_id] = out
         return out
+
+    def _addresses(self, stack_id: int) -> np.ndarray:
+        """Frames of a stack, from numpy views of the stacks column made once (not an Arrow scalar each)."""
+        if self._lists is None:
+            arr = self.ds.stacks
+            self._lists = (arr.is_valid().to_numpy(zero_copy_only=False), arr.offsets.to_numpy(),
+                           arr.values.to_numpy(zero_copy_only=False).astype(np.uint64, copy=False))
+        valid, offsets, values = self._lists
+        if not valid[stack_id]:
+            return np.zeros(0, dtype=np.uint64)
+        return values[offsets[stack_id]:offsets[stack_id + 1]]
 
     def call_site(self, stack_id: int, pid: int = 0, ns: int = 0) -> tuple[str, str]:
         """(function key, module name) of the allocating call site: the first frame outside the kernel
