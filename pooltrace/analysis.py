@@ -20,7 +20,14 @@ import numpy as np
 import pyarrow as pa
 
 from pooltrace import __version__, pooltypes
-from pooltrace.datasetcheck import check_no_nulls, check_stacks, read_parquet, read_trace_json, verify_dataset
+from pooltrace.datasetcheck import (
+    MODULE_KEYS,
+    check_no_nulls,
+    check_stacks,
+    read_parquet,
+    read_trace_json,
+    verify_dataset,
+)
 from pooltrace.errors import OutputError, PooltraceError
 from pooltrace.growth import Growth, class_rank, growth_table, times
 from pooltrace.modulemap import NONE, ModuleMap, frame_text
@@ -108,6 +115,7 @@ def load_dataset(path: Path) -> Dataset:
     check_no_nulls(path / "allocations.parquet", table,
                    ["tag", "fate", "pool_type", "size", "address", "pid", "tid", "cpu", "paged", "session"])
     check_no_nulls(path / "stacks.parquet", stacks, ["stack_id"])
+    check_no_nulls(path / "modules.parquet", modules, MODULE_KEYS)
     return dataset_from_tables(path, trace, table, stacks, modules)
 
 

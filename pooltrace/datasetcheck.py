@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from pooltrace.errors import PooltraceError
 from pooltrace.jsonrules import DROP, U32, U64, Field, load_json, opt, validate
 
+MODULE_KEYS = ["base", "size", "name", "pid"]  # modules.parquet columns every module row has
 FILES = ("trace.json", "allocations.parquet", "stacks.parquet", "modules.parquet")
 I64 = (-(1 << 63), (1 << 63) - 1)
 

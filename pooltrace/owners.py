@@ -142,7 +142,7 @@ def open_dataset(path: Path, progress=None) -> tuple[Path, tempfile.TemporaryDir
 
 def trace_owners(ds: Path, slots: list[int], *, symbols: str | None, enabled: bool, local_dirs: list[Path],
                  quiet: bool, top: int, warn) -> dict:
-    from pooltrace.datasetcheck import check_no_nulls, check_stacks, read_parquet, read_trace_json
+    from pooltrace.datasetcheck import MODULE_KEYS, check_no_nulls, check_stacks, read_parquet, read_trace_json
     from pooltrace.notices import closest, pool_verdict, trace_warnings
 
     meta = read_trace_json(ds)
@@ -187,6 +187,7 @@ def trace_owners(ds: Path, slots: list[int], *, symbols: str | None, enabled: bo
     st = st.filter(pc.is_in(st["stack_id"], pa.array(ids, pa.int64())))
     frames_by_id = dict(zip(st["stack_id"].to_pylist(), st["frames"].to_pylist(), strict=True))
     modules = read_parquet(ds / "modules.parquet")
+    check_no_nulls(ds / "modules.parquet", modules, MODULE_KEYS)
     mm = ModuleMap(modules, int(meta.get("pointer_size") or 8))
     flat, f_pid, f_ns, f_ret, owner_of = [], [], [], [], []
     for j, s in enumerate(ids.tolist()):

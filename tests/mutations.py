@@ -234,7 +234,7 @@ def mutate_dataset(rng: random.Random, ds: Path) -> str:
     if what == "retype":
         arr = table[col]
         new = pa.array([None if v is None else str(v) for v in arr.to_pylist()], pa.string()) \
-            if rng.random() < 0.5 or not pa.types.is_integer(arr.type) else arr.cast(pa.float64())
+            if rng.random() < 0.5 or not pa.types.is_integer(arr.type) else arr.cast(pa.float64(), safe=False)
         table = table.set_column(i, col, new)
         desc = f"{name} column {col} as {new.type}"
     elif what == "swap":

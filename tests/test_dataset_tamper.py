@@ -106,6 +106,8 @@ TAMPER = {
                       "allocations.parquet", "column 'size'"),
     "size with nulls": (_parquet("allocations.parquet", _retype(
         "size", lambda c: pa.array([None] + c.to_pylist()[1:], pa.uint64()))), "allocations.parquet", "nulls"),
+    "module names with nulls": (_parquet("modules.parquet", _retype(
+        "name", lambda c: pa.array([None] * len(c), pa.string()))), "modules.parquet", "column 'name' has"),
     "allocations truncated": (_truncate("allocations.parquet", 0.5), "allocations.parquet", "Parquet"),
     "allocations empty": (_truncate("allocations.parquet", 0), "allocations.parquet", "Parquet"),
     "modules truncated": (_truncate("modules.parquet", 0.7), "modules.parquet", "Parquet"),
