@@ -154,14 +154,23 @@ def _dictionary(col: pa.ChunkedArray) -> pa.DictionaryArray:
 
 def _filled(col: pa.ChunkedArray, null: int) -> np.ndarray:
     """A nullable integer column as numpy with `null` for nulls, straight from the Arrow buffers."""
-    arr = col.combine_chunks()
-    dtype = arr.type.to_pandas_dtype()
-    values = np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr) + arr.offset)[arr.offset:].copy()
-    if arr.null_count:
-        bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
-        valid = np.unpackbits(bits, bitorder="little", count=len(arr) + arr.offset)[arr.offset:].astype(bool)
-        values[~valid] = null
-    return values
+    out = np.empty(len(col), dtype=col.type.to_pandas_dtype())
+    at = 0
+    for arr in col.chunks:  # each chunk copied once into the result (no combined copy first)
+        n = len(arr)
+        if not n:
+            continue
+        part = out[at:at + n]
+        at += n
+        if arr.buffers()[1] is None:  # no value buffer: every row is null
+            part[:] = null
+            continue
+        part[:] = np.frombuffer(arr.buffers()[1], dtype=out.dtype, count=n + arr.offset)[arr.offset:]
+        if arr.null_count:
+            bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
+            valid = np.unpackbits(bits, bitorder="little", count=n + arr.offset)[arr.offset:].view(bool)
+            part[~valid] = null
+    return out
 
 
 # ---- window and lifetimes ----------------------------------------------------------------------------
@@ -293,13 +302,55 @@ class FrameRenderer:
         self._cache[stack_id] = out
         return out
 
-    def _addresses(self, stack_id: int) -> np.ndarray:
-        """Frames of a stack, from numpy views of the stacks column made once (not an Arrow scalar each)."""
+    def prepare(self, stack_ids: np.ndarray, pids: np.ndarray, ns: np.ndarray) -> None:
+        """Render many stacks at once, in this order (the first of a stack id wins, as with `stack`): one
+        vectorized module lookup over all their frames instead of one per stack; the same texts, the same
+        symbol lookups (per stack, in order) and the same cache as calling `stack` one by one."""
+        todo: dict[int, tuple[int, int]] = {}
+        n = len(self.ds.stacks)
+        for sid, p, t in zip(np.asarray(stack_ids).tolist(), np.asarray(pids).tolist(), np.asarray(ns).tolist(),
+                             strict=True):
+            if 0 <= sid < n and sid not in self._cache and sid not in todo:
+                todo[sid] = (p, t)
+        if not todo:
+            return
+        valid, offsets, values = self._columns()
+        sids = np.fromiter(todo, dtype=np.int64, count=len(todo))
+        lo = offsets[sids].astype(np.int64)
+        lens = np.where(valid[sids], offsets[sids + 1].astype(np.int64) - lo, 0)
+        ends = np.cumsum(lens)
+        idx = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(lo - (ends - lens), lens)
+        addrs = values[idx]
+        pid_ns = np.array(list(todo.values()), dtype=np.int64).reshape(-1, 2)
+        mod, rva = self.map.locate(addrs, np.repeat(pid_ns[:, 0], lens), np.repeat(pid_ns[:, 1], lens))
+        mods, rvas, alist = mod.tolist(), rva.tolist(), addrs.tolist()
+        names = self.map.names
+        for sid, a, b in zip(todo, (ends - lens).tolist(), ends.tolist(), strict=True):
+            syms = None
+            if self.sym is not None and b > a:
+                ret = np.ones(b - a, dtype=bool)
+                ret[0] = False
+                syms = self.sym.lookup(mod[a:b], rva[a:b], return_address=ret)
+            texts = []
+            for k in range(a, b):
+                m, r = mods[k], rvas[k]
+                name = names[m] if m != NONE else None
+                texts.append(frame_text(name, r, alist[k], syms[k - a] if syms else None))
+                if name is not None:
+                    self.rvas[texts[-1]] = r
+            self._cache[sid] = (texts, mods[a:b])
+
+    def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validity, offsets and values of the stacks column as numpy, made once."""
         if self._lists is None:
             arr = self.ds.stacks
             self._lists = (arr.is_valid().to_numpy(zero_copy_only=False), arr.offsets.to_numpy(),
                            arr.values.to_numpy(zero_copy_only=False).astype(np.uint64, copy=False))
-        valid, offsets, values = self._lists
+        return self._lists
+
+    def _addresses(self, stack_id: int) -> np.ndarray:
+        """Frames of a stack, from numpy views of the stacks column made once (not an Arrow scalar each)."""
+        valid, offsets, values = self._columns()
         if not valid[stack_id]:
             return np.zeros(0, dtype=np.uint64)
         return values[offsets[stack_id]:offsets[stack_id + 1]]
@@ -356,6 +407,11 @@ def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRende
         group_tags.setdefault(g, {})[ds.tags[t]] = b
     pid = r["pid"][sel]
     ans = r["alloc_ns"][sel]
+    if by != "tag":  # every group's stack rendered in one pass, with its representative row's pid and time
+        rep_pids = pid[first].astype(np.int64)
+        rep_ns = ans[first]
+        render.prepare(stack[first], np.where(rep_pids != 0xFFFFFFFF, rep_pids, 0), np.where(rep_ns != NULL_NS,
+                                                                                            rep_ns, 0))
     groups: dict[tuple, Group] = {}
     want_mod = {m.lower() for m in f.modules}
     for g in range(len(uniq)):

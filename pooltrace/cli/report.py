@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pooltrace import api, pooltypes
+from pooltrace import api, jsontext, pooltypes
 from pooltrace.analysis import BY, NULL_NS, SORTS, Filters, open_input, parse_window
 from pooltrace.cli.common import (
     check_output,
@@ -200,7 +200,7 @@ def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_byt
             data = json.loads(out)
             data["blocks"] = blocks
             data["blocks_hidden"] = hidden_blocks.as_dict()
-            out = json.dumps(data, indent=2) + "\n"
+            out = jsontext.dumps(data, indent=2) + "\n"
     elif fmt == "csv":
         out = structured.to_csv(rep)
     else:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 
+from pooltrace import jsontext
 from pooltrace.analysis import Report
 from pooltrace.growth import THRESHOLDS
 
@@ -53,7 +53,7 @@ def report_data(report: Report) -> dict:
 
 
 def to_json(report: Report) -> str:
-    return json.dumps(report_data(report), indent=2) + "\n"
+    return jsontext.dumps(report_data(report), indent=2) + "\n"
 
 
 GROWTH_COLUMNS = ["class", "bytes_per_s", "blocks_per_s", "r2", "late_bytes_per_s", "still_growing", "alloc_per_s",
