@@ -182,6 +182,18 @@ def test_report_header_and_trace_json_name_the_baseline(sample):
     assert "'Irp '" not in text  # only the tags shown
 
 
+def test_report_header_skips_tags_with_nothing_before_the_trace(tmp_path):
+    truth = json.loads((TRACES / "sample-leak-fixed.truth.json").read_text())["truth"]["baseline"]
+    empty = [t for t, b in truth.items() if not any(b["start"].values())]
+    assert "Lea2" in empty  # the fixed build's new tag: in the snapshot with nothing in use at the start
+    ds = tmp_path / "fixed.pooltrace"
+    pair_trace(TRACES / "sample-leak-fixed.etl", ds)
+    text = " ".join(CliRunner().invoke(cli, ["report", str(ds), "--no-symbols", "--by", "tag"]).output.split())
+    assert "'Lea2'" not in text and "counted 0 outstanding" not in text  # was "counted 0 outstanding 'Lea2'"
+    assert "Lea2" in text  # the group itself is shown
+    assert "outstanding 'Leak' allocations" in text
+
+
 def test_no_snapshot_no_baseline(tmp_path):
     w, _ = classic_leak(snapshots=False, scale=1, frees_before=2, lost_frees=0)
     w.save(tmp_path / "n.etl")

@@ -66,7 +66,7 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None, h
     source = {"pool_snapshot": "the pool snapshot in the trace", "sidecar": "the recorder's sidecar"}.get(
         t.get("tag_baseline_source"), "the recorder's sidecar")
     for tag, b in sorted(baseline.items()):
-        if tag in shown and b.get("start"):
+        if tag in shown and b.get("start") and b["start"].get("allocs"):  # nothing before the trace: no line
             console.print(Text(f"before the trace began, the kernel counted {b['start']['allocs']:,} outstanding "
                                f"{tag!r} allocations ({b['start']['bytes']:,} bytes; from {source}); the trace "
                                "cannot pair those"))
