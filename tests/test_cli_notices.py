@@ -61,6 +61,8 @@ def test_diff_gate_never_passes_on_a_trace_without_pool_events(no_pool, leak):
         r = run("diff", a, b, "--fail-on-growth", "1MB", "--no-symbols")
         assert r.exit_code == 2, r.output
         assert "no pool events" in r.stderr and "cannot pass on nothing" in r.stderr
+        side = "BASE and NEW have" if a == b else "BASE has" if a == no_pool else "NEW has"
+        assert f"error: {side} no pool events" in r.stderr  # was "BASE and NEW has"
     data = json.loads(run("diff", no_pool, leak, "--format", "json", "--no-symbols").stdout)
     assert "no pool events" in data["base"]["verdict"] and data["new"]["verdict"] is None
 

@@ -93,7 +93,8 @@ def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, n
     no_events = [label for label, ds in zip(("BASE", "NEW"), datasets, strict=True) if not pool_event_count(ds.trace)]
     if fail_on_growth and no_events:
         gate_result = {"threshold": fail_on_growth, "per_group": per_group, "passed": False,
-                       "reason": f"{' and '.join(no_events)} has no pool events: the gate cannot pass on nothing"}
+                       "reason": f"{' and '.join(no_events)} {'have' if len(no_events) > 1 else 'has'} no pool "
+                                 "events: the gate cannot pass on nothing"}
     elif fail_on_growth:
         reason = gate(d, fail_on_growth, per_group)
         gate_result = {"threshold": fail_on_growth, "per_group": per_group, "passed": reason is None,
