@@ -43,8 +43,11 @@ def shipped(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def source_tree_untouched():
-    """Fails the run if a test left files in traces/ (e.g. a dataset cache beside a shipped sample)."""
-    before = {p.name for p in (ROOT / "traces").iterdir()}
+    """Fails the run if a test left files in traces/ or in the real samples' folder (e.g. a dataset cache
+    beside a trace: CI runs as root, so the samples' missing write bits do not stop it)."""
+    watched = [ROOT / "traces"] + ([SAMPLES] if SAMPLES.is_dir() else [])
+    before = [{p.name for p in d.iterdir()} for d in watched]
     yield
-    after = {p.name for p in (ROOT / "traces").iterdir()}
-    assert after <= before, f"tests wrote into the source tree: traces/{sorted(after - before)}"
+    for d, names in zip(watched, before, strict=True):
+        after = {p.name for p in d.iterdir()}
+        assert after <= names, f"tests wrote into {d}: {sorted(after - names)}"
