@@ -154,3 +154,27 @@ def test_a_trace_truncated_inside_its_first_buffer_is_not_called_user_mode(tmp_p
     assert "user-mode" not in d["verdict"]
     assert d["verdict"].startswith("no kernel events could be read: the file is truncated or damaged")
     assert "DAMAGED: file truncated" in d["verdict"]  # no "0 bytes not read" before what is missing
+
+
+def test_a_record_dropped_for_inconsistent_sizes_is_a_warning(tmp_path):
+    """Mutation campaign seed 1200: a SYSTEM header's version word set to 0xffff claims 8 extension slots,
+    so header and payload sizes disagree and the record is dropped: that loss must be said."""
+    from pooltrace.etl.records import Chunk, walk
+
+    src = next((p for p in SHIPPED if not all(f & FLAG_COMPRESSED for f in scan_buffers(p.read_bytes()).flags[1:])),
+               None)
+    if src is None:
+        pytest.skip("no shipped sample with uncompressed data buffers")
+    data = bytearray(src.read_bytes())
+    idx = scan_buffers(bytes(data))
+    i = next(i for i in range(1, len(idx)) if not idx.flags[i] & FLAG_COMPRESSED)
+    off, filled = int(idx.offset[i]), int(idx.filled[i])
+    slots, _, _ = walk(Chunk([bytes(data[off + 0x48: off + filled])], [0]))
+    at = off + 0x48 + 8 * int(slots[len(slots) // 2])
+    assert data[at + 2] in (1, 2)  # a SYSTEM header: its first u16 is the version word
+    struct.pack_into("<H", data, at, 0xFFFF)
+    path = tmp_path / "t.etl"
+    path.write_bytes(bytes(data))
+    r = CliRunner().invoke(cli, ["info", "--format", "json", str(path)])
+    d = json.loads(r.output)
+    assert any("record(s) dropped" in w for w in d["warnings"]) and "DAMAGED" in d["verdict"]

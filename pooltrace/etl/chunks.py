@@ -99,8 +99,11 @@ def decode_buffers(source: BufferSource, index: BufferIndex, buffers: list[int],
     for k, nbytes, reason in problems:
         counts.bytes_skipped += nbytes
         counts.warnings.append(f"buffer {kept[k]} (cpu {int(chunk.cpus[k])}): {reason}; last {nbytes} bytes skipped")
-    if dropped:
+    if dropped:  # a record lost is damage, said as a warning, not only counted
         counts.malformed["record header"] += dropped
+        where = f"buffer {kept[0]}" if len(kept) == 1 else f"buffers {min(kept)}..{max(kept)}"
+        counts.warnings.append(f"{dropped} record(s) dropped in {where}: header and payload sizes disagree "
+                               "(damaged record header)")
     count_records(recs, counts)
     dec = decode_chunk(chunk, recs, 0)
     counts.malformed.update(dec.malformed)
