@@ -8,6 +8,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+import numpy as np
+
 from pooltrace.analysis import Dataset, Filters, tag_matcher
 
 NO_POOL_EVENTS = "no pool events: this trace cannot show pool leaks; record with `pooltrace record`"
@@ -81,7 +83,15 @@ def unmatched_filters(datasets: list[Dataset], f: Filters) -> list[str]:
     for ds in datasets:
         if ds.modules.num_rows:
             mods.update(n for n in ds.modules["name"].to_pylist() if n)
-    return unmatched_tags(f.tags, tags) + unmatched_modules(f.modules, sorted(mods))
+    return unmatched_tags(f.tags, tags) + unmatched_modules(f.modules, sorted(mods)) + unmatched_pids(f.pids, datasets)
+
+
+def unmatched_pids(pids: list[int], datasets: list[Dataset]) -> list[str]:
+    """One message per --pid that allocated nothing in any of `datasets` (was an empty report, exit 0)."""
+    if not pids:
+        return []
+    seen = {int(p) for ds in datasets for p in np.unique(ds.rows["pid"])}
+    return [f"--pid {p} allocated nothing in this trace" for p in pids if p not in seen]
 
 
 @dataclass

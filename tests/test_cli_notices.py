@@ -142,6 +142,13 @@ def test_filters_that_match_nothing_name_the_closest(leak):
     assert r.exit_code == 2 and "closest: leaky.sys" in r.stderr
     assert run("tags", leak, "--tag", "Lek").exit_code == 2
     assert run("report", leak, "--tag", "Le*", "--no-symbols").exit_code == 0
+    # a process that allocated nothing: said, like a tag or module (was an empty report, exit 0)
+    pids = json.loads(run("report", leak, "--list", "--format", "json", "--no-symbols").stdout)["blocks"]
+    pid = pids[0]["pid"]
+    assert run("report", leak, "--pid", str(pid), "--no-symbols").exit_code == 0
+    r = run("report", leak, "--pid", "999999", "--no-symbols")
+    assert r.exit_code == 2 and "--pid 999999 allocated nothing in this trace" in r.stderr
+    assert run("tags", leak, "--pid", "999999").exit_code == 2
 
 
 def test_missing_symbols_are_one_summary_line(leak):
