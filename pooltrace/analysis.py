@@ -136,7 +136,8 @@ def dataset_from_tables(path: Path, trace: dict, table: pa.Table, stacks: pa.Tab
     codes = fate.indices.to_numpy(zero_copy_only=False)
     names = fate.dictionary.to_pylist()
     for flag, value in (("outstanding_at_end", "outstanding"), ("lost_free", "lost_free")):
-        rows[flag] = np.isin(codes, [i for i, v in enumerate(names) if v == value])
+        hit = [i for i, v in enumerate(names) if v == value]
+        rows[flag] = codes == hit[0] if len(hit) == 1 else np.isin(codes, hit)  # one pass for one code
     stack_id = stacks["stack_id"].to_numpy()
     check_stacks(path, stack_id, rows["alloc_stack"])
     order = np.argsort(stack_id)
@@ -224,8 +225,10 @@ def lifetimes(rows: dict[str, np.ndarray], w: Window) -> np.ndarray:
 
 
 def lifetime_totals(size: np.ndarray, cls: np.ndarray) -> dict:
-    counts = np.bincount(cls[cls >= 0], minlength=4)
-    nbytes = np.bincount(cls[cls >= 0], weights=size[cls >= 0], minlength=4)
+    inside = cls >= 0
+    known = cls[inside]
+    counts = np.bincount(known, minlength=4)
+    nbytes = np.bincount(known, weights=size[inside], minlength=4)
     return {name: {"count": int(counts[k]), "bytes": int(nbytes[k])} for k, name in enumerate(LIFETIMES)}
 
 
@@ -385,6 +388,24 @@ class Group:
     growth: Growth | None = None  # set by build_report (growth.py)
 
 
+def _unique(keys: np.ndarray, first: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """np.unique(keys, return_index=first, return_inverse=True) of integer keys (inverse flat): counted
+    per possible key instead of sorted when the keys' range is not much wider than their number."""
+    n = len(keys)
+    lo, hi = (int(keys.min()), int(keys.max()) + 1) if n else (0, 0)
+    if not n or hi - lo > 4 * n + 65536:
+        out = np.unique(keys, return_index=first, return_inverse=True)
+        return out[0], (out[1] if first else None), out[-1].reshape(-1)
+    present = np.bincount(keys - lo, minlength=hi - lo) > 0
+    uniq = np.flatnonzero(present)
+    inv = (np.cumsum(present) - 1)[keys - lo]
+    where = None
+    if first:  # the first occurrence of each key, as np.unique's return_index
+        where = np.full(len(uniq), n, dtype=np.intp)
+        np.minimum.at(where, inv, np.arange(n, dtype=np.intp))
+    return (uniq + lo).astype(keys.dtype), where, inv
+
+
 def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRenderer, f: Filters,
                        top: int | None = None) -> list[Group]:
     """Group the rows `sel` (indices) by `by`; filters on call-site module and min bytes; sorted by bytes."""
@@ -393,14 +414,13 @@ def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRende
     size = r["size"][sel].astype(np.int64)
     tags = r["tag"][sel]
     gkey = tags.astype(np.int64) if by == "tag" else stack
-    uniq, first, inv = np.unique(gkey, return_index=True, return_inverse=True)
-    inv = inv.reshape(-1)
+    uniq, first, inv = _unique(gkey, first=True)
     counts = np.bincount(inv, minlength=len(uniq))
     nbytes = np.bincount(inv, weights=size, minlength=len(uniq)).astype(np.int64)
     # per-(group, tag) bytes
     tag_pairs = inv.astype(np.int64) * (len(ds.tags) + 1) + tags
-    tp, tp_inv = np.unique(tag_pairs, return_inverse=True)
-    tp_bytes = np.bincount(tp_inv.reshape(-1), weights=size, minlength=len(tp)).astype(np.int64)
+    tp, _, tp_inv = _unique(tag_pairs)
+    tp_bytes = np.bincount(tp_inv, weights=size, minlength=len(tp)).astype(np.int64)
     group_tags: dict[int, dict[str, int]] = {}
     for code, b in zip(tp.tolist(), tp_bytes.tolist(), strict=True):
         g, t = divmod(code, len(ds.tags) + 1)

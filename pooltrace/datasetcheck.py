@@ -132,9 +132,9 @@ def check_stacks(ds: Path, stack_id: np.ndarray, referenced: np.ndarray) -> None
     n = len(stack_id)
     if n and (stack_id.min() != 0 or stack_id.max() != n - 1 or len(np.unique(stack_id)) != n):
         raise _rerun(ds / "stacks.parquet", "stack_id is not 0..n-1")
-    ref = referenced[referenced >= 0]
-    if len(ref) and (ref.max() >= n or referenced.min() < -1):
-        raise _rerun(ds / "allocations.parquet", f"refers to stack {int(ref.max())} of {n}")
+    top = int(referenced.max()) if len(referenced) else -1  # the largest reference, when one is >= 0
+    if top >= 0 and (top >= n or referenced.min() < -1):
+        raise _rerun(ds / "allocations.parquet", f"refers to stack {top} of {n}")
 
 
 def check_no_nulls(path: Path, table: pa.Table, columns: list[str]) -> None:
