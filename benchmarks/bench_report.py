@@ -4,7 +4,8 @@
 
 Writes a dataset directory directly (allocations/stacks/modules Parquet + trace.json, with the schema of
 `pooltrace pair`), then times `pooltrace report DIR` (text and JSON, --by stack and --by function) in a
-fresh process each. Not a test: run it by hand and quote the figures.
+fresh process each: wall seconds and the process's CPU seconds (user + system; on a shared, loaded machine
+the CPU figure is the one to compare). Not a test: run it by hand and quote the figures.
 """
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ def build(out: Path, rows: int, stacks: int) -> None:
                                                 "pairing": {"allocs": rows}}))
 
 
+def children_cpu() -> float:
+    """User + system seconds of the finished child processes (0 where the OS does not say: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000_000)
@@ -86,12 +97,14 @@ def main() -> None:
         build(ds, args.rows, args.stacks)
         print(f"dataset: {args.rows:,} allocations, {args.stacks:,} stacks, built in {time.perf_counter() - t0:.0f} s")
         for extra in (["--format", "json"], ["--by", "function", "--format", "json"], []):
+            before = children_cpu()
             t0 = time.perf_counter()
             res = subprocess.run([sys.executable, "-m", "pooltrace", "report", str(ds), "--no-symbols", *extra],
                                  capture_output=True, text=True, cwd=ROOT)
             dt = time.perf_counter() - t0
+            cpu = children_cpu() - before
             assert res.returncode == 0, res.stderr
-            print(f"report {' '.join(extra) or '(text)'}: {dt:.2f} s (whole process)")
+            print(f"report {' '.join(extra) or '(text)'}: {dt:.2f} s wall, {cpu:.2f} s CPU (whole process)")
 
 
 if __name__ == "__main__":
