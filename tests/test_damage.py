@@ -178,3 +178,44 @@ def test_a_record_dropped_for_inconsistent_sizes_is_a_warning(tmp_path):
     r = CliRunner().invoke(cli, ["info", "--format", "json", str(path)])
     d = json.loads(r.output)
     assert any("record(s) dropped" in w for w in d["warnings"]) and "DAMAGED" in d["verdict"]
+
+
+def test_a_record_size_grown_over_the_records_after_it_is_damage(tmp_path):
+    """Mutation campaign seed 2781: a record's Size grown so that it covers the next records (0x38 ->
+    0x1038) made the walk step over them in silence. The records hidden inside the claimed size still form
+    a valid chain to where the walk goes on: they are counted, warned about and info says DAMAGED."""
+    from pooltrace.etl.records import SYSLIKE_LUT, Chunk, walk
+
+    src = next((p for p in SHIPPED if not all(f & FLAG_COMPRESSED for f in scan_buffers(p.read_bytes()).flags[1:])),
+               None)
+    if src is None:
+        pytest.skip("no shipped sample with uncompressed data buffers")
+    data = bytearray(src.read_bytes())
+    before = json.loads(CliRunner().invoke(cli, ["info", "--format", "json", str(src)]).output)
+    idx = scan_buffers(bytes(data))
+    i = next(i for i in range(1, len(idx)) if not idx.flags[i] & FLAG_COMPRESSED)
+    off, filled = int(idx.offset[i]), int(idx.filled[i])
+    slots, _, problems = walk(Chunk([bytes(data[off + 0x48: off + filled])], [0]))
+    assert not problems
+    base = off + 0x48
+    j = next(j for j in range(len(slots) // 2, len(slots) - 10) if SYSLIKE_LUT[data[base + 8 * int(slots[j]) + 2]])
+    at = off + 0x48 + 8 * int(slots[j])
+    struct.pack_into("<H", data, at + 4, 8 * int(slots[j + 10] - slots[j]))  # Size now ends where record j+10 starts
+    path = tmp_path / "t.etl"
+    path.write_bytes(bytes(data))
+    d = json.loads(CliRunner().invoke(cli, ["info", "--format", "json", str(path)]).output)
+    hidden = 8 * int(slots[j + 10] - slots[j + 1])
+    assert any(f"runs over 9 valid record(s) ({hidden} bytes)" in w for w in d["warnings"]), d["warnings"]
+    assert "DAMAGED" in d["verdict"] and d["lost"]["bytes_skipped"] == before["lost"]["bytes_skipped"] + hidden
+
+
+def test_the_swallowed_record_check_leaves_intact_traces_alone():
+    from pooltrace.etl.buffers import BufferSource
+    from pooltrace.etl.records import Chunk, walk
+
+    for p in SHIPPED:
+        data = p.read_bytes()
+        idx = scan_buffers(data)
+        src = BufferSource(data, idx)
+        chunk = Chunk([src.area(i) for i in range(1, len(idx))], [0] * (len(idx) - 1))
+        assert not walk(chunk)[2], p.name

@@ -98,7 +98,8 @@ def decode_buffers(source: BufferSource, index: BufferIndex, buffers: list[int],
     recs, problems, dropped = decode_headers(chunk)
     for k, nbytes, reason in problems:
         counts.bytes_skipped += nbytes
-        counts.warnings.append(f"buffer {kept[k]} (cpu {int(chunk.cpus[k])}): {reason}; last {nbytes} bytes skipped")
+        tail = "" if reason.endswith("not read") else f"; last {nbytes} bytes skipped"
+        counts.warnings.append(f"buffer {kept[k]} (cpu {int(chunk.cpus[k])}): {reason}{tail}")
     if dropped:  # a record lost is damage, said as a warning, not only counted
         counts.malformed["record header"] += dropped
         where = f"buffer {kept[0]}" if len(kept) == 1 else f"buffers {min(kept)}..{max(kept)}"

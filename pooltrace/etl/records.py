@@ -214,14 +214,57 @@ def walk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str
             p = q
         else:
             q = None
-        parts.append(np.frombuffer(out, dtype=np.int64) if len(out) else np.zeros(0, dtype=np.int64))
+        chain = np.frombuffer(out, dtype=np.int64) if len(out) else np.zeros(0, dtype=np.int64)
+        parts.append(chain)
         counts.append(len(out))
+        problems.extend((k, nbytes, reason) for nbytes, reason in _swallowed(chain, p, cand, nx, s, e))
         if p < e and q != END:
             reason = "record header not valid" if q == BAD else "record runs past the buffer's filled end"
             problems.append((k, (e - p) * 8, reason))
     slots = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     return slots, owner, problems
+
+
+def _swallowed(chain: np.ndarray, stop: int, cand: np.ndarray, nx: memoryview, s: int,
+               e: int) -> list[tuple[int, str]]:
+    """Records hidden inside a record whose Size was damaged upward (mutation campaign seed 2781): a
+    likely record start inside the record whose own chain lands exactly where the walk went on (or on a
+    later record of it) proves that the record's size runs over valid records. Only buffers the fast path
+    could not prove are checked, and only records that contain a likely start. Returns (bytes, reason)."""
+    if not len(chain) or not len(cand):
+        return []
+    after = np.append(chain[1:], stop)
+    first = np.searchsorted(cand, chain + 1)
+    suspect = np.flatnonzero(first < np.searchsorted(cand, after))
+    found = []
+    for j in suspect.tolist():
+        q = int(after[j])
+        for c in cand[first[j]:first[j] + 4].tolist():  # a few candidates: payload bytes rarely pass
+            if c >= q:
+                break
+            x, n = c, 0
+            while x < q:
+                n += 1
+                x = nx[x - s]
+                if x > e:  # END, BAD or past the filled end: not a record chain
+                    break
+            # the hidden chain ends where the walk went on, or (the walk having landed inside one of its
+            # records) on a later record of the walk; then at least two records, as one candidate that
+            # straddles the walk's next record is only a payload coincidence
+            if x > e or (x != q and x != e and (n < 2 or not _on_chain(chain, x))):
+                continue
+            size = (q - int(chain[j])) * 8
+            found.append(((q - c) * 8, f"a record's size ({size} bytes, at offset 0x{(int(chain[j]) - s) * 8:x}) "
+                                       f"runs over {n} valid record(s) ({(q - c) * 8} bytes) that follow it "
+                                       "(damaged record header); they were not read"))
+            break
+    return found
+
+
+def _on_chain(chain: np.ndarray, x: int) -> bool:
+    i = int(np.searchsorted(chain, x))
+    return i < len(chain) and int(chain[i]) == x
 
 
 def _walk_slow(chunk: Chunk) -> np.ndarray:
