@@ -11,7 +11,13 @@ point of view at the last run:
 - ``growing across runs``: present in every run, and since the last *down* step it went *up* at least twice
   (once with only two runs) and never down, ending more than t above where that growth started; it "starts
   growing" at the first of those up steps;
-- ``stable``: everything else (present in every run without a sustained growth).
+- ``shrunk in run K``: present in every run, not growing, and more than t below its peak (its largest bytes
+  in any run) from run K to the last run, but not in run K-1;
+- ``stable``: everything else (present in every run, not growing, and the last run within t of its peak).
+
+With only two runs there is one step: absent in run 2 is ``fixed in run 2``, absent in run 1 is ``new in run
+2``, more than t up is ``growing across runs`` (from run 2), more than t down is ``shrunk in run 2``, and
+anything within t is ``stable``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pooltrace.analysis import Report
 from pooltrace.compare import diff_reports, gate, match_key
 
 DEFAULT_TOLERANCE = 0.10
-STATUS_ORDER = {"growing": 0, "new": 1, "stable": 2, "fixed": 3}
+STATUS_ORDER = {"growing": 0, "new": 1, "stable": 2, "shrunk": 3, "fixed": 4}
 
 
 @dataclass
@@ -40,13 +46,13 @@ class TrendGroup:
     frames: list[str]
     bytes: list[int]  # per run, in order
     counts: list[int]
-    kind: str  # growing | new | stable | fixed
-    run: int | None  # 1-based: the run where it appears, starts growing or is fixed (None when stable)
+    kind: str  # growing | new | stable | shrunk | fixed
+    run: int | None  # 1-based: the run where it appears, starts growing, shrank or is fixed (None when stable)
 
     @property
     def status(self) -> str:
         return {"growing": "growing across runs", "stable": "stable", "new": f"new in run {self.run}",
-                "fixed": f"fixed in run {self.run}"}[self.kind]
+                "shrunk": f"shrunk in run {self.run}", "fixed": f"fixed in run {self.run}"}[self.kind]
 
     @property
     def first_run(self) -> int:
@@ -84,6 +90,12 @@ def classify(values: list[int], tolerance: float = DEFAULT_TOLERANCE) -> tuple[s
     ups = [k for k in range(last_down + 1, len(steps)) if steps[k] > 0]
     if ups and len(ups) >= min(2, n - 1) and values[-1] > values[ups[0]] * (1 + tolerance):
         return "growing", ups[0] + 2
+    low = max(values) * (1 - tolerance)  # more than t below the peak
+    if values[-1] < low:
+        start = n - 1
+        while start > 0 and values[start - 1] < low:
+            start -= 1
+        return "shrunk", start + 1
     return "stable", None
 
 

@@ -154,5 +154,6 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert scope["top"]["bytes"].iloc[0] > 0 and "Leak" in scope["top"]["tags"].iloc[0]
     assert len(scope["changes"]) and scope["owners"].verdict.startswith("'Leak'")
     assert str(scope["ds"].allocations.dtypes["address"]) == "uint64[pyarrow]"
-    assert set(scope["series"]["status"]) <= {"stable", "new in run 2", "fixed in run 2", "growing across runs"}
+    assert set(scope["series"]["status"]) <= {"stable", "shrunk in run 2", "new in run 2", "fixed in run 2",
+                                              "growing across runs"}
     assert "new in run 2" in set(scope["series"]["status"])  # the fixed sample plants a second leak (Lea2)

@@ -83,7 +83,15 @@ def test_by_stack_matches_across_boots(series):
     ([100, 95, 104, 98], ("stable", None)),  # noise within the tolerance
     ([100, 100, 150, 200, 300], ("growing", 3)),
     ([100, 300, 50, 80, 120], ("growing", 4)),  # grew, dropped, grows again from run 4
-    ([100, 300, 200], ("stable", None)),
+    ([100, 300, 200], ("shrunk", 3)),  # a third below its peak
+    ([100, 300, 280], ("stable", None)),  # within the tolerance of its peak
+    ([128_000, 2_048], ("shrunk", 2)),  # two runs: one step down
+    ([384, 480], ("growing", 2)),  # two runs: one step up
+    ([384, 400], ("stable", None)),  # two runs: within the tolerance
+    ([0, 400], ("new", 2)),
+    ([100, 50, 95, 50], ("shrunk", 4)),  # below the peak again only from run 4
+    ([100, 95, 90, 85, 80], ("shrunk", 4)),  # small steps: more than 10 % below the peak from run 4
+    ([100, 1000, 10, 20, 40], ("growing", 4)),  # growing again wins over far below its peak
     ([180, 199, 180, 199, 180], ("stable", None)),  # up, flat, up, flat: back where it started
     ([100, 200], ("growing", 2)),
     ([0, 0, 10, 10], ("new", 3)),
@@ -208,7 +216,32 @@ def test_status_invariants(values):
     elif 0 in values:
         assert kind == "new" and values[run - 2] == 0 and all(values[run - 1:])
     else:
-        assert kind in ("growing", "stable")
+        assert kind in ("growing", "shrunk", "stable")
+    low = max(values) * 0.9
+    if kind == "shrunk":
+        assert all(v < low for v in values[run - 1:]) and values[run - 2] >= low
+    if kind == "stable":
+        assert values[-1] >= low  # a drop beyond the tolerance is never "stable"
     if kind == "growing":
         assert 2 <= run <= n and values[-1] > values[run - 2] * 1.1 and all(
             b >= a * 0.9 for a, b in zip(values[run - 1:], values[run:], strict=False))
+
+
+def test_a_big_drop_reads_shrunk_in_every_format(shipped):
+    """Two runs of the shipped samples: the fixed leak (most of its bytes gone) read "stable"; a drop beyond
+    the tolerance is "shrunk in run 2", a rise beyond it "growing across runs", JSON, CSV, text and HTML alike."""
+    paths = [shipped / "sample-leak.etl", shipped / "sample-leak-fixed.etl"]
+    data = json.loads(trend(*paths, "--by", "function", "--format", "json").stdout)
+    for g in data["groups"]:
+        a, b = g["bytes"]
+        want = ("new in run 2" if not a else "fixed in run 2" if not b else "growing across runs" if b > a * 1.1
+                else "shrunk in run 2" if b < a * 0.9 else "stable")
+        assert g["status"] == want, g
+    fixed = next(g for g in data["groups"] if any("AllocateLeakyBuffer" in f for f in g["frames"]))
+    assert fixed["bytes"][1] < fixed["bytes"][0] * 0.9 and fixed["status"] == "shrunk in run 2"
+    rows = list(csv.DictReader(io.StringIO(trend(*paths, "--by", "function", "--format", "csv").stdout)))
+    assert [r["status"] for r in rows] == [g["status"] for g in data["groups"]]
+    line = next(x for x in trend(*paths, "--by", "function").stdout.splitlines() if "AllocateLeakyBuffer" in x)
+    assert line.startswith("shrunk in run 2")
+    page = trend(*paths, "--by", "function", "--format", "html").stdout
+    assert '<section class="group shrunk">' in page and "shrunk in run 2 · first run 1" in page

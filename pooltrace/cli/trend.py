@@ -51,7 +51,7 @@ def trend(runs, by, window, tags, pool, pids, modules, min_bytes, symbols, no_sy
           fail_on_growth, against, per_group, top, fmt, output, quiet) -> None:
     """Outstanding bytes per group across RUNs in order (.etl files, datasets, or a run STORE with --run or
     --label). Per group: the run where it appears or starts growing, and its status (new in run K, growing
-    across runs, fixed in run K, stable). Groups are matched as diff matches them."""
+    across runs, shrunk in run K, fixed in run K, stable). Groups are matched as diff matches them."""
     if fail_on_growth:
         parse_threshold(fail_on_growth)
     if per_group and not fail_on_growth:

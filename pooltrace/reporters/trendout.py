@@ -119,7 +119,7 @@ body {{ font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }}
 section.group {{ display: inline-block; vertical-align: top; width: 280px; margin: 0 1em 1em 0; }}
 h2 {{ font-size: 13px; font-family: monospace; word-break: break-all; margin: 0 0 .2em; }}
 .status {{ margin: 0 0 .3em; color: #555; }} .growing .status, .new .status {{ color: #b00; }}
-.fixed .status {{ color: #070; }} .chart rect {{ fill: #c44; }}
+.fixed .status, .shrunk .status {{ color: #070; }} .chart rect {{ fill: #c44; }}
 .stable .chart rect, .fixed .chart rect {{ fill: #888; }}
 .chart text {{ font-size: 10px; text-anchor: middle; fill: #555; }} .warning {{ color: #b00; }}
 </style></head><body>
