@@ -239,6 +239,24 @@ def test_tags_poolmon_view(sample):
     assert lines[head + 2].startswith("Leak")
 
 
+@pytest.mark.parametrize("width", [100, 80])
+def test_tags_owner_column_never_breaks_a_module_name(sample, width):
+    """At 100 columns the Owner column printed `win32kbase.sy` and `s` on the next line: owners wrap after
+    ", " and a name wider than the column ends in an ellipsis."""
+    ds, _ = sample
+    names = {m for r in json.loads(CliRunner().invoke(cli, ["tags", str(ds), "--format", "json"]).output)["rows"]
+             for m in r["owners"]}
+    assert "win32kbase.sys" in names
+    text = CliRunner().invoke(cli, ["tags", str(ds)], env={"COLUMNS": str(width)}).stdout
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("Tag"))
+    cells = [line.rsplit("│", 1)[1].strip() for line in lines[head + 2:] if "│" in line]
+    tokens = [t.rstrip(",") for c in cells if c for t in c.split(", ")]
+    assert tokens
+    for t in tokens:
+        assert t in names or (t.endswith("…") and any(n.startswith(t[:-1]) for n in names)), (t, text)
+
+
 def test_tags_with_pooltag_descriptions(sample):
     ds, _ = sample
     pooltag = ROOT / "tests" / "fixtures" / "symbols" / "pooltag.txt"

@@ -81,8 +81,10 @@ def tags(input_path: Path, window, tags, pool, pids, pooltag, symbols, top, fmt,
     in_use = any(r.in_use_start_bytes is not None or r.in_use_end_bytes is not None for r in rows)
     extra = (("At Start", "right"), ("At End", "right")) if in_use else ()
     for c, j in (("Tag", "left"), ("Type", "left"), ("Allocs", "right"), ("Frees", "right"), ("Diff", "right"),
-                 ("Bytes", "right"), ("Per Alloc", "right"), *extra, ("Owner", "left")):
+                 ("Bytes", "right"), ("Per Alloc", "right"), *extra):
         table.add_column(c, justify=j, overflow="fold")
+    # owners wrap after ", "; a name wider than the column ends in "…", never folds onto the next line
+    table.add_column("Owner", justify="left", overflow="ellipsis")
     for r in rows:
         owner = ", ".join(r.owners[:3]) + (" …" if len(r.owners) > 3 else "")
         d = describe(r.tag)
