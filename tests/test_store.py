@@ -79,6 +79,18 @@ def test_report_and_diff_select_runs(store, tmp_path):
     assert "1 input(s) given where 2 are needed" in run("diff", LEAK, code=2).stderr
 
 
+def test_report_of_a_run_names_the_store_run_and_labels(store):
+    """The header of `report STORE --run ID` named the .etl the run was once paired from."""
+    first = run("report", store, "--run", "b3", "--no-symbols").stdout.splitlines()[0]
+    assert first.startswith(f"{store} run b3 (build=1233, machine=lab7) — ") and ".etl" not in first
+    trace = json.loads(run("report", store, "--run", "b3", "--format", "json", "--no-symbols").stdout)["trace"]
+    assert (trace["source"], trace["run_id"], trace["labels"]) == (str(store), "b3",
+                                                                   {"build": "1233", "machine": "lab7"})
+    direct = json.loads(run("report", FIXED, "--format", "json", "--no-symbols").stdout)["trace"]
+    assert direct["source"].endswith("sample-leak-fixed.etl") and (direct["run_id"], direct["labels"]) == (None, {})
+    assert run("report", FIXED, "--no-symbols").stdout.splitlines()[0].startswith(direct["source"] + " — ")
+
+
 def test_trend_over_the_store_equals_trend_over_the_files(store):
     files = json.loads(run("trend", LEAK, LEAK, FIXED, "--by", "function", "--no-symbols", "--format",
                            "json").stdout)

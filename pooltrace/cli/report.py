@@ -121,6 +121,11 @@ def store_options(func):
 
 def store_input(paths: list[Path], run_ids, labels, wanted: int) -> list[Path]:
     """The inputs with each run STORE replaced by its selected runs' directories; exactly `wanted` of them."""
+    return [it["path"] for it in store_items(paths, run_ids, labels, wanted)]
+
+
+def store_items(paths: list[Path], run_ids, labels, wanted: int) -> list[dict]:
+    """store_input's inputs as pooltrace.store.expand_inputs items (path, store, run_id, labels)."""
     from pooltrace.store import expand_inputs
 
     found = expand_inputs(paths, run_ids, labels)
@@ -129,7 +134,7 @@ def store_input(paths: list[Path], run_ids, labels, wanted: int) -> list[Path]:
             raise PooltraceError(f"{len(found)} input(s) given where {wanted} are needed")
         raise PooltraceError(f"the inputs select {len(found)} run(s) where {wanted} are needed "
                              "(pick runs of a STORE with --run ID or --label KEY=VALUE)")
-    return [it["path"] for it in found]
+    return found
 
 
 @click.command(epilog="Example: pooltrace report traces/sample-leak.etl --by function --top 5")
@@ -162,9 +167,12 @@ def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_byt
         raise PooltraceError("--format pprof is binary: give -o FILE")
     check_symbol_options(symbols, no_symbols)
     check_output(output, [input_path])
-    (input_path,) = store_input([input_path], run_ids, labels, 1)
+    (item,) = store_items([input_path], run_ids, labels, 1)
+    input_path = item["path"]
     with progress_bar(input_path, quiet, "pairing") as progress:
         ds = open_input(input_path, progress=progress)
+    if item["store"] is not None:  # the header names the store's run, not the .etl it was once paired from
+        ds.trace["run"] = {"store": str(item["store"]), "run_id": item["run_id"], "labels": dict(item["labels"])}
     check_window(window, ds)
     filters = Filters(list(tags), pool, list(pids), list(modules), min_bytes)
     check_filters([ds], filters)

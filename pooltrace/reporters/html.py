@@ -21,7 +21,7 @@ import numpy as np
 from pooltrace.analysis import NULL_NS, Dataset, Filters, Report, row_mask
 from pooltrace.errors import PooltraceError
 from pooltrace.growth import human_rate
-from pooltrace.reporters.text import _site, hidden_line, notice_lines
+from pooltrace.reporters.text import _site, hidden_line, notice_lines, trace_name
 
 POINTS = 120
 TOP_TAGS = 5
@@ -86,7 +86,7 @@ def _trend(g) -> dict:
 
 def to_html(report: Report, ds: Dataset, render=None) -> str:
     t = report.trace
-    meta = (f"{t.get('source', {}).get('path', '?')} — Windows build {t.get('os', {}).get('build', '?')}, "
+    meta = (f"{trace_name(t)} — Windows build {t.get('os', {}).get('build', '?')}, "
             f"{t.get('cpus', '?')} CPUs; window {report.window.start_ns / 1e9:.3f}–"
             f"{min(report.window.end_ns, (t.get('duration_ns') or 0) + 1) / 1e9:.3f} s; outstanding "
             f"{report.outstanding_count:,} blocks, {report.outstanding_bytes:,} bytes; lifetimes " +

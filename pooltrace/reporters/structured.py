@@ -16,8 +16,11 @@ def trace_summary(report: Report) -> dict:
 
 
 def trace_summary_of(t: dict) -> dict:
-    """The trace facts every JSON output starts with (from trace.json)."""
-    return {"source": t.get("source", {}).get("path"), "os_build": t.get("os", {}).get("build"),
+    """The trace facts every JSON output starts with (from trace.json); for a run of a run store, the
+    store (as `source`), its `run_id` and `labels` (null and {} otherwise)."""
+    run = t.get("run") or {}
+    return {"source": run.get("store") or t.get("source", {}).get("path"), "run_id": run.get("run_id"),
+            "labels": run.get("labels") or {}, "os_build": t.get("os", {}).get("build"),
             "pointer_size": t.get("pointer_size"), "cpus": t.get("cpus"), "start_time": t.get("start_time"),
             "duration_ns": t.get("duration_ns"), "events_lost": t.get("lost", {}).get("events", 0),
             "buffers_lost": t.get("lost", {}).get("buffers", 0)}

@@ -44,11 +44,20 @@ def hidden_line(count: int, nbytes: int, what: str, why: str) -> str | None:
     return f"{count:,} more {what}, {nbytes:,} bytes not shown" + (f" ({why})" if why else "")
 
 
+def trace_name(t: dict) -> str:
+    """The .etl a report came from, or `STORE run ID (key=value, ...)` for a run of a run store."""
+    run = t.get("run")
+    if not run:
+        return str(t.get("source", {}).get("path", "?"))
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(run["labels"].items()))
+    return f"{run['store']} run {run['run_id']}" + (f" ({labels})" if labels else "")
+
+
 def render(report: Report, console: Console, blocks: list[dict] | None = None, hidden_blocks=None) -> None:
     t = report.trace
     w = report.window
     end = w.end_ns - 1 if t.get("duration_ns") is None or w.end_ns <= t["duration_ns"] + 1 else t["duration_ns"]
-    console.print(Text(f"{t.get('source', {}).get('path', '?')} — Windows build {t.get('os', {}).get('build', '?')}, "
+    console.print(Text(f"{trace_name(t)} — Windows build {t.get('os', {}).get('build', '?')}, "
                        f"{t.get('cpus', '?')} CPUs, {_secs(t.get('duration_ns') or 0)}"))
     console.print(Text(f"window {_secs(w.start_ns)} .. {_secs(max(end, w.start_ns))}; outstanding (AIFO): "
                        f"{report.outstanding_count:,} blocks, {report.outstanding_bytes:,} bytes"))
