@@ -8,6 +8,7 @@ import struct
 import time
 import tracemalloc
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -143,17 +144,50 @@ def test_real_samples_have_no_hidden_records(samples):
         assert not any("follow the end its header gives" in w for w in reader.stats.warnings), path
 
 
-def test_a_trace_truncated_inside_its_first_buffer_is_not_called_user_mode(tmp_path):
-    # `head -c 100000 sample-leak.etl`: the logfile header survives, the first event buffer is cut short
+def test_a_trace_truncated_inside_a_buffer_reads_its_complete_records_and_counts_the_rest(tmp_path):
+    # `head -c 100000 sample-leak.etl`: the logfile header survives, the first event buffer is cut short.
+    # The records wholly inside the bytes present are read; the cut one is counted in bytes_skipped.
+    from pooltrace.etl.buffers import BufferSource
+    from pooltrace.etl.records import Chunk, _next_slots, walk
+
+    full = (TRACES / "sample-leak.etl").read_bytes()
+    cut = 100_000
+    idx = scan_buffers(full)
+    b = int(np.searchsorted(idx.offset, cut, "right")) - 1
+    off, filled = int(idx.offset[b]), int(idx.filled[b])
+    if b == 0 or idx.flags[b] & FLAG_COMPRESSED or filled <= cut - off:
+        pytest.skip("the cut does not fall inside the filled part of an uncompressed event buffer")
+    source = BufferSource(full, idx)
+    chunk = Chunk([source.area(b)], [0])
+    before = len(walk(Chunk([source.area(i) for i in range(b)], [0] * b))[0])  # records of the whole buffers
+    slots = walk(chunk)[0]
+    ends = _next_slots(chunk)[slots] * 8  # where each record of the intact buffer ends
+    room = cut - off - 0x48
+    whole = int((ends <= room).sum())
     path = tmp_path / "cut.etl"
-    path.write_bytes((TRACES / "sample-leak.etl").read_bytes()[:100_000])
+    path.write_bytes(full[:cut])
     r = CliRunner().invoke(cli, ["info", "--format", "json", str(path)])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert d["kernel_events"] == 0 and any("truncated" in w for w in d["warnings"])
-    assert "user-mode" not in d["verdict"]
-    assert d["verdict"].startswith("no kernel events could be read: the file is truncated or damaged")
-    assert "DAMAGED: file truncated" in d["verdict"]  # no "0 bytes not read" before what is missing
+    assert d["records"] == before + whole
+    assert d["lost"]["bytes_skipped"] == room - int(ends[whole - 1]) > 0
+    assert any(f"the {whole} complete records present in it were read" in w for w in d["warnings"])
+    assert "user-mode" not in d["verdict"] and "DAMAGED" in d["verdict"]
+
+
+def test_a_trace_cut_inside_a_compressed_buffer_counts_the_bytes_present(tmp_path):
+    src = next((p for p in SHIPPED if any(f & FLAG_COMPRESSED for f in scan_buffers(p.read_bytes()).flags[1:])), None)
+    if src is None:
+        pytest.skip("no shipped sample with compressed buffers")
+    full = src.read_bytes()
+    idx = scan_buffers(full)
+    b = next(i for i in range(1, len(idx)) if idx.flags[i] & FLAG_COMPRESSED)
+    cut = int(idx.offset[b]) + int(idx.size[b]) // 2
+    path = tmp_path / "cut.etl"
+    path.write_bytes(full[:cut])
+    d = json.loads(CliRunner().invoke(cli, ["info", "--format", "json", str(path)]).output)
+    assert d["lost"]["bytes_skipped"] == cut - int(idx.offset[b])
+    assert any("that buffer was skipped" in w for w in d["warnings"]) and "DAMAGED" in d["verdict"]
 
 
 def test_a_record_dropped_for_inconsistent_sizes_is_a_warning(tmp_path):

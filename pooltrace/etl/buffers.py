@@ -56,6 +56,7 @@ class BufferIndex:
     first_ts: np.ndarray  # raw timestamp of the first record, int64; min int64 when unknown
     warnings: list[str] = field(default_factory=list)
     trailing_bytes: int = 0
+    skipped_bytes: int = 0  # bytes of a buffer cut by the end of the file that are not read
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -203,6 +204,7 @@ def scan_buffers(data: bytes | memoryview) -> BufferIndex:
     warnings: list[str] = []
     off = 0
     trailing = 0
+    skipped = 0
     unknown_ts = np.iinfo(np.int64).min
     while off + BUFFER_HEADER_SIZE <= n:
         head_bytes = data[off:off + BUFFER_HEADER_SIZE + 32]
@@ -218,8 +220,19 @@ def scan_buffers(data: bytes | memoryview) -> BufferIndex:
                             f"stopped reading there, {n - off} bytes skipped")
             break
         if off + bsize > n:
-            warnings.append(f"file truncated inside buffer {len(rows)} at offset 0x{off:x} "
-                            f"({n - off} of {bsize} bytes present); that buffer was skipped")
+            where = (f"file truncated inside buffer {len(rows)} at offset 0x{off:x} "
+                     f"({n - off} of {bsize} bytes present)")
+            part = _partial(data, off, n - off, filled, flags) if rows else None  # never a cut header buffer
+            if part is None:
+                skipped = n - off
+                warnings.append(f"{where}; that buffer was skipped")
+            else:
+                used, nrec, skipped = part
+                warnings.append(f"{where}; the {nrec} complete records present in it were read, "
+                                f"{skipped} bytes after them were not")
+                ts = _first_ts(bytes(data[off + BUFFER_HEADER_SIZE:off + min(used, BUFFER_HEADER_SIZE + 32)]))
+                rows.append((off, n - off, used, proc & PROCESSOR_INDEX_MASK, seq, flags, state,
+                             unknown_ts if ts is None else ts))
             break
         compressed = bool(flags & FLAG_COMPRESSED)
         if filled < BUFFER_HEADER_SIZE or (not compressed and filled > bsize) or filled > MAX_BUFFER_DATA:
@@ -248,8 +261,26 @@ def scan_buffers(data: bytes | memoryview) -> BufferIndex:
         filled=np.array(cols[2], dtype=np.int64), cpu=np.array(cols[3], dtype=np.int64),
         seq=np.array(cols[4], dtype=np.uint64), flags=np.array(cols[5], dtype=np.int64),
         state=np.array(cols[6], dtype=np.int64), first_ts=np.array(cols[7], dtype=np.int64),
-        warnings=warnings, trailing_bytes=trailing,
+        warnings=warnings, trailing_bytes=trailing, skipped_bytes=skipped,
     )
+
+
+def _partial(data, off: int, present: int, filled: int, flags: int) -> tuple[int, int, int] | None:
+    """The readable part of an uncompressed buffer cut by the end of the file: (fill size that ends after
+    its last complete record, complete records, bytes present in its filled area that are not read), or
+    None when nothing can be read safely (compressed data cannot be decoded from a part of its stream)."""
+    from pooltrace.etl.records import Chunk, _next_slots, walk
+
+    if flags & FLAG_COMPRESSED or filled < BUFFER_HEADER_SIZE or present <= BUFFER_HEADER_SIZE:
+        return None
+    end = min(filled, present)
+    chunk = Chunk([bytes(data[off + BUFFER_HEADER_SIZE:off + end])], [0])
+    slots, _owner, _problems = walk(chunk)
+    if not len(slots):
+        return None
+    after = int(_next_slots(chunk, int(slots[-1]), int(slots[-1]) + 1)[0]) * 8
+    used = BUFFER_HEADER_SIZE + min(after, end - BUFFER_HEADER_SIZE)
+    return used, len(slots), end - used
 
 
 def reading_order(index: BufferIndex, skip: int = 1) -> tuple[np.ndarray, np.ndarray]:

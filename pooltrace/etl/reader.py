@@ -165,6 +165,7 @@ class EtlReader:
         self._fragments: FragmentStore | None = None
         for w in self.index.warnings:
             self.stats.warn(w)
+        self.stats.bytes_skipped += self.index.skipped_bytes
         if self.header.clock_problem:
             self.stats.warn(f"{self.header.clock_problem}: times are raw clock ticks since the trace start, "
                             "not nanoseconds")
