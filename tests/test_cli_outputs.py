@@ -127,11 +127,37 @@ def test_diff_output_that_is_an_input_or_inside_an_input_dataset_is_refused(trac
     assert "is an input" in one_line_error(run("diff", trace, dataset, "-o", dataset / "trace.json"))
 
 
+OUTPUT_COMMANDS = {"report": ("report", "{ds}"), "tags": ("tags", "{ds}"), "diff": ("diff", "{ds}", "{ds}"),
+                   "trend": ("trend", "{ds}", "{ds}")}
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUT_COMMANDS))
+def test_an_existing_output_file_is_kept_byte_for_byte_without_force(name, dataset, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_bytes(b"years of notes\r\n\x00")
+    args = [a.format(ds=dataset) for a in OUTPUT_COMMANDS[name]]
+    err = one_line_error(run(*args, "-o", precious))
+    assert err == f"pooltrace: error: -o {precious}: exists; pass --force to replace it"
+    assert precious.read_bytes() == b"years of notes\r\n\x00"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+    r = run(*args, "-o", precious, "--force")
+    assert r.exit_code == 0, r.output
+    assert precious.read_bytes() != b"years of notes\r\n\x00" and precious.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]  # no temporary file left
+    assert "--force" in run(name, "--help").output
+
+
+def test_force_never_lets_an_output_replace_an_input(trace):
+    before = trace.read_bytes()
+    assert "is an input" in one_line_error(run("report", trace, "-o", trace, "--force"))
+    assert trace.read_bytes() == before
+
+
 def test_output_file_is_written_whole_and_keeps_its_mode(dataset, tmp_path):
     out = tmp_path / "r.json"
     out.write_text("old")
     out.chmod(0o640)
-    r = run("report", dataset, "--format", "json", "-o", out, "--no-symbols")
+    r = run("report", dataset, "--format", "json", "-o", out, "--no-symbols", "--force")
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["totals"]["outstanding_count"] > 0
     assert out.stat().st_mode & 0o777 == 0o640

@@ -182,10 +182,19 @@ def render_text(draw: Callable, output: Path | None = None, width: int | None = 
     write_output(output, "\n".join(lines) + ("\n" if lines else ""))
 
 
-def check_output(output: Path | None, inputs: Iterable[Path]) -> None:
-    """Refuse `-o FILE` that resolves to an input, before any work is done."""
-    if output is not None:
-        refuse_inputs(output, inputs)
+def check_output(output: Path | None, inputs: Iterable[Path], force: bool = False) -> None:
+    """Before any work is done: refuse `-o FILE` that resolves to an input (even with --force), and a FILE
+    that exists unless `force` (pooltrace never replaces a file it was not told it may replace)."""
+    if output is None:
+        return
+    refuse_inputs(output, inputs)
+    if not force and os.path.lexists(output):
+        raise PooltraceError(f"-o {output}: exists; pass --force to replace it")
+
+
+force_option = click.option("--force", is_flag=True,
+                            help="Replace the -o FILE if it exists (never an input; the old file stays until "
+                                 "the new one is complete).")
 
 
 def write_output(output: Path | None, data: str | bytes) -> None:

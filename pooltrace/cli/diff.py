@@ -13,6 +13,7 @@ from pooltrace.cli.common import (
     EXIT_CHECK_FAILED,
     check_output,
     fail,
+    force_option,
     progress_bar,
     quiet_option,
     render_text,
@@ -56,11 +57,12 @@ from pooltrace.reporters import diffout
               show_default=True, help="Output format (pprof needs -o).")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write to FILE (atomically; never one of the inputs).")
+              help="Write to FILE (atomically; never one of the inputs; an existing FILE needs --force).")
+@force_option
 @quiet_option
 @user_errors
 def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, run_ids, labels, normalize,
-         fail_on_growth, per_group, top, show_growth, fmt, as_json, output, quiet) -> None:
+         fail_on_growth, per_group, top, show_growth, fmt, as_json, output, force, quiet) -> None:
     """Compare outstanding allocations of BASE and NEW (.etl files or datasets, e.g. before and after a
     fix). Groups are matched by module-relative frames, never by address. Runs of a run STORE: give the
     STORE and pick two runs with --run/--label (NEW omitted)."""
@@ -72,7 +74,7 @@ def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, n
     if fmt == "pprof" and output is None:
         raise PooltraceError("--format pprof is binary: give -o FILE")
     check_symbol_options(symbols, no_symbols)
-    check_output(output, [p for p in (base, new) if p is not None])
+    check_output(output, [p for p in (base, new) if p is not None], force)
     filters = Filters(list(tags), pool, list(pids), list(modules), min_bytes)
     datasets = []
     paths = store_input([base] + ([new] if new is not None else []), run_ids, labels, 2)

@@ -13,6 +13,7 @@ from pooltrace import api, jsontext, pooltypes
 from pooltrace.analysis import BY, NULL_NS, SORTS, Filters, open_input, parse_window
 from pooltrace.cli.common import (
     check_output,
+    force_option,
     progress_bar,
     quiet_option,
     render_text,
@@ -153,11 +154,12 @@ def store_items(paths: list[Path], run_ids, labels, wanted: int) -> list[dict]:
               help="Output format (pprof needs -o).")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write to FILE (atomically; never one of the inputs).")
+              help="Write to FILE (atomically; never one of the inputs; an existing FILE needs --force).")
+@force_option
 @quiet_option
 @user_errors
 def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, run_ids,
-           labels, top, sort, list_blocks, fmt, as_json, output, quiet) -> None:
+           labels, top, sort, list_blocks, fmt, as_json, output, force, quiet) -> None:
     """Outstanding pool allocations (allocated inside the window, not freed by its end — WPA's AIFO),
     grouped and symbolized. INPUT is an .etl (paired on the fly into INPUT.pooltrace/) or a dataset."""
     fmt = "json" if as_json else fmt
@@ -166,7 +168,7 @@ def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_byt
     if fmt == "pprof" and output is None:
         raise PooltraceError("--format pprof is binary: give -o FILE")
     check_symbol_options(symbols, no_symbols)
-    check_output(output, [input_path])
+    check_output(output, [input_path], force)
     (item,) = store_items([input_path], run_ids, labels, 1)
     input_path = item["path"]
     with progress_bar(input_path, quiet, "pairing") as progress:

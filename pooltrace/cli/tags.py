@@ -10,7 +10,15 @@ from rich.table import Table
 
 from pooltrace import pooltypes
 from pooltrace.analysis import Filters, FrameRenderer, open_input, tag_rows
-from pooltrace.cli.common import progress_bar, quiet_option, render_text, tag_values, user_errors, write_output
+from pooltrace.cli.common import (
+    force_option,
+    progress_bar,
+    quiet_option,
+    render_text,
+    tag_values,
+    user_errors,
+    write_output,
+)
 from pooltrace.cli.report import check_filters, check_output, check_window, make_symbolizer
 from pooltrace.notices import pool_verdict, trace_warnings
 from pooltrace.reporters.text import hidden_line, say
@@ -40,13 +48,14 @@ def _descriptions(pooltag: Path | None):
               help="text: a poolmon-like table; json: an object with trace, window and rows.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write to FILE (atomically; never one of the inputs).")
+              help="Write to FILE (atomically; never one of the inputs; an existing FILE needs --force).")
+@force_option
 @quiet_option
 @user_errors
-def tags(input_path: Path, window, tags, pool, pids, pooltag, symbols, top, fmt, as_json, output, quiet) -> None:
+def tags(input_path: Path, window, tags, pool, pids, pooltag, symbols, top, fmt, as_json, output, force, quiet) -> None:
     """Per tag and pool type: allocs, frees, diff, outstanding bytes, bytes per alloc, owner modules
     (from the allocating stacks) and the pooltag.txt description."""
-    check_output(output, [input_path])
+    check_output(output, [input_path], force)
     with progress_bar(input_path, quiet, "pairing") as progress:
         ds = open_input(input_path, progress=progress)
     win = check_window(window, ds)

@@ -14,6 +14,7 @@ from pooltrace.cli.common import (
     EXIT_CHECK_FAILED,
     check_output,
     fail,
+    force_option,
     progress_bar,
     quiet_option,
     render_text,
@@ -44,11 +45,13 @@ from pooltrace.trends import DEFAULT_TOLERANCE, build_trend, trend_gate
 @click.option("--top", type=click.IntRange(min=1), help="Show the N first groups [text: 30, html: 12].")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "csv", "html"]), default="text",
               show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write to FILE.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write to FILE (atomically; never one of the inputs; an existing FILE needs --force).")
+@force_option
 @quiet_option
 @user_errors
 def trend(runs, by, window, tags, pool, pids, modules, min_bytes, symbols, no_symbols, run_ids, labels, tolerance,
-          fail_on_growth, against, per_group, top, fmt, output, quiet) -> None:
+          fail_on_growth, against, per_group, top, fmt, output, force, quiet) -> None:
     """Outstanding bytes per group across RUNs in order (.etl files, datasets, or a run STORE with --run or
     --label). Per group: the run where it appears or starts growing, and its status (new in run K, growing
     across runs, shrunk in run K, fixed in run K, stable). Groups are matched as diff matches them."""
@@ -56,7 +59,7 @@ def trend(runs, by, window, tags, pool, pids, modules, min_bytes, symbols, no_sy
         parse_threshold(fail_on_growth)
     if per_group and not fail_on_growth:
         raise PooltraceError("--per-group needs --fail-on-growth")
-    check_output(output, runs)
+    check_output(output, runs, force)
     reports = api.run_reports(runs, run_ids=run_ids, labels=labels, by=by, window=window,
                               filters=Filters(list(tags), pool, list(pids), list(modules), min_bytes),
                               symbols=symbols, no_symbols=no_symbols, quiet=quiet, warn=warn,
