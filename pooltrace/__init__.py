@@ -14,13 +14,17 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["Owners", "TraceDataset", "__version__", "diff", "open", "trend", "whose"]
+__all__ = ["Owners", "PooltraceError", "TraceDataset", "__version__", "diff", "open", "trend", "whose"]
 
 if TYPE_CHECKING:
     from pooltrace.api import Owners, TraceDataset, diff, open, trend, whose  # noqa: A004
 
 
 def __getattr__(name: str):
+    if name == "PooltraceError":  # what the API raises for bad input; light, no data libraries
+        from pooltrace.errors import PooltraceError
+
+        return PooltraceError
     if name in __all__ and name != "__version__":
         from pooltrace import api
 

@@ -54,6 +54,16 @@ def test_import_is_light_and_names_are_exported():
         pooltrace.no_such_name  # noqa: B018
 
 
+def test_pooltrace_error_is_exported_and_is_what_the_api_raises(tmp_path):
+    code = ("import sys, pooltrace; e = pooltrace.PooltraceError; "
+            "print(e.__module__, sorted(m for m in ('pandas', 'pyarrow', 'numpy') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "pooltrace.errors []"
+    assert "PooltraceError" in pooltrace.__all__ and "PooltraceError" in dir(pooltrace)
+    with pytest.raises(pooltrace.PooltraceError, match="no such file"):
+        pooltrace.open(tmp_path / "missing.etl")
+
+
 def test_dtypes_are_faithful(pair_dirs):
     ds = pooltrace.open(pair_dirs["sample-leak"])
     a = ds.allocations
