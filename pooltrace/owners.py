@@ -267,9 +267,10 @@ def _walk(target: Path):
 
 
 def scan_files(targets: list[Path], slots: list[int]) -> dict:
-    """Every PE image under `targets` (a file given explicitly is scanned whatever it is) holding the tag."""
+    """Every PE image under `targets` holding the tag. A file given explicitly is scanned whatever it is, but
+    counted in ``files_scanned`` only when it parses as a PE image; otherwise it is listed in ``not_images``."""
     rx = _slots_regex(slots)
-    hits, scanned, errors = [], 0, 0
+    hits, scanned, errors, not_images = [], 0, 0, []
     for target in targets:
         if not target.exists():
             raise PooltraceError(f"{target}: no such file or directory")
@@ -281,16 +282,34 @@ def scan_files(targets: list[Path], slots: list[int]) -> dict:
                 if not size or size > MAX_SCAN_FILE:
                     continue
                 with open(path, "rb") as f:
-                    if not explicit and f.read(2) != b"MZ":
+                    is_image = _is_pe(f)
+                    if not explicit and not is_image:
                         continue
-                    scanned += 1
+                    if is_image:
+                        scanned += 1
+                    else:
+                        not_images.append(str(path))
                     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                         found = [m.start() for m in rx.finditer(data)]
                         if found:
                             hits.append(_describe(path, data, found))
             except (OSError, ValueError):
                 errors += 1
-    return {"targets": [str(t) for t in targets], "files_scanned": scanned, "unreadable": errors, "files": hits}
+    return {"targets": [str(t) for t in targets], "files_scanned": scanned, "unreadable": errors, "files": hits,
+            "not_images": not_images}
+
+
+def _is_pe(f) -> bool:
+    """The open file starts with MZ and its headers parse as a PE image."""
+    if f.read(2) != b"MZ":
+        return False
+    try:
+        parse_pe(f)
+    except PeError:
+        return False
+    finally:
+        f.seek(0)
+    return True
 
 
 def _describe(path: Path, data, offsets: list[int]) -> dict:

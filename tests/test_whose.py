@@ -174,6 +174,20 @@ def test_scan_skips_non_images_but_reads_explicit_files(tmp_path):
     assert res["files_scanned"] == 2
     res = scan_files([d / "notes.txt"], list(b"Leak"))
     assert res["files"][0]["count"] == 2 and res["files"][0]["offsets"][0]["section"] is None
+    assert res["files_scanned"] == 0 and res["not_images"] == [str(d / "notes.txt")]
+
+
+def test_whose_says_a_named_file_is_not_a_pe_image(tmp_path):
+    pic = tmp_path / "pic.png"
+    pic.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    fake = tmp_path / "fake.sys"
+    fake.write_bytes(b"MZ" + b"\x00" * 200)  # MZ but no PE header: not an image either
+    r = CliRunner().invoke(whose, ["Leak", str(pic), str(fake), "--pooltag", str(POOLTAG)])
+    assert r.exit_code == 0, r.output
+    assert "0 of 0 image(s) scanned" in r.output
+    assert f"{pic}: not a PE image" in r.output and f"{fake}: not a PE image" in r.output
+    r = CliRunner().invoke(whose, ["Leak", str(FX / "leaky.sys"), "--pooltag", str(POOLTAG)])
+    assert "1 of 1 image(s) scanned" in r.output and "not a PE image" not in r.output
 
 
 def test_pooltag_parser_formats(tmp_path):

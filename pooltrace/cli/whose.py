@@ -99,6 +99,8 @@ def _render(a: dict, scanned_explicitly: bool) -> None:
         echo(f"  files: {len(sc['files'])} of {sc['files_scanned']:,} image(s) scanned in "
              f"{', '.join(sc['targets'])} hold the bytes {a['tag']!r}"
              + (f" ({sc['unreadable']} unreadable)" if sc["unreadable"] else ""))
+        for p in sc.get("not_images") or []:
+            echo(f"    {p}: not a PE image (its bytes were searched anyway)")
         for f in sorted(sc["files"], key=lambda f: (-f["code_loads"], -f["count"], f["path"])):
             echo(f"    {f['path']}: {f['count']} occurrence(s), {f['code_loads']} loaded by an instruction")
             for o in f["offsets"]:
