@@ -46,7 +46,8 @@ from pooltrace.pairing import (
 from pooltrace.sidecar import load_sidecar, merge_pdb_identities, tag_counters
 from pooltrace.stackjoin import StackJoiner
 from pooltrace.tags import format_tag
-from pooltrace.traceinfo import events_by_kind
+from pooltrace.traceinfo import POOL_BIT, POOL_BIT_INDEX, events_by_kind
+from pooltrace.verdicts import no_pool_verdict
 
 D = definitions()
 H = D.hooks
@@ -279,7 +280,7 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress, jobs: int = 1
     to_ns = hdr.ticks_to_ns if hdr.ticks_per_second else (lambda t: t - hdr.start_ticks)
     rows = _RowWriter(out / "allocations.parquet", to_ns)
     rows.snapshots = snapshots = PoolSnapshots()
-    rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": []}
+    rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": [], "header_extension": []}
     try:
         for batch in reader.batches(progress, fragments=joiner.fragments, jobs=jobs):
             snapshots.feed(batch)  # before the joiner releases the pool events of the same time
@@ -313,6 +314,15 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress, jobs: int = 1
     modules = merge_pdb_identities(_modules(rare, to_ns), sidecar)
     pq.write_table(modules, out / "modules.parquet", compression="zstd")
     meta = _trace_json(reader, pairer, joiner, rows, len(frames), unresolved, modules, window_s)
+    # what info's verdict needs when there are no pool events (pooltrace.verdicts): the same sentence everywhere
+    masks = [row for t in rare["header_extension"] for row in t.to_pylist()]
+    meta["logger"] = reader.header.logger_name
+    meta["kernel_events"] = sum(n for h, n in reader.stats.by_hook.items() if h >> 8 != 0)
+    meta["pool_tracing_enabled"] = (any(m[f"group_mask_{POOL_BIT_INDEX}"] & POOL_BIT for m in masks)
+                                    if masks else None)
+    if meta["pairing"]["allocs"] + meta["pairing"]["frees"] == 0:
+        meta["notes"][:1] = [no_pool_verdict(0, meta["kernel_events"], meta["logger"], meta["pool_tracing_enabled"],
+                                             bool(meta["warnings"]))]
     if sidecar is not None:
         meta["recording"] = {k: v for k, v in (sidecar.get("recording") or {}).items()}
     meta["warnings"].extend(sidecar_warnings)

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pooltrace.analysis import Dataset, Filters, tag_matcher
+from pooltrace.verdicts import no_pool_verdict
 
-NO_POOL_EVENTS = "no pool events: this trace cannot show pool leaks; record with `pooltrace record`"
+NO_POOL_EVENTS = no_pool_verdict(0)
 
 
 def pool_event_count(trace: dict) -> int:
@@ -22,8 +23,9 @@ def pool_event_count(trace: dict) -> int:
 
 def pool_verdict(trace: dict) -> str | None:
     """`info`'s verdict when the trace cannot answer a pool question, else None."""
-    if pool_event_count(trace) == 0:
-        return NO_POOL_EVENTS
+    if pool_event_count(trace) == 0:  # info's wording, from what pair stored in trace.json
+        return no_pool_verdict(0, trace.get("kernel_events"), trace.get("logger"),
+                               trace.get("pool_tracing_enabled"), bool(trace.get("warnings")))
     p = trace.get("pairing") or {}
     if p.get("allocs") and not p.get("allocations_with_stack"):
         return ("pool events without stacks: leaks can be found by tag but not by call stack; record with pool "

@@ -18,6 +18,7 @@ from pooltrace.etl.reader import EtlReader
 from pooltrace.etl.stackkeys import StackKeyResolver
 from pooltrace.sidecar import load_sidecar, tag_counters
 from pooltrace.tags import format_tag
+from pooltrace.verdicts import no_pool_verdict
 
 D = definitions()
 H = D.hooks
@@ -159,15 +160,10 @@ def _owner_key(cpu: pa.ChunkedArray, ts: pa.ChunkedArray) -> np.ndarray:
 
 def _verdict(d: dict) -> str:
     lost = d["lost"]
-    if d["kernel_events"] == 0 and d["warnings"]:  # a truncated kernel trace is no user-mode trace
-        v = ("no kernel events could be read: the file is truncated or damaged (see the warnings); pool leaks "
-             "need the whole trace")
-    elif d["kernel_events"] == 0:
-        v = (f"no kernel events: this is a user-mode trace (logger {d['logger']!r}); pool leaks need a kernel "
-             "trace with pool events: record with `pooltrace record`")
-    elif d["pool"]["events"] == 0:
-        why = " (the POOL group was not enabled)" if d["pool"]["tracing_enabled"] is False else ""
-        v = f"no pool events{why}: this trace cannot show pool leaks; record with `pooltrace record`"
+    none = no_pool_verdict(d["pool"]["events"], d["kernel_events"], d["logger"], d["pool"]["tracing_enabled"],
+                           bool(d["warnings"]))
+    if none is not None:
+        v = none
     elif not d["pool"]["stacks_enabled"]:
         v = ("pool events without stacks: leaks can be found by tag but not by call stack; record with pool "
              "stacks (`pooltrace record` enables them)")

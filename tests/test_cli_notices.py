@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from pooltrace.cli import cli
 from pooltrace.etl.writer import TraceWriter
+from tests.conftest import SAMPLES
 
 
 def run(*args):
@@ -177,3 +178,28 @@ def test_one_tag_validator_for_report_tags_and_whose(leak, bad):
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         msgs.append(r.stderr.strip().splitlines()[-1].split("pool tag", 1)[-1])
     assert len(set(msgs)) == 1, msgs
+
+
+@pytest.mark.parametrize("name", ["ShutdownPerfDiagLogger", "AMSITrace"])
+def test_every_command_says_infos_verdict_for_a_trace_without_pool_events(name, tmp_path):
+    """One wording (pooltrace.verdicts): a kernel trace without the POOL group, a user-mode trace."""
+    src = SAMPLES / f"{name}.etl"
+    if not src.exists():
+        pytest.skip(f"{src} absent")
+    t = tmp_path / src.name  # a copy: pairing writes a cache beside the trace, never into ../shared
+    t.write_bytes(src.read_bytes())
+    # info adds losses and damage to its verdict; reports say those as warnings of their own
+    verdict = json.loads(run("info", t, "--format", "json").stdout)["verdict"].split("; WARNING")[0]
+    assert verdict.startswith("no pool events (the POOL group" if name == "ShutdownPerfDiagLogger"
+                              else "no kernel events: this is a user-mode trace")
+
+    def flat(text):
+        return " ".join(text.split())
+
+    for args in (["report", t, "--no-symbols"], ["tags", t], ["diff", t, t, "--no-symbols"],
+                 ["whose", "Leak", t, "--no-scan", "--no-symbols"]):
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        assert flat(verdict) in flat(r.output), (args[0], r.output)
+    for cmd in ("report", "tags"):
+        assert json.loads(run(cmd, t, "--format", "json").stdout)["verdict"] == verdict
