@@ -233,7 +233,8 @@ def diff(base: str | Path | TraceDataset, new: str | Path | TraceDataset, *, by:
     data = json.loads(to_json(d))
     cols = ["base_count", "base_bytes", "new_count", "new_bytes", "delta_count", "delta_bytes", "status"]
     df = _groups_frame(data["groups"], cols)
-    df.attrs.update({"totals": data["totals"], "normalize": data["normalize"], "base_scale": data["base_scale"]})
+    df.attrs.update({"totals": data["totals"], "normalize": data["normalize"],
+                     "base_scale_ratio": data["base_scale_ratio"]})
     return df
 
 

@@ -133,7 +133,7 @@ def _summarize(reader: EtlReader, progress) -> TraceSummary:
         "pool": {
             "tracing_enabled": pool_on, "events": pool_events,
             "stacks_enabled": None if with_stack is None else with_stack > 0,
-            "events_with_stack": with_stack, "events_checked_for_stack": sampled,
+            "stack_ratio": with_stack, "events_checked_for_stack": sampled,
             "distinct_tags": len(tags),
             "tag_filter": sorted(format_tag(t) for t in tags) if 0 < len(tags) <= 4 else None,
         },

@@ -98,13 +98,13 @@ def test_normalize(pair_of, tmp_path):
     short, _ = classic_leak(seed=4, duration_s=5.0)  # a 5 s run against the 10 s BASE
     short.save(tmp_path / "short.etl")
     half = json.loads(diff(base, tmp_path / "short.etl", "--format", "json", "--normalize", "--no-symbols").output)
-    assert half["normalize"] == "duration" and half["base_scale"] == pytest.approx(0.5, rel=1e-5)
+    assert half["normalize"] == "duration" and half["base_scale_ratio"] == pytest.approx(0.5, rel=1e-5)
     assert half["totals"]["base"]["outstanding_bytes"] == pytest.approx(
-        plain["totals"]["base"]["outstanding_bytes"] * half["base_scale"], rel=1e-6)
+        plain["totals"]["base"]["outstanding_bytes"] * half["base_scale_ratio"], rel=1e-6)
     data = json.loads(diff(base, new, "--format", "json", "--normalize=allocs", "--no-symbols").output)
     b_allocs = sum(tb["truth"]["allocs"].values())
     n_allocs = sum(json.loads((TRACES / "sample-leak-fixed.truth.json").read_text())["truth"]["allocs"].values())
-    assert data["base_scale"] == pytest.approx(n_allocs / b_allocs)
+    assert data["base_scale_ratio"] == pytest.approx(n_allocs / b_allocs)
     assert data["totals"]["base"]["outstanding_bytes"] == pytest.approx(
         plain["totals"]["base"]["outstanding_bytes"] * n_allocs / b_allocs, rel=1e-6)
 

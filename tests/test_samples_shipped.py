@@ -35,7 +35,7 @@ def test_info_counts_match_the_ground_truth(name):
     assert ev["pool_free"] + ev["pool_free_session"] == sum(truth["frees"].values()) + truth["free_without_alloc"]
     assert d["lost"]["events_lost"] == truth["lost_free"]
     assert ev["stacks"] == truth["stacks"] and d["records"] == truth["records"]
-    assert d["pool"]["tracing_enabled"] is True and d["pool"]["events_with_stack"] == 1.0
+    assert d["pool"]["tracing_enabled"] is True and d["pool"]["stack_ratio"] == 1.0
     assert d["verdict"].startswith("pool events with stacks")
     # the last record is the 6th image rundown (DCEnd), 100 + 5 QPC ticks of 100 ns after the 10 s scenario
     assert d["duration_ns"] == 10_000_000_000 + 105 * 100

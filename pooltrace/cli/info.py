@@ -70,8 +70,8 @@ def render_text(d: dict, console: Console) -> None:
                                                                  lost["malformed_records"].items()))
     p = d["pool"]
     stack_txt = _yes_no(p["stacks_enabled"])
-    if p["events_with_stack"] is not None:
-        stack_txt += f" ({p['events_with_stack']:.1%} of {p['events_checked_for_stack']:,} allocations checked)"
+    if p["stack_ratio"] is not None:
+        stack_txt += f" ({p['stack_ratio']:.1%} of {p['events_checked_for_stack']:,} allocations checked)"
     console.print(f"[bold]pool[/]  tracing enabled: {_yes_no(p['tracing_enabled'])}; pool events: {p['events']:,}; "
                   f"stacks: {stack_txt}; tags: {p['distinct_tags']:,}")
     if p["tag_filter"]:

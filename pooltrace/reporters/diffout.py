@@ -51,7 +51,7 @@ def to_json(d: Diff, gate: dict | None = None, top: int | None = None, growth: b
     n_hidden, b_hidden = hidden(d, shown)
     data = {
         "gate": gate,
-        "normalize": d.normalize, "base_scale": d.scale,
+        "normalize": d.normalize, "base_scale_ratio": d.scale,
         "totals": {
             "base": {"outstanding_count": _num(d.base_count), "outstanding_bytes": _num(d.base_bytes),
                      "source": d.base.trace.get("source", {}).get("path")},
