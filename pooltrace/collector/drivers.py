@@ -62,7 +62,7 @@ def image_identities(modules: Iterable[LoadedModule], system_root: str, dos_devi
             with open_binary(path) as f:
                 ident = read_identity(f)
         except (OSError, PeError) as exc:
-            errors.append({"nt_path": m.path, "path": path, "error": _reason(exc)})
+            errors.append({"nt_path": m.path, "path": path, "error": read_error(exc)})
             continue
         rows.append({
             "name": ntpath.basename(m.path), "nt_path": m.path, "path": path, "base": f"0x{m.base:x}",
@@ -79,7 +79,8 @@ def pdb_file_name(pdb_path: str | None) -> str | None:
     return ntpath.basename(pdb_path.replace("/", "\\")) or None if pdb_path else None
 
 
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return str(exc)
+def read_error(exc: Exception) -> str:
+    """The one-line reason a driver file could not be read: the OS's text, else the error's, else its type."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pooltrace.collector.boundary import WindowsApi
 from pooltrace.collector.config import constants
-from pooltrace.collector.drivers import dos_path, image_identities, pdb_file_name
+from pooltrace.collector.drivers import dos_path, image_identities, pdb_file_name, read_error
 from pooltrace.collector.messages import nt, win32
 from pooltrace.collector.pe import PeError, read_identity
 from pooltrace.collector.structs import LoadedModule, parse_module_information, parse_pool_tag_information
@@ -165,8 +165,7 @@ def trace_identities(images: Iterable[TraceImage], system_root: str, dos_devices
             with open_binary(path) as f:
                 ident = read_identity(f)
         except (OSError, PeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-            errors.append({"nt_path": img.path, "path": path, "error": reason})
+            errors.append({"nt_path": img.path, "path": path, "error": read_error(exc)})
             continue
         if (img.timedatestamp and ident.timedatestamp != img.timedatestamp) or ident.size_of_image != img.size:
             errors.append({"nt_path": img.path, "path": path, "error": (
