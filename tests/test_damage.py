@@ -253,3 +253,130 @@ def test_the_swallowed_record_check_leaves_intact_traces_alone():
         src = BufferSource(data, idx)
         chunk = Chunk([src.area(i) for i in range(1, len(idx))], [0] * (len(idx) - 1))
         assert not walk(chunk)[2], p.name
+
+
+# A fill size (buffer header 0x30) cut anywhere: at a record start, 1..8 bytes into a record, in the middle of
+# one, to the data area's start. Whatever is lost is counted (records and bytes) and said; nothing goes silently.
+FILL_CUTS = {"record-start": 0, "1-byte-in": 1, "4-bytes-in": 4, "8-bytes-in": 8, "mid-record": None}
+
+
+def _cut_buffer(data: bytes, victim: int) -> tuple[int, int, int, list[int], list[int]]:
+    """(file offset, intact data area length, compressed flag, record starts, record ends) of a buffer."""
+    from pooltrace.etl.buffers import BufferSource
+    from pooltrace.etl.records import Chunk, _next_slots, walk
+
+    idx = scan_buffers(data)
+    area = BufferSource(data, idx).area(victim)
+    chunk = Chunk([area], [0])
+    slots = walk(chunk)[0]
+    ends = (_next_slots(chunk)[slots] * 8).tolist()
+    return int(idx.offset[victim]), len(area), int(idx.flags[victim] & FLAG_COMPRESSED), (slots * 8).tolist(), ends
+
+
+@pytest.mark.parametrize("cut", FILL_CUTS)
+@pytest.mark.parametrize("name", [p.name for p in SHIPPED])
+def test_a_fill_size_cut_anywhere_counts_and_says_every_record_lost(shipped, tmp_path, name, cut):
+    src = shipped / name
+    data = src.read_bytes()
+    whole = read_all(src)[0].stats.records
+    victim = len(scan_buffers(data)) // 2
+    off, n, _compressed, starts, ends = _cut_buffer(data, victim)
+    j = len(starts) // 2
+    into = FILL_CUTS[cut] if FILL_CUTS[cut] is not None else (ends[j] - starts[j]) // 2
+    assert into < ends[j] - starts[j]
+    fill = 0x48 + starts[j] + into
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, off + 0x30, fill)
+    path = tmp_path / name
+    path.write_bytes(bytes(bad))
+    reader, _, _ = read_all(path)
+    said = [w for w in reader.stats.warnings if f"buffer {victim} at offset 0x{off:x} is damaged:" in w]
+    assert len(said) == 1 and f"(filled size {fill})" in said[0], reader.stats.warnings
+    lost = int(said[0].split("is damaged: ")[1].split()[0])
+    assert reader.stats.records + lost == whole and lost == len(starts) - j
+    # bytes: from the first record not wholly inside the fill to the end of the data (its padding aside)
+    assert 0 <= ((n + 7) & ~7) - starts[j] - reader.stats.bytes_skipped < 8
+
+
+def test_campaign_seed_7188_fill_size_shrunk_in_a_compressed_buffer_is_said_everywhere(shipped, tmp_path):
+    """Mutation campaign seed 7188: sample-leak-fixed.etl buffer 10's fill size 0xffd0 -> 0xe0. The bound
+    just past 0xe0 fell inside an LZXpress match, libfwnt refused it, and the check for records past the
+    fill end never saw them: 945 records were dropped with exit 0 and no warning in any command."""
+    src = shipped / "sample-leak-fixed.etl"
+    data = src.read_bytes()
+    idx = scan_buffers(data)
+    victim = 10
+    assert idx.flags[victim] & FLAG_COMPRESSED and idx.filled[victim] > 0xE0
+    off, n, _compressed, starts, _ends = _cut_buffer(data, victim)
+    lost = sum(s >= 0xE0 - 0x48 for s in starts)
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, off + 0x30, 0xE0)
+    path = tmp_path / "seed7188.etl"
+    path.write_bytes(bytes(bad))
+    runner = CliRunner()
+    d = json.loads(runner.invoke(cli, ["info", "--format", "json", str(path)]).output)
+    said = f"buffer {victim} at offset 0x{off:x} is damaged: {lost} records"
+    assert d["records"] + lost == read_all(src)[0].stats.records
+    assert any(said in w for w in d["warnings"]) and "DAMAGED" in d["verdict"]
+    assert d["lost"]["bytes_skipped"] == n - (0xE0 - 0x48)
+    r = runner.invoke(cli, ["pair", str(path), "-o", str(tmp_path / "ds")])
+    assert r.exit_code == 0, r.output
+    assert any(said in w for w in json.loads((tmp_path / "ds" / "trace.json").read_text())["warnings"])
+    rep = runner.invoke(cli, ["report", str(tmp_path / "ds"), "--format", "json"])
+    assert any(said in w for w in json.loads(rep.output)["warnings"])
+    text = runner.invoke(cli, ["tags", str(tmp_path / "ds")], env={"COLUMNS": "400"}).output
+    assert said in " ".join(text.split())
+
+
+@pytest.mark.parametrize("fill", [0, 0x20, 0x47, "past", 0xFFFFFFFF])
+@pytest.mark.parametrize("name", [p.name for p in SHIPPED])
+def test_an_impossible_or_grown_fill_size_is_said(shipped, tmp_path, name, fill):
+    """A fill size inside the buffer header or past the buffer: the buffer is skipped, and its records are
+    counted and said as lost (they follow the end the header gives). A compressed buffer's fill grown past
+    what its stream holds: the buffer is skipped and said (its compressed bytes counted)."""
+    src = shipped / name
+    data = src.read_bytes()
+    whole = read_all(src)[0].stats.records
+    idx = scan_buffers(data)
+    victim = len(idx) // 2
+    off = int(idx.offset[victim])
+    compressed = bool(idx.flags[victim] & FLAG_COMPRESSED)
+    value = fill if fill != "past" else int(idx.filled[victim] if compressed else idx.size[victim]) + 8
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, off + 0x30, value)
+    path = tmp_path / name
+    path.write_bytes(bytes(bad))
+    reader, _, _ = read_all(path)
+    if compressed and fill == "past":
+        assert reader.stats.buffers_skipped == 1 and reader.stats.bytes_skipped == int(idx.size[victim])
+        assert any(f"buffer {victim} at offset 0x{off:x} skipped: " in w for w in reader.stats.warnings)
+        return
+    assert any(f"impossible fill size {value}" in w for w in reader.stats.warnings)
+    said = [w for w in reader.stats.warnings if "is damaged:" in w]
+    lost = int(said[0].split("is damaged: ")[1].split()[0])
+    assert reader.stats.records + lost == whole and reader.stats.bytes_skipped > 0
+
+
+def test_a_record_size_grown_past_the_fill_end_is_not_taken_for_a_shrunk_fill(shipped, tmp_path):
+    """A damaged record Size that runs past the fill end makes the walk stop there too; with nothing valid
+    where that size says the next record is, no records are claimed to follow the end (the walk's own
+    warning says the damage)."""
+    from pooltrace.etl.records import Chunk, walk
+
+    src = next((shipped / p.name for p in SHIPPED
+                if not all(f & FLAG_COMPRESSED for f in scan_buffers(p.read_bytes()).flags[1:])), None)
+    if src is None:
+        pytest.skip("no shipped sample with uncompressed data buffers")
+    data = bytearray(src.read_bytes())
+    idx = scan_buffers(bytes(data))
+    i = next(i for i in range(1, len(idx)) if not idx.flags[i] & FLAG_COMPRESSED)
+    off, filled = int(idx.offset[i]), int(idx.filled[i])
+    slots, _, _ = walk(Chunk([bytes(data[off + 0x48: off + filled])], [0]))
+    at = off + 0x48 + 8 * int(slots[-2])
+    assert data[at + 2] in (1, 2)  # a SYSTEM header: Size at +4
+    struct.pack_into("<H", data, at + 4, filled - 0x48 - 8 * int(slots[-2]) + 0x23)  # into the 0xFF tail, unaligned
+    path = tmp_path / "t.etl"
+    path.write_bytes(bytes(data))
+    reader, _, _ = read_all(path)
+    assert any("runs past the buffer's filled end" in w for w in reader.stats.warnings), reader.stats.warnings
+    assert not any("follow the end its header gives" in w for w in reader.stats.warnings)

@@ -101,14 +101,12 @@ class BufferSource:
             if n > self.max_area:  # the size is read from the file: never allocate more than a buffer holds
                 raise ValueError(f"declared size {filled:,} is larger than the logger's buffers "
                                  f"({self.max_area + BUFFER_HEADER_SIZE:,} bytes)")
-            comp = self.data[off + BUFFER_HEADER_SIZE: off + size]
-            out = decompress(comp, n, int(self.index.state[i]), slack=_PEEK)
+            # decoded up to the logger's buffer size, not only to the fill size: a stream that holds more says
+            # the fill size was shrunk (a bound just past it can fall inside a match that libfwnt then
+            # refuses, which hid it: mutation campaign seed 7188); intact streams end at the fill size
+            out = self._decompressed(i, n)
             if len(out) > n and self._starts_record(i, out[_align8(n):]):
-                try:
-                    full = decompress(comp, n, int(self.index.state[i]), slack=max(0, self.max_area - n))
-                except ValueError:
-                    full = out
-                self._hide(i, full[_align8(n):])
+                self._hide(i, out[_align8(n):])
             return out[:n]
         tail = off + BUFFER_HEADER_SIZE + _align8(n)
         if tail + 0x18 <= off + size and self._starts_record(i, bytes(self.data[tail:tail + _PEEK])):
@@ -138,6 +136,28 @@ class BufferSource:
         out[n:_align8(n)] = 0
         return n
 
+    def _decompressed(self, i: int, n: int) -> bytes:
+        off = int(self.index.offset[i])
+        comp = self.data[off + BUFFER_HEADER_SIZE: off + int(self.index.size[i])]
+        return decompress(comp, n, int(self.index.state[i]), slack=max(_PEEK, self.max_area - n))
+
+    def check_cut(self, i: int, at: int) -> None:
+        """The record walk stopped at byte `at` of buffer i's data area, on a record that runs past the filled
+        end or a header cut by it. When the fill size (header 0x30) was shrunk into a record, the complete
+        area holds that record and the chain after it: count them with the records hidden past the end.
+        Only called for buffers whose walk stopped early, so intact buffers never pay for it."""
+        n = int(self.index.filled[i]) - BUFFER_HEADER_SIZE
+        try:
+            if self.index.flags[i] & FLAG_COMPRESSED:
+                data = self._decompressed(i, n)
+            else:
+                off = int(self.index.offset[i])
+                data = bytes(self.data[off + BUFFER_HEADER_SIZE:off + int(self.index.size[i])])
+        except ValueError:
+            return
+        if len(data) > _align8(n) and 0 <= at < _align8(n):
+            self._hide(i, data[at:], _align8(n) - at)
+
     def _starts_record(self, i: int, head: bytes) -> bool:
         """A record header starts right after the filled end, not older than the buffer's first record
         (stale records left from the buffer's previous use would be older)."""
@@ -147,13 +167,32 @@ class BufferSource:
         known = int(self.index.first_ts[i])
         return known == np.iinfo(np.int64).min or ts >= known
 
-    def _hide(self, i: int, tail: bytes) -> None:
-        from pooltrace.etl.records import Chunk, walk
+    def _hide(self, i: int, tail: bytes, inside: int = 0) -> None:
+        """Count the record chain at the start of `tail` (bytes of buffer i's complete data area) as hidden
+        past the filled end, its first `inside` bytes excepted (within the filled end: the walk counts them).
+        Records older than the buffer's first record end the chain (stale ones from the buffer's previous
+        use); so does anything that is not a record. A chain of one record that is neither followed by the
+        end-of-data marker (0xFF) nor ends the area is not proof enough (a damaged record Size)."""
+        from pooltrace.etl.records import END, PERFINFO32, PERFINFO64, Chunk, _next_slots, walk
 
-        slots, _owner, _problems = walk(Chunk([tail], [0]))
-        if len(slots) and slots[0] == 0:
-            end = len(tail) if len(slots) == 1 else int(slots[-1]) * 8
-            self.hidden.append((i, max(end, 8), len(slots)))
+        chunk = Chunk([tail], [0])
+        slots, _owner, _problems = walk(chunk)
+        if not len(slots) or slots[0] != 0:
+            return
+        known = int(self.index.first_ts[i])
+        if known != np.iinfo(np.int64).min:
+            htype = chunk.data[slots * 8 + 2]
+            ts = chunk.u64[slots + np.where((htype == PERFINFO32) | (htype == PERFINFO64), 1, 2)].view(np.int64)
+            slots = slots[:int(np.argmin(ts >= known)) if (ts < known).any() else len(slots)]
+        if not len(slots):
+            return
+        last = int(slots[-1])
+        end = min(int(_next_slots(chunk, last, last + 1)[0]) * 8, len(tail))
+        if inside and len(slots) == 1 and end < (len(tail) & ~7) and \
+                int(_next_slots(chunk, end // 8, end // 8 + 1)[0]) != END:
+            return
+        if end > inside:
+            self.hidden.append((i, end - inside, len(slots)))
 
 
 _PEEK = 0x20  # bytes looked at past a buffer's filled end

@@ -20,7 +20,17 @@ from pooltrace.etl.buffers import BUFFER_HEADER_SIZE, BufferIndex, BufferSource
 from pooltrace.etl.columns import Columns
 from pooltrace.etl.decode import decode_chunk
 from pooltrace.etl.fragments import Digest, digest
-from pooltrace.etl.records import HEADER_TYPE_NAMES, IS_CLASSIC, IS_EVENT, SLACK, Chunk, Records, decode_headers
+from pooltrace.etl.records import (
+    HEADER_TYPE_NAMES,
+    IS_CLASSIC,
+    IS_EVENT,
+    NOT_VALID,
+    RUNS_PAST,
+    SLACK,
+    Chunk,
+    Records,
+    decode_headers,
+)
 
 
 @dataclass
@@ -75,16 +85,20 @@ def read_chunk(source: BufferSource, index: BufferIndex, buffers: list[int],
         cpus.append(int(index.cpu[b]))
         kept.append(b)
         pos += (n + 7) & ~7
+    _say_hidden(source, index, counts)
+    if not kept:
+        return None
+    data[pos:] = 0
+    return Chunk.from_array(data[:pos + SLACK], starts, ends, cpus), kept
+
+
+def _say_hidden(source: BufferSource, index: BufferIndex, counts: ChunkCounts) -> None:
     for b, nbytes, nrec in source.hidden:
         counts.bytes_skipped += nbytes
         counts.warnings.append(f"buffer {b} at offset 0x{int(index.offset[b]):x} is damaged: {nrec} records "
                                f"({nbytes} bytes) follow the end its header gives (filled size "
                                f"{int(index.filled[b])}); they were not read")
     source.hidden.clear()
-    if not kept:
-        return None
-    data[pos:] = 0
-    return Chunk.from_array(data[:pos + SLACK], starts, ends, cpus), kept
 
 
 def decode_buffers(source: BufferSource, index: BufferIndex, buffers: list[int], user_limit: int | None = None,
@@ -100,6 +114,10 @@ def decode_buffers(source: BufferSource, index: BufferIndex, buffers: list[int],
         counts.bytes_skipped += nbytes
         tail = "" if reason.endswith("not read") else f"; last {nbytes} bytes skipped"
         counts.warnings.append(f"buffer {kept[k]} (cpu {int(chunk.cpus[k])}): {reason}{tail}")
+        if reason in (NOT_VALID, RUNS_PAST):  # a fill size shrunk into a record: the records after it
+            n = int(index.filled[kept[k]]) - BUFFER_HEADER_SIZE
+            source.check_cut(kept[k], ((n + 7) & ~7) - nbytes)
+    _say_hidden(source, index, counts)
     if dropped:  # a record lost is damage, said as a warning, not only counted
         counts.malformed["record header"] += dropped
         where = f"buffer {kept[0]}" if len(kept) == 1 else f"buffers {min(kept)}..{max(kept)}"

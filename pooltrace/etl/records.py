@@ -55,6 +55,8 @@ IS_EVENT[list(EVENT)] = True
 END = np.int64(2**62)  # next-slot value of a 0xFFFFFFFF end-of-buffer marker
 BAD = np.int64(2**62 + 1)  # next-slot value of a slot that cannot start a record
 NO_ID = 0xFFFFFFFF
+# why a buffer's record walk stopped before its filled end (the last bytes are then not read)
+NOT_VALID, RUNS_PAST = "record header not valid", "record runs past the buffer's filled end"
 
 _EXT_ITEM = struct.Struct("<HHHH")
 
@@ -219,7 +221,7 @@ def walk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str
         counts.append(len(out))
         problems.extend((k, nbytes, reason) for nbytes, reason in _swallowed(chain, p, cand, nx, s, e))
         if p < e and q != END:
-            reason = "record header not valid" if q == BAD else "record runs past the buffer's filled end"
+            reason = NOT_VALID if q == BAD else RUNS_PAST
             problems.append((k, (e - p) * 8, reason))
     slots = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
