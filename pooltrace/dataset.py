@@ -83,16 +83,18 @@ def default_output(trace: Path) -> Path:
     return trace.with_name(trace.stem + ".pooltrace")
 
 
-def _pool_events(t: pa.Table) -> PoolEvents:
-    hook = t["hook"].to_numpy()
+def _pool_events(t: Columns) -> PoolEvents:
+    """The joiner's released pool events (numpy columns, session_id 0 where null) as pairing input."""
+    c = t.cols
+    hook = c["hook"]
     session = in_set(IS_SESSION, hook)
-    sid = t["session_id"].fill_null(0).to_numpy().astype(np.uint32)
+    sid = c["session_id"].astype(np.uint32, copy=False)
     return PoolEvents(
-        ts=t["ts"].to_numpy(), alloc=in_set(IS_ALLOC, hook),
-        namespace=np.where(session, sid.astype(np.int64) + 1, 0), address=t["entry"].to_numpy(),
-        tag=t["tag"].to_numpy(), pool_type=t["pool_type"].to_numpy(), size=t["size"].to_numpy(),
-        session_id=np.where(session, sid, np.uint32(0xFFFFFFFF)).astype(np.uint32), cpu=t["cpu"].to_numpy(),
-        pid=t["pid"].to_numpy(), tid=t["tid"].to_numpy(), stack=t["stack"].to_numpy())
+        ts=c["ts"], alloc=in_set(IS_ALLOC, hook),
+        namespace=np.where(session, sid.astype(np.int64) + 1, 0), address=c["entry"],
+        tag=c["tag"], pool_type=c["pool_type"], size=c["size"],
+        session_id=np.where(session, sid, np.uint32(0xFFFFFFFF)).astype(np.uint32), cpu=c["cpu"],
+        pid=c["pid"], tid=c["tid"], stack=c["stack"])
 
 
 class _RowWriter:
@@ -289,10 +291,10 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress, jobs: int = 1
                     rare[name].append(batch.get(name))
             now = max(int(t["ts"][-1].as_py()) for t in batch.tables.values())
             released = joiner.feed(batch, now)
-            if released is not None and released.num_rows:
+            if released is not None and len(released):
                 rows.write(pairer.feed(_pool_events(released)))
         released = joiner.finish()
-        if released is not None and released.num_rows:
+        if released is not None and len(released):
             rows.write(pairer.feed(_pool_events(released)))
         rows.write(pairer.finish())
     finally:

@@ -78,6 +78,18 @@ class _Open:
     rows: Columns | None = None  # alloc attributes, same order
 
 
+def _merge_order(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The stable sort order of concatenate([old, new]) for two sorted arrays, without sorting."""
+    n_old, n_new = len(old), len(new)
+    at_new = np.searchsorted(old, new, side="right") + np.arange(n_new)
+    order = np.empty(n_old + n_new, dtype=np.int64)
+    is_new = np.zeros(n_old + n_new, dtype=bool)
+    is_new[at_new] = True
+    order[at_new] = np.arange(n_old, n_old + n_new)
+    order[~is_new] = np.arange(n_old)
+    return order
+
+
 class Pairer:
     def __init__(self) -> None:
         self.stats = PairStats()
@@ -149,7 +161,7 @@ class Pairer:
         parts_rows = ([st.rows.take(keep)] if st.rows is not None else []) + [new_rows]
         all_addr = np.concatenate(parts_addr)
         all_rows = Columns.concat([p for p in parts_rows if p is not None])
-        srt = np.argsort(all_addr, kind="stable")
+        srt = _merge_order(parts_addr[0], parts_addr[1])
         st.address = all_addr[srt]
         st.rows = all_rows.take(srt)
         return Columns.concat(rows) if rows else _empty_rows()

@@ -128,12 +128,16 @@ class StackTable:
             return out
         k, u = kfrag[has], ufrag[has]
         code = (_compact(k) << 32) | _compact(u)  # one int64 per pair: a fast 1-D unique
-        ucode, first, inverse = np.unique(code, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        ids, new = self._ids.ids(ucode, len(self._ids))
-        if new.any():
-            self._pairs.append(np.stack([k[first[new]], u[first[new]]], axis=1))
-        out[has] = ids[inverse]
+        got, known = self._ids.lookup(code)  # most stacks were seen before: only the others are numbered
+        if not known.all():
+            rest = np.flatnonzero(~known)
+            ucode, first, inverse = np.unique(code[rest], return_index=True, return_inverse=True)
+            ids, new = self._ids.ids(ucode, len(self._ids))
+            first = rest[first]
+            if new.any():
+                self._pairs.append(np.stack([k[first[new]], u[first[new]]], axis=1))
+            got[rest] = ids[inverse.reshape(-1)]
+        out[has] = got
         return out
 
     def frames(self) -> tuple[list[np.ndarray], int]:
@@ -155,8 +159,45 @@ class StackTable:
         return out, unresolved
 
 
+class _Parts:
+    """A block of pending stack parts (one batch's stacks or references) and its event_ts range, so that a
+    release touches only the blocks that reach below its time limit."""
+
+    __slots__ = ("cols", "lo", "hi")
+
+    def __init__(self, cols: Columns) -> None:
+        self.cols = cols
+        ets = cols.cols["event_ts"]
+        self.lo, self.hi = int(ets.min()), int(ets.max())
+
+    def split(self, limit: int) -> tuple[Columns | None, _Parts | None]:
+        """(parts owned by events before `limit`, the block of the others), None for an empty side."""
+        if self.hi < limit:
+            return self.cols, None
+        if self.lo >= limit:
+            return None, self
+        mine = self.cols.cols["event_ts"] < limit
+        return self.cols.take(np.flatnonzero(mine)), _Parts(self.cols.take(np.flatnonzero(~mine)))
+
+
+def _pool_columns(t: pa.Table) -> Columns:
+    """The reader's pool table as numpy columns (zero-copy but for session_id, whose nulls become 0)."""
+    cols = {}
+    for name in t.column_names:
+        col = t[name]
+        cols[name] = col.fill_null(0).to_numpy() if col.null_count else col.to_numpy()
+    return Columns(cols)
+
+
+def _sorted(a: np.ndarray) -> bool:
+    return len(a) < 2 or bool((a[1:] >= a[:-1]).all())
+
+
 class StackJoiner:
-    """Feed it the reader's batches; it releases pool events (time order) with stack ids, W late."""
+    """Feed it the reader's batches; it releases pool events (time order) with stack ids, W late.
+
+    Released events are numpy columns: the pool table's columns (session_id with 0 where the table has
+    null), tid and pid completed from the stack, and `stack`."""
 
     def __init__(self, start_ticks: int, window_ticks: int, pointer_size: int) -> None:
         self.base = start_ticks
@@ -166,20 +207,20 @@ class StackJoiner:
         self.keys = KeyPlaceholders(self.fragments)
         self.stacks = StackTable(self.fragments, self.keys)
         self.stats = JoinStats()
-        self._pool: list[pa.Table] = []
-        self._frag: list[Columns] = []  # pending parts: owner cpu/ts, tid, pid, frag id, user flag, seq
+        self._pool: list[Columns] = []  # pending pool events, blocks in time order
+        self._frag: list[_Parts] = []  # pending parts: owner cpu/ts, tid, pid, frag id, user flag, seq
 
-    def feed(self, batch, watermark: int | None) -> pa.Table | None:
+    def feed(self, batch, watermark: int | None) -> Columns | None:
         """Add one batch; return the pool events that can no longer receive a stack part."""
         pool = batch.get("pool")
-        if pool is not None:
-            self._pool.append(pool)
+        if pool is not None and pool.num_rows:
+            self._pool.append(_pool_columns(pool))
         self._add_parts(batch)
         if watermark is None:
             return None
         return self._release(watermark - self.window)
 
-    def finish(self) -> pa.Table | None:
+    def finish(self) -> Columns | None:
         return self._release(None)
 
     def _add_parts(self, batch) -> None:
@@ -202,7 +243,7 @@ class StackJoiner:
             parts.append(self._parts(refs, ph, refs["user"].to_numpy(zero_copy_only=False)))
         for p in parts:
             self.stats.stack_events += len(p)
-            self._frag.append(p)
+            self._frag.append(_Parts(p))
 
     @staticmethod
     def _parts(t: pa.Table, frag: np.ndarray, user: np.ndarray) -> Columns:
@@ -213,58 +254,79 @@ class StackJoiner:
     def _key(self, ts: np.ndarray, cpu: np.ndarray) -> np.ndarray:
         return ((ts - self.base) << CPU_BITS) | cpu.astype(np.int64)
 
-    def _release(self, limit: int | None) -> pa.Table | None:
+    def _release(self, limit: int | None) -> Columns | None:
         if not self._pool:
             self._drop_parts(limit)
             return None
-        pool = pa.concat_tables(self._pool) if len(self._pool) > 1 else self._pool[0]
-        ts = pool["ts"].to_numpy()
-        n_ready = len(ts) if limit is None else int(np.searchsorted(ts, limit, side="left"))
+        if limit is None:
+            n_ready = sum(len(b) for b in self._pool)
+        else:  # the first event at or after the limit, as one search over the pending events' times
+            ts = np.concatenate([b.cols["ts"] for b in self._pool]) if len(self._pool) > 1 else self._pool[0].cols["ts"]
+            n_ready = int(np.searchsorted(ts, limit, side="left"))
         if n_ready == 0:
-            self._pool = [pool]
             self._drop_parts(limit)
             return None
-        ready, rest = pool.slice(0, n_ready), pool.slice(n_ready)
-        self._pool = [rest] if rest.num_rows else []
-        parts = Columns.concat(self._frag) if self._frag else None
-        out = self._attach(ready, parts, limit)
-        return out
+        ready, left = [], n_ready
+        while left:
+            b = self._pool[0]
+            if len(b) <= left:
+                ready.append(b)
+                left -= len(b)
+                self._pool.pop(0)
+            else:
+                ready.append(b.slice(0, left))
+                self._pool[0] = b.slice(left, len(b))
+                left = 0
+        return self._attach(Columns.concat(ready), limit)
+
+    def _take_parts(self, limit: int | None) -> Columns | None:
+        """Remove and return the pending parts owned by events before `limit` (all with None), in arrival
+        order."""
+        if not self._frag:
+            return None
+        if limit is None:
+            mine = [p.cols for p in self._frag]
+            self._frag = []
+        else:
+            mine, keep = [], []
+            for p in self._frag:
+                a, b = p.split(limit)
+                if a is not None:
+                    mine.append(a)
+                if b is not None:
+                    keep.append(b)
+            self._frag = keep
+        return Columns.concat(mine) if mine else None
 
     def _drop_parts(self, limit: int | None) -> None:
-        if not self._frag:
-            return
-        parts = Columns.concat(self._frag)
-        if limit is None:
-            self.stats.unattached += len(parts)
-            self._frag = []
-            return
-        old = parts.cols["event_ts"] < limit
-        self.stats.unattached += int(old.sum())
-        self._frag = [parts.take(np.flatnonzero(~old))] if (~old).any() else []
+        old = self._take_parts(limit)
+        if old is not None:
+            self.stats.unattached += len(old)
 
-    def _attach(self, ready: pa.Table, parts: Columns | None, limit: int | None) -> pa.Table:
-        n = ready.num_rows
-        ts = ready["ts"].to_numpy()
-        cpu = ready["cpu"].to_numpy()
-        tid = ready["tid"].to_numpy().copy()
-        pid = ready["pid"].to_numpy().copy()
+    def _attach(self, ready: Columns, limit: int | None) -> Columns:
+        n = len(ready)
+        rc = ready.cols
+        ts = rc["ts"]
+        cpu = rc["cpu"]
+        tid = rc["tid"].copy()
+        pid = rc["pid"].copy()
         kfrag = np.full(n, -1, dtype=np.int64)
         ufrag = np.full(n, -1, dtype=np.int64)
-        if parts is not None and len(parts):
-            pts = parts.cols["event_ts"]
-            mine = np.ones(len(pts), dtype=bool) if limit is None else pts < limit
-            cand = parts.take(np.flatnonzero(mine))
-            keep = parts.take(np.flatnonzero(~mine)) if (~mine).any() else None
-            self._frag = [keep] if keep is not None else []
-            # same CPU, same timestamp (sort parts by arrival so the first part wins)
+        cand = self._take_parts(limit)
+        if cand is not None and len(cand):
+            # same CPU, same timestamp (sort parts by arrival so the first part wins); the events come
+            # sorted by (ts, cpu, seq), so their keys usually are already in order
             ekey = self._key(ts, cpu)
-            order = np.argsort(ekey, kind="stable")
-            skey = ekey[order]
+            if _sorted(ekey):
+                order, skey = None, ekey
+            else:
+                order = np.argsort(ekey, kind="stable")
+                skey = ekey[order]
             c = cand.cols
             pkey = self._key(c["event_ts"], c["cpu"])
-            at = np.searchsorted(skey, pkey)
-            hit = (at < n) & (skey[np.minimum(at, n - 1)] == pkey)
-            owner = np.where(hit, order[np.minimum(at, n - 1)], -1)
+            at = np.minimum(np.searchsorted(skey, pkey), n - 1)
+            hit = skey[at] == pkey
+            owner = np.where(hit, at if order is None else order[at], -1)
             # an event that names its thread (SYSTEM header) only takes a part of that thread; another
             # event of the same CPU and timestamp, or one on another CPU, gets it below
             etid = tid[np.maximum(owner, 0)]
@@ -292,22 +354,26 @@ class StackJoiner:
                     owner[left] = owner2
             self.stats.attached += int((owner >= 0).sum())
             self.stats.unattached += int((owner < 0).sum())
-        stack = self.stacks.ids(kfrag, ufrag)
-        out = ready
-        for name, arr in (("tid", tid), ("pid", pid)):
-            out = out.set_column(out.schema.get_field_index(name), name, pa.array(arr, pa.uint32()))
-        return out.append_column("stack", pa.array(stack, pa.int64()))
+        out = dict(rc)
+        out["tid"], out["pid"] = tid, pid
+        out["stack"] = self.stacks.ids(kfrag, ufrag)
+        return Columns(out)
 
     def _apply(self, owner, c, kfrag, ufrag, tid, pid) -> None:
         """Give each owner its first kernel part and first user part (parts are in arrival order)."""
         got = np.flatnonzero(owner >= 0)
         if not len(got):
             return
-        got = got[np.argsort(c["seq"][got], kind="stable")]
+        seq = c["seq"][got]
+        if not _sorted(seq):  # one block of Stack events is in arrival order already
+            got = got[np.argsort(seq, kind="stable")]
         for user, target in ((False, kfrag), (True, ufrag)):
             sel = got[c["user"][got] == user]
             own = owner[sel]
-            uniq, first = np.unique(own, return_index=True)
+            if len(own) < 2 or bool((own[1:] > own[:-1]).all()):  # usual: one part per event, in event order
+                uniq, first = own, np.arange(len(own))
+            else:
+                uniq, first = np.unique(own, return_index=True)
             free = target[uniq] < 0
             target[uniq[free]] = c["frag"][sel[first[free]]]
             self.stats.extra_parts += int(len(sel) - free.sum())

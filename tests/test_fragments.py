@@ -74,3 +74,15 @@ def test_interner_numbers_new_keys_from_first_id():
     assert ids.tolist() == [0, 1, 2] and new.all()
     ids, new = it.ids(np.array([-7, 3, 10], dtype=np.int64), 10)
     assert ids.tolist() == [10, 1, 11] and new.tolist() == [True, False, True]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-5, 30), unique=True), st.lists(st.integers(-10, 40)))
+def test_interner_lookup_gives_known_ids_and_marks_the_unknown(known, keys):
+    it = Interner()
+    k = np.sort(np.array(known, dtype=np.int64))
+    ids, _ = it.ids(k, 0)
+    by_key = dict(zip(k.tolist(), ids.tolist(), strict=True))
+    got, found = it.lookup(np.array(keys, dtype=np.int64))
+    assert found.tolist() == [x in by_key for x in keys]
+    assert got.tolist() == [by_key.get(x, -1) for x in keys]

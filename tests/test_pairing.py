@@ -122,3 +122,13 @@ def test_attributes_and_stacks_travel_with_rows():
     assert c["size"][freed] == 1 and c["kind"][freed] == CLOSED_FREE
     assert c["kind"][by_alloc[3]] == OUTSTANDING and c["kind"][by_alloc[1]] == OUTSTANDING
     assert p.stats.outstanding_bytes == 2 + 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 20)), st.lists(st.integers(0, 20)))
+def test_merge_order_is_the_stable_sort_of_two_sorted_runs(old, new):
+    from pooltrace.pairing import _merge_order
+
+    a, b = np.sort(np.array(old, dtype=np.uint64)), np.sort(np.array(new, dtype=np.uint64))
+    want = np.argsort(np.concatenate([a, b]), kind="stable")
+    assert np.array_equal(_merge_order(a, b), want)

@@ -31,6 +31,13 @@ class Columns:
             lists[name] = (new, values[pos])
         return Columns({k: v[idx] for k, v in self.cols.items()}, {k: v[idx] for k, v in self.valid.items()}, lists)
 
+    def slice(self, start: int, stop: int) -> Columns:
+        """Rows start..stop as views (no copy); tables with list columns are taken instead."""
+        if self.lists:
+            return self.take(np.arange(start, stop))
+        return Columns({k: v[start:stop] for k, v in self.cols.items()},
+                       {k: v[start:stop] for k, v in self.valid.items()})
+
     @staticmethod
     def concat(parts: list[Columns]) -> Columns:
         if len(parts) == 1:

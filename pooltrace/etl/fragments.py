@@ -87,6 +87,16 @@ class Interner:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of any `keys` (in any order, repeated or not) and the mask of those known; unknown get -1."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        if not len(self._keys):
+            return out, np.zeros(len(keys), dtype=bool)
+        pos = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+        found = self._keys[pos] == keys
+        out[found] = self._ids[pos[found]]
+        return out, found
+
     def ids(self, keys: np.ndarray, first_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Ids of distinct, ascending `keys`, and the mask of those new now (numbered from first_id in key
         order)."""
