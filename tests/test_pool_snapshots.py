@@ -182,6 +182,25 @@ def test_report_header_and_trace_json_name_the_baseline(sample):
     assert "'Irp '" not in text  # only the tags shown
 
 
+def test_report_header_says_the_baseline_of_several_tags_in_one_sentence(sample):
+    """QA: the header had one "before the trace began" line per tag shown (six on the sample). Now one
+    sentence: the total, then each tag's figures."""
+    ds, truth = sample
+    meta = json.loads((ds / "trace.json").read_text())
+    out = CliRunner().invoke(cli, ["report", str(ds), "--no-symbols"], env={"COLUMNS": "100"}).output
+    assert out.count("before the trace began") == 1
+    start = {t: b["start"] for t, b in meta["tag_baseline"].items() if b.get("start") and b["start"].get("allocs")}
+    shown = {t for t in start if f" {t!r} " in out or f"{t!r}," in out}
+    assert len(shown) > 1
+    text = " ".join(out.split())
+    assert (f"the kernel counted {sum(start[t]['allocs'] for t in shown):,} outstanding allocations of "
+            f"{len(shown)} tags ({sum(start[t]['bytes'] for t in shown):,} bytes; from the pool snapshot in the "
+            "trace); the trace cannot pair those: ") in text
+    for t in shown:
+        assert f"{t!r} {start[t]['allocs']:,} ({start[t]['bytes']:,} B)" in text
+    assert all(len(line) <= 100 and not line.endswith(" ") for line in out.splitlines())
+
+
 def test_report_header_skips_tags_with_nothing_before_the_trace(tmp_path):
     truth = json.loads((TRACES / "sample-leak-fixed.truth.json").read_text())["truth"]["baseline"]
     empty = [t for t, b in truth.items() if not any(b["start"].values())]
@@ -191,7 +210,7 @@ def test_report_header_skips_tags_with_nothing_before_the_trace(tmp_path):
     text = " ".join(CliRunner().invoke(cli, ["report", str(ds), "--no-symbols", "--by", "tag"]).output.split())
     assert "'Lea2'" not in text and "counted 0 outstanding" not in text  # was "counted 0 outstanding 'Lea2'"
     assert "Lea2" in text  # the group itself is shown
-    assert "outstanding 'Leak' allocations" in text
+    assert "'Leak' " in text.split("the trace cannot pair those: ")[1]  # several tags: one sentence names each
 
 
 def test_no_snapshot_no_baseline(tmp_path):

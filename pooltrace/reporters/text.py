@@ -53,6 +53,26 @@ def trace_name(t: dict) -> str:
     return f"{run['store']} run {run['run_id']}" + (f" ({labels})" if labels else "")
 
 
+def before_line(t: dict, shown: set[str]) -> str | None:
+    """One sentence for what the kernel counted outstanding before the trace began, for the tags shown (none
+    when nothing was): one tag's figures, or the total and each tag's figures."""
+    baseline = t.get("tag_baseline") or {}
+    rows = [(tag, b["start"]) for tag, b in sorted(baseline.items())
+            if tag in shown and b.get("start") and b["start"].get("allocs")]
+    if not rows:
+        return None
+    source = {"pool_snapshot": "the pool snapshot in the trace", "sidecar": "the recorder's sidecar"}.get(
+        t.get("tag_baseline_source"), "the recorder's sidecar")
+    if len(rows) == 1:
+        tag, b = rows[0]
+        return (f"before the trace began, the kernel counted {b['allocs']:,} outstanding {tag!r} allocations "
+                f"({b['bytes']:,} bytes; from {source}); the trace cannot pair those")
+    each = ", ".join(f"{tag!r} {b['allocs']:,} ({b['bytes']:,} B)" for tag, b in rows)
+    return (f"before the trace began, the kernel counted {sum(b['allocs'] for _, b in rows):,} outstanding "
+            f"allocations of {len(rows)} tags ({sum(b['bytes'] for _, b in rows):,} bytes; from {source}); the "
+            f"trace cannot pair those: {each}")
+
+
 def render(report: Report, console: Console, blocks: list[dict] | None = None, hidden_blocks=None) -> None:
     t = report.trace
     w = report.window
@@ -70,15 +90,9 @@ def render(report: Report, console: Console, blocks: list[dict] | None = None, h
                                "were lost while recording; counts may be incomplete", style="yellow"))
     for line in notice_lines(report):
         say(console, line)
-    baseline = t.get("tag_baseline") or {}
-    shown = {tag for g in report.groups for tag in g.tags}
-    source = {"pool_snapshot": "the pool snapshot in the trace", "sidecar": "the recorder's sidecar"}.get(
-        t.get("tag_baseline_source"), "the recorder's sidecar")
-    for tag, b in sorted(baseline.items()):
-        if tag in shown and b.get("start") and b["start"].get("allocs"):  # nothing before the trace: no line
-            console.print(Text(f"before the trace began, the kernel counted {b['start']['allocs']:,} outstanding "
-                               f"{tag!r} allocations ({b['start']['bytes']:,} bytes; from {source}); the trace "
-                               "cannot pair those"))
+    line = before_line(t, {tag for g in report.groups for tag in g.tags})
+    if line:
+        say(console, line)
     if not report.groups:
         console.print(Text("no outstanding allocations match" if t.get("pairing", {}).get("allocs") else
                            "no pool allocations in this trace"))
