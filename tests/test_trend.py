@@ -38,8 +38,8 @@ def series(tmp_path_factory):
     return paths, truths
 
 
-def trend(*args, code=0):
-    r = CliRunner().invoke(cli, ["trend", *map(str, args)])
+def trend(*args, code=0, columns=None):
+    r = CliRunner().invoke(cli, ["trend", *map(str, args)], env={"COLUMNS": str(columns) if columns else None})
     assert r.exit_code == code, r.output
     return r
 
@@ -105,7 +105,7 @@ def test_status_rules(values, want):
 
 def test_text_csv_and_gate(series):
     paths, truths = series
-    out = trend(*paths, "--by", "function", "--no-symbols").stdout
+    out = trend(*paths, "--by", "function", "--no-symbols", columns=160).stdout
     line = next(x for x in out.splitlines() if NEW_LEAK in x)
     assert f"fixed in run {FIXED_IN}" in line and f"{truths[2].outstanding_bytes['new_leak']:,}" in line
     rows = list(csv.DictReader(io.StringIO(trend(*paths, "--by", "function", "--no-symbols", "--format",
@@ -130,6 +130,50 @@ def test_text_csv_and_gate(series):
               code=1 if total[-1] > total[best] + 1 else 0)
     if total[-1] > total[best] + 1:
         assert f"against run {best + 1} " in r.stderr
+
+
+@pytest.mark.parametrize("columns", [60, 80, 100, 200])
+def test_text_uses_the_terminal_width(series, columns):
+    """QA: trend text was laid out for 120 columns whatever the terminal. Now COLUMNS (the terminal's width,
+    100 when piped) as the other commands: a table when it fits, else a block per group (status and call
+    site, then the bytes per run); never a line wider than the terminal, never a call site cut."""
+    paths, truths = series
+    out = trend(*paths, "--by", "function", "--no-symbols", columns=columns).stdout
+    lines = out.splitlines()
+    assert all(len(x) <= columns and x == x.rstrip() for x in lines), max(lines, key=len)
+    at = next(k for k, x in enumerate(lines) if NEW_LEAK in x)
+    assert f"fixed in run {FIXED_IN}" in lines[at]
+    planted = f"{truths[2].outstanding_bytes['new_leak']:,}"
+    if columns >= 160:
+        assert "call site" not in out and f"{planted} " in lines[at]  # the table, --by function names its column
+        return
+    bytes_line = " ".join(lines[at + 1:at + 3])
+    assert bytes_line.lstrip().startswith(f"bytes in runs 1..{RUNS}: ") and planted in bytes_line
+
+
+def test_csv_says_each_runs_notices_on_stderr(series, tmp_path):
+    """QA: trend's text, JSON and HTML carry each run's losses, notes and warnings; the CSV (one row per
+    group, no header for them) said nothing. Now they go to stderr, as report's and diff's CSV do."""
+    from pooltrace.etl.writer import TraceWriter
+
+    paths, _ = series
+    w = TraceWriter(pointer_size=8, cpus=1)  # a run that recorded no pool events: a note in trace.json
+    w.image(0, w.start_qpc + 10, 0x1403, 0xFFFFF80000000000, 0x10000, 0, "\\SystemRoot\\system32\\ntoskrnl.exe")
+    w.save(tmp_path / "nopool.etl")
+    runs = [paths[0], tmp_path / "nopool.etl"]
+    data = json.loads(trend(*runs, "--no-symbols", "--format", "json").stdout)
+    want = []
+    for r in data["runs"]:
+        if r["events_lost"]:
+            want.append(f"warning: run {r['run']} ({r['name']}): {r['events_lost']:,} events lost while recording")
+        want += [f"warning: run {r['run']} ({r['name']}): {n}" for n in r["notes"] + r["warnings"]]
+    assert any("nopool.etl" in x for x in want) and any("build1.etl" in x for x in want)
+    for extra in ([], ["-o", tmp_path / "t.csv"]):
+        r = trend(*runs, "--no-symbols", "--format", "csv", *extra)
+        assert r.stderr.splitlines() == want
+        rows = list(csv.DictReader(io.StringIO(r.stdout if not extra else (tmp_path / "t.csv").read_text())))
+        assert rows and all(set(row) == {"status", "first_run", "bytes_1", "bytes_2", "count_1", "count_2", "frames"}
+                            for row in rows)
 
 
 def test_wrong_inputs(series, tmp_path):

@@ -68,10 +68,13 @@ def trend(runs, by, window, tags, pool, pids, modules, min_bytes, symbols, no_sy
         raise PooltraceError(f"trend needs at least 2 runs ({len(reports)} given)")
     t = build_trend(reports, tolerance / 100)
     if fmt == "text":  # the terminal's width, no trailing spaces, ASCII boxes where the stream needs them
-        render_text(lambda con: trendout.render_text(t, con, top or 30), output, width=120)
+        render_text(lambda con: trendout.render_text(t, con, top or 30), output)
     else:  # -o: written atomically
         write_output(output, {"json": trendout.to_json, "csv": trendout.to_csv,
                               "html": lambda x: trendout.to_html(x, top)}[fmt](t))
+    if fmt == "csv":  # a CSV has no header for them: on stderr, as report and diff do
+        for line in trendout.run_notices(t):
+            click.echo(f"warning: {line}", err=True)
     if fail_on_growth:
         empty = [f"run {k} ({r.name})" for k, r in enumerate(t.runs, 1) if not pool_event_count(r.report.trace)]
         if empty:  # as diff's gate: a CI gate never passes on a run that recorded nothing

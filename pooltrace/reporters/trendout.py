@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pooltrace.reporters.text import _site
+from pooltrace.reporters.text import _site, say
 from pooltrace.trends import Trend, TrendGroup
 
 HTML_GROUPS = 12
@@ -51,7 +51,7 @@ def to_csv(t: Trend) -> str:
     return out.getvalue()
 
 
-def _lost(t: Trend) -> list[str]:
+def run_notices(t: Trend) -> list[str]:
     """Per run: events lost while recording, the pairing's notes (no pool events...) and warnings."""
     out = []
     for k, r in enumerate(t.runs, 1):
@@ -63,20 +63,27 @@ def _lost(t: Trend) -> list[str]:
 
 
 def render_text(t: Trend, console: Console, top: int | None) -> None:
+    """Runs, their warnings, then one row per group: a table when it fits the console's width, else (many
+    runs, a narrow terminal) a block per group: its status and call site, then its bytes per run."""
     for k, r in enumerate(t.runs, 1):
-        console.print(Text(f"run {k}: {r.name}  {r.report.outstanding_count:,} blocks "
-                           f"{r.report.outstanding_bytes:,} bytes outstanding  ({r.source})"))
-    for line in _lost(t):
-        console.print(Text(f"warning: {line}"))
+        say(console, f"run {k}: {r.name}  {r.report.outstanding_count:,} blocks "
+                     f"{r.report.outstanding_bytes:,} bytes outstanding  ({r.source})")
+    for line in run_notices(t):
+        say(console, f"warning: {line}")
     table = Table(show_edge=False, pad_edge=False)
-    table.add_column("status", overflow="fold")
-    table.add_column("first", justify="right")
+    table.add_column("status", no_wrap=True)
+    table.add_column("first", justify="right", no_wrap=True)
     for k in range(1, len(t.runs) + 1):
-        table.add_column(f"run {k}", justify="right")
-    table.add_column("call site" if t.by == "stack" else t.by, overflow="fold")
+        table.add_column(f"run {k}", justify="right", no_wrap=True)
+    table.add_column("call site" if t.by == "stack" else t.by, no_wrap=True)
     for g in t.groups[:top]:
         table.add_row(g.status, str(g.first_run), *[f"{b:,}" for b in g.bytes], Text(label(t, g)))
-    console.print(table)
+    if console.measure(table, options=console.options.update_width(1 << 16)).maximum <= console.width:
+        console.print(table)
+    else:
+        for g in t.groups[:top]:
+            say(console, f"{g.status} (first in run {g.first_run}): {label(t, g)}")
+            say(console, "    bytes in runs 1.." + f"{len(t.runs)}: " + ", ".join(f"{b:,}" for b in g.bytes))
     hidden = len(t.groups) - len(t.groups[:top])
     if hidden > 0:
         console.print(Text(f"{hidden:,} more group(s) not shown (--top)"))
@@ -107,7 +114,7 @@ def to_html(t: Trend, top: int | None = None) -> str:
                     f'</section>')
     runs = "".join(f"<li>run {k}: {e(r.name)} — {r.report.outstanding_bytes:,} bytes outstanding "
                    f"<small>{e(r.source)}</small></li>" for k, r in enumerate(t.runs, 1))
-    lost = "".join(f'<p class="warning">{e(w)}</p>' for w in _lost(t))
+    lost = "".join(f'<p class="warning">{e(w)}</p>' for w in run_notices(t))
     hidden = max(0, len(t.groups) - len(t.groups[:top or HTML_GROUPS]))
     more = f'<p class="hidden">{hidden:,} more group(s) not shown</p>' if hidden else ""
     return f"""<!doctype html>
