@@ -327,6 +327,35 @@ def test_unmerged_trace_identity_from_the_image(tmp_path):
     assert s.lookup(np.array([0]), np.array([0x1022], np.uint64)) == [("AllocateLeakyBuffer", 0x22)]
 
 
+def test_whose_json_names_the_symbol_files_used_now_not_where_the_cache_was_built(shipped, tmp_path, monkeypatch):
+    """QA: `whose --format json` gave a cached table's `source` as the PDB it was first built from, in the
+    checkout that built it (gone or elsewhere). Now the cached table itself, and no path of that checkout."""
+    import json
+
+    from click.testing import CliRunner
+
+    from pooltrace.cli import cli
+
+    monkeypatch.setenv("POOLTRACE_CACHE", str(tmp_path / "cache"))
+    first, now = tmp_path / "first", tmp_path / "now"
+    for d in (first, now):
+        shutil.copytree(shipped, d, ignore=shutil.ignore_patterns("*.pooltrace"))
+
+    def symbols(root):
+        r = CliRunner().invoke(cli, ["whose", "Leak", str(root / "sample-leak.etl"), "--format", "json", "--no-scan"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["trace"]["symbols"]
+
+    built = [s for s in symbols(first) if s["status"] == "found"]
+    assert built and all(s["source"].startswith(str(first)) for s in built)  # read from the PDBs beside the trace
+    shutil.rmtree(first)
+    used = [s for s in symbols(now) if s["status"] == "found"]
+    assert {s["module"] for s in used} == {s["module"] for s in built}
+    for s in used:
+        assert Path(s["source"]).is_file() and Path(s["source"]).is_relative_to(tmp_path / "cache"), s
+        assert "cached table" in s["detail"] and str(first) not in s["detail"], s
+
+
 def test_unmerged_trace_image_with_other_stamp_is_not_used(tmp_path):
     d = tmp_path / "d"
     d.mkdir()

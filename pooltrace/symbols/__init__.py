@@ -241,7 +241,9 @@ class Symbolizer:
         cache_file = self._cache_path("tables", name, key, f"functions-v{CACHE_VERSION}.npz")
         table = FunctionTable.load(cache_file) if cache_file is not None and cache_file.exists() else None
         if table is not None and table.meta.get("guid") == str(guid) and table.meta.get("age") == age:
-            result = (FOUND, table.meta.get("source"), f"{prefix}{len(table):,} functions (cached table)", table)
+            # the file used now is the cached table (named by the PDB's identity), not the PDB it was first
+            # built from: that may be in another checkout, or gone
+            result = (FOUND, str(cache_file), f"{prefix}{len(table):,} functions (cached table)", table)
         else:
             found = self.locator.find(name, key, self._pdb_validator(guid, age), kind="pdb")
             if found.status == FOUND:
@@ -264,8 +266,8 @@ class Symbolizer:
         ident = None
         if note_file is not None and note_file.exists():
             try:
-                ident = json.loads(note_file.read_text())
-                ident = (str(ident["pdb_name"]), uuid.UUID(ident["guid"]), int(ident["age"]), ident.get("source"))
+                ident = json.loads(note_file.read_text())  # the image it was read from may be gone: not named
+                ident = (str(ident["pdb_name"]), uuid.UUID(ident["guid"]), int(ident["age"]), f"cached in {note_file}")
             except (OSError, ValueError, KeyError, TypeError):
                 ident = None
         if ident is None:
@@ -288,12 +290,12 @@ class Symbolizer:
                 g.status, g.detail = NO_IDENTITY, f"{found.source}: unsafe PDB name {cv.pdb_path!r}"
                 self._warn(f"symbols: {g.detail}")
                 return False
-            ident = (pdb_name, cv.guid, cv.age, found.source)
+            ident = (pdb_name, cv.guid, cv.age, f"from the image {found.source}")
             if note_file is not None:
                 self._write_text(note_file, json.dumps({"pdb_name": pdb_name, "guid": str(cv.guid), "age": cv.age,
                                                         "source": found.source}))
         g.pdb_name, g.guid, g.age = ident[0], ident[1], ident[2]
-        g.detail = f"PDB identity from the image {ident[3]}"
+        g.detail = f"PDB identity {ident[3]}"
         return True
 
     def _system_image(self, image: str, ikey: str) -> Found | None:
