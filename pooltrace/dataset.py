@@ -241,6 +241,13 @@ def decode_jobs(jobs: int | None, trace_bytes: int) -> int:
     return max(1, default_jobs() if jobs is None else jobs)
 
 
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # the reader says why
+        return 0
+
+
 def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S,
                progress: Callable[[int, int], None] | None = None, jobs: int | None = None) -> dict:
     """Pair a trace into a dataset directory; returns the trace.json content. The dataset is the same
@@ -258,6 +265,10 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot create the dataset directory: {os_reason(exc)}") from None
     try:
+        if decode_jobs(jobs, _size(trace)) > 1:
+            from pooltrace.etl.parallel import start_early
+
+            start_early()  # the workers' server loads while the buffer index is read
         with EtlReader(trace, chunk_bytes=CHUNK_BYTES) as reader:
             meta = _pair(reader, tmp, window_s, progress, decode_jobs(jobs, reader.stats.file_size))
         (tmp / "trace.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -335,18 +335,8 @@ class StackJoiner:
             # parts on another CPU: by (thread, timestamp) against events whose thread is now known
             left = np.flatnonzero(owner < 0)
             if len(left):
-                ev_idx = np.flatnonzero(tid != NO_ID)
-                if len(ev_idx):
-                    order2 = np.lexsort((tid[ev_idx], ts[ev_idx]))
-                    e_ts, e_tid = ts[ev_idx][order2], tid[ev_idx][order2]
-                    p_ts, p_tid = c["event_ts"][left], c["tid"][left]
-                    lo = np.searchsorted(e_ts, p_ts, side="left")
-                    hi = np.searchsorted(e_ts, p_ts, side="right")
-                    owner2 = np.full(len(left), -1, dtype=np.int64)
-                    for j in np.flatnonzero(hi > lo).tolist():  # few: late parts on another CPU
-                        m = np.flatnonzero(e_tid[lo[j]:hi[j]] == p_tid[j])
-                        if len(m):
-                            owner2[j] = ev_idx[order2[lo[j] + m[0]]]
+                owner2 = self._by_thread(ts, tid, c["event_ts"][left], c["tid"][left])
+                if owner2 is not None:
                     sub = Columns({k: v[left] for k, v in c.items()})
                     before = int((owner2 >= 0).sum())
                     self._apply(owner2, sub.cols, kfrag, ufrag, tid, pid)
@@ -358,6 +348,36 @@ class StackJoiner:
         out["tid"], out["pid"] = tid, pid
         out["stack"] = self.stacks.ids(kfrag, ufrag)
         return Columns(out)
+
+    @staticmethod
+    def _by_thread(ts: np.ndarray, tid: np.ndarray, p_ts: np.ndarray, p_tid: np.ndarray) -> np.ndarray | None:
+        """For each part (timestamp, thread): the first event (lowest index) with that timestamp and that
+        known thread, -1 when none; None when no event has a known thread."""
+        if _sorted(ts):  # usual: the events come in time order, no sort needed
+            lo = np.searchsorted(ts, p_ts, side="left")
+            hi = np.searchsorted(ts, p_ts, side="right")
+            if not (tid != NO_ID).any():
+                return None
+            owner2 = np.full(len(p_ts), -1, dtype=np.int64)
+            for j in np.flatnonzero(hi > lo).tolist():  # few: late parts on another CPU
+                cand = tid[lo[j]:hi[j]]
+                m = np.flatnonzero((cand == p_tid[j]) & (cand != NO_ID))
+                if len(m):
+                    owner2[j] = lo[j] + m[0]
+            return owner2
+        ev_idx = np.flatnonzero(tid != NO_ID)
+        if not len(ev_idx):
+            return None
+        order2 = np.lexsort((tid[ev_idx], ts[ev_idx]))
+        e_ts, e_tid = ts[ev_idx][order2], tid[ev_idx][order2]
+        lo = np.searchsorted(e_ts, p_ts, side="left")
+        hi = np.searchsorted(e_ts, p_ts, side="right")
+        owner2 = np.full(len(p_ts), -1, dtype=np.int64)
+        for j in np.flatnonzero(hi > lo).tolist():
+            m = np.flatnonzero(e_tid[lo[j]:hi[j]] == p_tid[j])
+            if len(m):
+                owner2[j] = ev_idx[order2[lo[j] + m[0]]]
+        return owner2
 
     def _apply(self, owner, c, kfrag, ufrag, tid, pid) -> None:
         """Give each owner its first kernel part and first user part (parts are in arrival order)."""

@@ -91,15 +91,20 @@ def _work(buffers: list[int], digest_stacks: bool):
 
 
 def _take(result) -> DecodedChunk:
-    """Rebuild a decoded chunk from a worker's shared-memory block (copied out, then unlinked)."""
+    """Rebuild a decoded chunk from a worker's shared-memory block. The block's name is removed at once;
+    the arrays are views of its mapping, which lives as long as they do (no copy). Where the mapping
+    cannot be handed to the arrays (SharedMemory without its usual attributes), they are copied out."""
     name, manifest, rest, shapes, counts = result
     shm = shared_memory.SharedMemory(name=name)
     try:
+        mapping = _detach(shm)
+        whole = memoryview(mapping) if mapping is not None else shm.buf
         got = {}
         for place, dtype, shape, off in manifest:
             dt = np.dtype(dtype)
             n = int(np.prod(shape)) if shape else 1
-            got[place] = np.frombuffer(shm.buf, dtype=dt, count=n, offset=off).reshape(shape).copy()
+            arr = np.frombuffer(whole, dtype=dt, count=n, offset=off).reshape(shape)
+            got[place] = arr if mapping is not None else arr.copy()
     finally:
         shm.close()
         shm.unlink()
@@ -113,6 +118,17 @@ def _take(result) -> DecodedChunk:
     if ("", "digest", "h1", 0) in got:
         dig = Digest(*(got[("", "digest", k, 0)] for k in ("h1", "h2", "offsets", "values")), inverse=None)
     return DecodedChunk(tables, counts, dig)
+
+
+def _detach(shm: shared_memory.SharedMemory):
+    """Take the mmap out of a SharedMemory (so that its close() leaves the mapping to the arrays made
+    from it, unmapped when they are freed); None when this Python's SharedMemory is not laid out so."""
+    mapping, view = getattr(shm, "_mmap", None), getattr(shm, "_buf", None)
+    if mapping is None or not isinstance(view, memoryview):
+        return None
+    view.release()
+    shm._buf, shm._mmap = None, None
+    return mapping
 
 
 @contextlib.contextmanager
@@ -136,6 +152,18 @@ def _context():
         ctx.set_forkserver_preload(["pooltrace.etl.chunks"])
         return ctx
     return mp.get_context("spawn")
+
+
+def start_early() -> None:
+    """Start the process the decode workers are forked from now (it imports the decoders, ~0.3 s), so that
+    it loads while the caller is still reading the trace's buffer index. Only the forkserver start method
+    has such a process; with spawn this does nothing."""
+    ctx = _context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        with _caller_script_hidden():
+            forkserver.ensure_running()
 
 
 def decode_in_workers(reader, plan: list[tuple[list[int], int]], jobs: int, digest_stacks: bool

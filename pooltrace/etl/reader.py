@@ -84,24 +84,44 @@ class Batch:
         return self.tables.get(name)
 
 
+def _time_order(t: Columns, idx: np.ndarray | None) -> np.ndarray | None:
+    """Rows `idx` of t (all with None) in (ts, cpu, seq) order, as indices into t; None when that is all
+    of t in its own order. Rows come in read order (seq ascending), so the usual sort is one stable sort
+    of a combined (ts, cpu) key, nearly sorted already; the three-key sort is the fallback."""
+    c = t.cols
+    ts, cpu, seq = (c["ts"], c["cpu"], c["seq"]) if idx is None else (c["ts"][idx], c["cpu"][idx], c["seq"][idx])
+    if len(ts) < 2:
+        return idx
+    lo, hi = int(ts.min()), int(ts.max())
+    if hi - lo < 1 << 50 and int(cpu.max()) < 1 << 12 and bool((seq[1:] > seq[:-1]).all()):
+        key = ((ts - lo) << 12) | cpu.astype(np.int64)
+        order = None if bool((key[1:] >= key[:-1]).all()) else np.argsort(key, kind="stable")
+    else:
+        order = np.lexsort((seq, cpu, ts))
+        if not (np.diff(order) < 0).any():
+            order = None
+    if order is None:
+        return idx
+    return order if idx is None else idx[order]
+
+
 def _split(parts: list, wm: int, everything: bool = False):
     """Rows released at watermark `wm` (ts < wm, sorted by ts, cpu, seq, as Arrow) and the rest."""
     if isinstance(parts[0], Columns):
         t = Columns.concat(parts)
         ts = t.cols["ts"]
-        if everything or (len(ts) and ts.max() < wm):
-            ready, rest = np.arange(len(ts)), None
-        else:
+        ready, rest = None, None
+        if not everything and len(ts) and ts.max() >= wm:
             mask = ts < wm
             ready = np.flatnonzero(mask)
-            rest = t.take(np.flatnonzero(~mask)) if len(ready) < len(ts) else None
-        if not len(ready):
-            return None, t
-        sub = t.take(ready) if len(ready) < len(ts) else t
-        order = sub.sort_order()
-        if (np.diff(order) < 0).any():
-            sub = sub.take(order)
-        return sub.to_arrow(), rest
+            if not len(ready):
+                return None, t
+            if len(ready) < len(ts):
+                rest = t.take(np.flatnonzero(~mask))
+            else:
+                ready = None
+        order = _time_order(t, ready)
+        return (t if order is None else t.take(order)).to_arrow(), rest
     t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
     if everything:
         return t.sort_by(SORT_KEYS), None
