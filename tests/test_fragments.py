@@ -86,3 +86,23 @@ def test_interner_lookup_gives_known_ids_and_marks_the_unknown(known, keys):
     got, found = it.lookup(np.array(keys, dtype=np.int64))
     assert found.tolist() == [x in by_key for x in keys]
     assert got.tolist() == [by_key.get(x, -1) for x in keys]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=60), st.data())
+def test_digest_of_spans_in_place_equals_digest_of_the_copied_frames(words, data):
+    from pooltrace.etl.fragments import digest_spans, hash_spans
+
+    w = np.array(words, dtype=np.uint64)
+    spans = data.draw(st.lists(st.tuples(st.integers(0, len(w) - 1), st.integers(1, 8)), max_size=20))
+    spans = [(s, min(c, len(w) - s)) for s, c in spans]
+    starts = np.array([s for s, _ in spans], dtype=np.int64)
+    counts = np.array([c for _, c in spans], dtype=np.int64)
+    values = np.concatenate([w[s:s + c] for s, c in spans]) if spans else np.zeros(0, np.uint64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    for a, b in zip(hash_segments(values, offsets), hash_spans(w, starts, counts), strict=True):
+        assert np.array_equal(a, b)
+    if spans:
+        d1, d2 = digest(values, offsets), digest_spans(w, starts, counts)
+        for k in ("h1", "h2", "offsets", "values", "inverse"):
+            assert np.array_equal(getattr(d1, k), getattr(d2, k)), k

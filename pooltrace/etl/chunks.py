@@ -18,8 +18,8 @@ import pyarrow as pa
 
 from pooltrace.etl.buffers import BUFFER_HEADER_SIZE, BufferIndex, BufferSource
 from pooltrace.etl.columns import Columns
-from pooltrace.etl.decode import decode_chunk
-from pooltrace.etl.fragments import Digest, digest
+from pooltrace.etl.decode import decode_chunk, stack_frames
+from pooltrace.etl.fragments import Digest, digest, digest_spans
 from pooltrace.etl.records import (
     HEADER_TYPE_NAMES,
     IS_CLASSIC,
@@ -124,16 +124,23 @@ def decode_buffers(source: BufferSource, index: BufferIndex, buffers: list[int],
         counts.warnings.append(f"{dropped} record(s) dropped in {where}: header and payload sizes disagree "
                                "(damaged record header)")
     count_records(recs, counts)
-    dec = decode_chunk(chunk, recs, 0)
+    dec = decode_chunk(chunk, recs, 0, frame_spans=digest_stacks)
     counts.malformed.update(dec.malformed)
     stacks = dec.tables.get("stacks")
     dig = None
     if digest_stacks and stacks is not None:
-        offsets, values = stacks.lists.pop("frames")
-        dig = digest(values, offsets)
+        at, n, ptr = (stacks.cols.pop(k) for k in ("frame_at", "frame_n", "frame_ptr"))
+        if not (ptr != 8).any() and not (at & 7).any():  # x64: hashed where they lie, no frame array
+            words = chunk.u64
+            dig = digest_spans(words, at >> 3, n)
+            first = words[at >> 3]
+        else:
+            offsets, values = stack_frames(chunk, at, n, ptr)
+            dig = digest(values, offsets)
+            first = values[offsets[:-1]]
         stacks.cols["frag"] = dig.inverse
         dig.inverse = None  # travels once, as the stacks column
-        stacks.cols["user"] = values[offsets[:-1]] < np.uint64(user_limit)
+        stacks.cols["user"] = first < np.uint64(user_limit)
     return DecodedChunk(dec.tables, counts, dig)
 
 

@@ -171,13 +171,34 @@ def _stack_head(chunk: Chunk, recs: Records, idx: np.ndarray, seq0: int, lay: La
     return col
 
 
-def decode_stacks(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
+def decode_stacks(chunk: Chunk, recs: Records, seq0: int, malformed: Counter, spans: bool = False) -> Columns | None:
+    """Stack events with their frames; with `spans`, where the frames are instead (`frame_at`: byte offset in
+    the chunk, `frame_n`: count, `frame_ptr`: pointer size), for a caller that hashes them in place."""
     parts = []
     for lay, idx, n in _valid(recs, recs.hook == STACK_HOOK, "stack", malformed):
         col = _stack_head(chunk, recs, idx, seq0, lay)
-        col["frames"] = _frames(chunk, recs.payload[idx] + lay.fixed_size, n, lay.pointer_size)
+        at = recs.payload[idx] + lay.fixed_size
+        if spans:
+            col["frame_at"], col["frame_n"] = at, n.astype(np.int64)
+            col["frame_ptr"] = np.full(len(idx), lay.pointer_size, dtype=np.int64)
+        else:
+            col["frames"] = _frames(chunk, at, n, lay.pointer_size)
         parts.append(col)
-    return _columns(parts, lists="frames")
+    return _columns(parts, lists=None if spans else "frames")
+
+
+def stack_frames(chunk: Chunk, at: np.ndarray, n: np.ndarray, ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The frames of spans from decode_stacks(spans=True) as (offsets, values), in row order."""
+    offsets = np.zeros(len(n) + 1, dtype=np.int64)
+    np.cumsum(n, out=offsets[1:])
+    values = np.zeros(int(offsets[-1]), dtype=np.uint64)
+    for size in (8, 4):
+        rows = np.flatnonzero(ptr == size)
+        if len(rows):
+            o, v = _frames(chunk, at[rows], n[rows], size)
+            dest = np.repeat(offsets[rows] - o[:-1], n[rows]) + np.arange(int(o[-1]), dtype=np.int64)
+            values[dest] = v
+    return offsets, values
 
 
 def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
@@ -373,12 +394,15 @@ def decode_snapshots(chunk: Chunk, recs: Records, seq0: int, malformed: Counter)
     return {name: pa.Table.from_pylist(r, schema=snapshot_schema(name)) for name, r in rows.items() if r}
 
 
-def decode_chunk(chunk: Chunk, recs: Records, seq0: int) -> Decoded:
+def decode_chunk(chunk: Chunk, recs: Records, seq0: int, frame_spans: bool = False) -> Decoded:
+    """Every table of the chunk; with `frame_spans` the stacks table says where its frames are
+    (decode_stacks) instead of holding them."""
     malformed: Counter = Counter()
     tables: dict[str, pa.Table] = {}
     for name, func in (("pool", decode_pool), ("stacks", decode_stacks), ("key_refs", decode_key_refs),
                        ("key_defs", decode_key_defs)):
-        t = func(chunk, recs, seq0, malformed)
+        t = func(chunk, recs, seq0, malformed, frame_spans) if func is decode_stacks else \
+            func(chunk, recs, seq0, malformed)
         if t is not None and len(t):
             tables[name] = t
     for name, rows in decode_rare(chunk, recs, seq0, malformed).items():

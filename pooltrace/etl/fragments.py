@@ -128,8 +128,39 @@ class Digest:
     inverse: np.ndarray | None  # None once it has become the stacks table's `frag` column
 
 
+def hash_spans(words: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """hash_segments of the segments words[starts[i]:starts[i] + counts[i]] (counts >= 1) without copying
+    them out: the same sums, as differences of a running sum of K**p-weighted words over the span the
+    segments cover (p: position in `words`), brought back to segment-relative powers with K**-start."""
+    if not len(counts):
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    lo, hi = int(starts.min()), int((starts + counts).max())
+    w = words[lo:hi]
+    rel = starts - lo
+    h = []
+    for (mult, k), powers in zip(PARAMS, _POWERS, strict=True):
+        up, down = powers.get(len(w) + 1)
+        x = w * mult
+        x ^= x >> np.uint64(29)
+        x *= up[:len(w)]
+        run = np.zeros(len(w) + 1, dtype=np.uint64)
+        np.cumsum(x, out=run[1:])
+        s = (run[rel + counts] - run[rel]) * down[rel]
+        h.append(_mix(s ^ (counts.astype(np.uint64) * np.uint64(k))))
+    return h[0], h[1]
+
+
+def digest_spans(words: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> Digest:
+    """digest() of the segments words[starts[i]:starts[i] + counts[i]], read where they lie."""
+    return _digest(*hash_spans(words, starts, counts), words, starts, counts)
+
+
 def digest(values: np.ndarray, offsets: np.ndarray) -> Digest:
-    h1, h2 = hash_segments(values, offsets)
+    return _digest(*hash_segments(values, offsets), values, offsets[:-1], np.diff(offsets))
+
+
+def _digest(h1: np.ndarray, h2: np.ndarray, source: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> Digest:
+    """The distinct segments by hash; segment i is source[starts[i]:starts[i] + counts[i]]."""
     k1 = h1.view(np.int64)
     _, first, inverse = np.unique(k1, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -137,12 +168,12 @@ def digest(values: np.ndarray, offsets: np.ndarray) -> Digest:
         pairs = np.stack([k1, h2.view(np.int64)], axis=1)
         _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
-    starts = offsets[:-1][first]
-    counts = offsets[1:][first] - starts
+    at = starts[first]
+    n = counts[first]
     new = np.zeros(len(first) + 1, dtype=np.int64)
-    np.cumsum(counts, out=new[1:])
-    pos = np.repeat(starts - new[:-1], counts) + np.arange(int(new[-1]), dtype=np.int64)
-    return Digest(k1[first], h2[first], new, values[pos], inverse)
+    np.cumsum(n, out=new[1:])
+    pos = np.repeat(at - new[:-1], n) + np.arange(int(new[-1]), dtype=np.int64)
+    return Digest(k1[first], h2[first], new, source[pos].astype(np.uint64, copy=False), inverse)
 
 
 class FragmentStore:
