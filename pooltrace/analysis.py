@@ -28,6 +28,7 @@ from pooltrace.datasetcheck import (
     read_trace_json,
     verify_dataset,
 )
+from pooltrace.datasetschema import default_output
 from pooltrace.errors import OutputError, PooltraceError
 from pooltrace.growth import Growth, class_rank, growth_table, times
 from pooltrace.modulemap import NONE, ModuleMap, frame_text
@@ -40,11 +41,62 @@ COLUMNS = ["tag", "pool_type", "paged", "session", "session_id", "size", "addres
            "pid", "tid", "cpu", "alloc_stack"]
 
 
+CORE = ["tag", "size", "alloc_ns", "free_ns", "pid", "alloc_stack"]  # read when a dataset is opened
+NOT_NULL = ["tag", "fate", "pool_type", "size", "address", "pid", "tid", "cpu", "paged", "session"]
+FATE_FLAGS = {"outstanding_at_end": "outstanding", "lost_free": "lost_free"}  # rows[flag]: fate == value
+
+
+class Rows(dict):
+    """The allocation columns as numpy arrays (nulls: alloc_ns/free_ns = NULL_NS, stack = -1, session_id =
+    0xFFFFFFFF; tag as indices into Dataset.tags; fate as the flags of FATE_FLAGS), each read from the
+    dataset when first used: a report reads the CORE columns, --list, --pool and tags a few more. A column
+    is checked (no nulls where NOT_NULL) when it is read."""
+
+    def __init__(self, path: Path, read: Callable[[list[str]], pa.Table]):
+        super().__init__()
+        self.path = path  # the file named in errors
+        self._read = read
+
+    def __missing__(self, name: str) -> np.ndarray:
+        column = "fate" if name in FATE_FLAGS else name
+        if column not in COLUMNS or column == "tag":
+            raise KeyError(name)
+        self.load([column])
+        return dict.__getitem__(self, name)
+
+    def load(self, names: list[str]) -> pa.Table:
+        """Read `names` (one threaded read) and convert them; returns the table read."""
+        table = self._read(names)
+        check_no_nulls(self.path, table, [n for n in names if n in NOT_NULL])
+        for name in names:
+            if name == "tag":
+                continue  # the Dataset converts it: it holds the tag names
+            col = table[name]
+            if name == "fate":
+                fate = _dictionary(col)
+                codes = fate.indices.to_numpy(zero_copy_only=False)
+                names_ = fate.dictionary.to_pylist()
+                for flag, value in FATE_FLAGS.items():
+                    hit = [i for i, v in enumerate(names_) if v == value]
+                    self[flag] = codes == hit[0] if len(hit) == 1 else np.isin(codes, hit)  # one pass for one code
+            elif name in ("paged", "session"):
+                self[name] = col.to_numpy(zero_copy_only=False)
+            elif name in ("alloc_ns", "free_ns"):
+                self[name] = _filled(col, NULL_NS)
+            elif name == "alloc_stack":
+                self[name] = _filled(col, -1)
+            elif name == "session_id":
+                self[name] = _filled(col, 0xFFFFFFFF)
+            else:
+                self[name] = col.to_numpy()
+        return table
+
+
 @dataclass
 class Dataset:
     path: Path
     trace: dict
-    rows: dict[str, np.ndarray]  # allocation columns as numpy (nulls: alloc_ns/free_ns = NULL_NS, stack = -1)
+    rows: Rows  # allocation columns as numpy, read when first used (see Rows)
     tags: list[str]  # tag strings; rows["tag"] holds indices into this list
     stacks: pa.ListArray
     modules: pa.Table
@@ -74,14 +126,14 @@ def open_input(path: Path, *, progress: Callable | None = None) -> Dataset:
         raise PooltraceError(f"{path}: not a pooltrace dataset (no trace.json); give an .etl or a `pair` output")
     if not path.exists():
         raise PooltraceError(f"{path}: no such file")
-    from pooltrace.dataset import default_output, pair_trace
-
     cache = default_output(path)
     if is_dataset(cache) and _fresh(cache, path):
         try:
             return load_dataset(cache)
         except PooltraceError:
             pass  # a damaged cache is rebuilt, not trusted
+    from pooltrace.dataset import pair_trace
+
     try:
         pair_trace(path, cache, progress=progress)
         return load_dataset(cache)
@@ -107,37 +159,30 @@ def _fresh(cache: Path, trace: Path) -> bool:
 
 def load_dataset(path: Path) -> Dataset:
     """Open a dataset directory: its schema is checked first (verify_dataset), so a tampered or truncated
-    file is a one-line error naming it, whatever reads the dataset next."""
+    file is a one-line error naming it, whatever reads the dataset next. The CORE allocation columns are
+    read now, the others when first used (Rows)."""
     trace = verify_dataset(path, COLUMNS)
-    table = read_parquet(path / "allocations.parquet", columns=COLUMNS, read_dictionary=["tag", "fate"])
+    allocations = path / "allocations.parquet"
+
+    def read(columns: list[str]) -> pa.Table:
+        return read_parquet(allocations, columns=columns, read_dictionary=[c for c in ("tag", "fate") if c in columns])
+
     stacks = read_parquet(path / "stacks.parquet")
     modules = read_parquet(path / "modules.parquet")
-    check_no_nulls(path / "allocations.parquet", table,
-                   ["tag", "fate", "pool_type", "size", "address", "pid", "tid", "cpu", "paged", "session"])
     check_no_nulls(path / "stacks.parquet", stacks, ["stack_id"])
     check_no_nulls(path / "modules.parquet", modules, MODULE_KEYS)
-    return dataset_from_tables(path, trace, table, stacks, modules)
+    return _dataset(path, trace, Rows(allocations, read), stacks, modules)
 
 
 def dataset_from_tables(path: Path, trace: dict, table: pa.Table, stacks: pa.Table, modules: pa.Table) -> Dataset:
     """A Dataset from its tables (allocation COLUMNS, tag and fate read as dictionaries or not): a run
     store selects only the rows a query needs and builds the Dataset from them."""
-    tag = _dictionary(table["tag"])
-    rows = {"tag": tag.indices.to_numpy(zero_copy_only=False).astype(np.int32), "fate": _dictionary(table["fate"])}
-    for name in ("pool_type", "size", "address", "pid", "tid", "cpu"):
-        rows[name] = table[name].to_numpy()
-    rows["paged"] = table["paged"].to_numpy(zero_copy_only=False)
-    rows["session"] = table["session"].to_numpy(zero_copy_only=False)
-    rows["session_id"] = _filled(table["session_id"], 0xFFFFFFFF)
-    for name in ("alloc_ns", "free_ns"):
-        rows[name] = _filled(table[name], NULL_NS)
-    rows["alloc_stack"] = _filled(table["alloc_stack"], -1)
-    fate = rows.pop("fate")
-    codes = fate.indices.to_numpy(zero_copy_only=False)
-    names = fate.dictionary.to_pylist()
-    for flag, value in (("outstanding_at_end", "outstanding"), ("lost_free", "lost_free")):
-        hit = [i for i, v in enumerate(names) if v == value]
-        rows[flag] = codes == hit[0] if len(hit) == 1 else np.isin(codes, hit)  # one pass for one code
+    return _dataset(path, trace, Rows(path / "allocations.parquet", table.select), stacks, modules)
+
+
+def _dataset(path: Path, trace: dict, rows: Rows, stacks: pa.Table, modules: pa.Table) -> Dataset:
+    tag = _dictionary(rows.load(CORE)["tag"])
+    rows["tag"] = tag.indices.to_numpy(zero_copy_only=False).astype(np.int32)
     stack_id = stacks["stack_id"].to_numpy()
     check_stacks(path, stack_id, rows["alloc_stack"])
     order = np.argsort(stack_id)
@@ -155,7 +200,7 @@ def _dictionary(col: pa.ChunkedArray) -> pa.DictionaryArray:
 
 def _filled(col: pa.ChunkedArray, null: int) -> np.ndarray:
     """A nullable integer column as numpy with `null` for nulls, straight from the Arrow buffers."""
-    out = np.empty(len(col), dtype=col.type.to_pandas_dtype())
+    out = np.empty(len(col), dtype=np.dtype(str(col.type)))  # int64, uint32: the same names (no pandas)
     at = 0
     for arr in col.chunks:  # each chunk copied once into the result (no combined copy first)
         n = len(arr)
@@ -260,9 +305,8 @@ def row_mask(ds: Dataset, f: Filters) -> np.ndarray:
         match = tag_matcher(f.tags)
         ok = np.array([match(t) for t in ds.tags], dtype=bool)
         mask &= ok[r["tag"]] if len(ok) else False
-    pool = pooltypes.filter_mask(f.pool, r["pool_type"], r["session"])
-    if pool is not None:
-        mask &= pool
+    if f.pool is not None:
+        mask &= pooltypes.filter_mask(f.pool, r["pool_type"], r["session"])
     if f.pids:
         mask &= np.isin(r["pid"], f.pids)
     return mask

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pooltrace import __version__
 from pooltrace.baseline import PoolSnapshots, choose, fill_free_without_alloc
+from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA, default_output  # noqa: F401
 from pooltrace.definitions import definitions
 from pooltrace.errors import OutputError
 from pooltrace.etl.columns import Columns
@@ -59,28 +60,11 @@ CHUNK_BYTES = 4 << 20  # buffers decoded together (the unit of work of a decode 
 # smaller traces are decoded in one process: worker start-up (~0.5 s) > the decode moved (~0.4 s per 100 MB)
 PARALLEL_MIN_BYTES = 128 << 20
 
-ALLOCATIONS_SCHEMA = pa.schema([
-    ("tag", pa.string()), ("pool_type", pa.uint32()), ("paged", pa.bool_()), ("session", pa.bool_()),
-    ("session_id", pa.uint32()), ("size", pa.uint64()), ("address", pa.uint64()), ("alloc_ns", pa.int64()),
-    ("free_ns", pa.int64()), ("fate", pa.dictionary(pa.int8(), pa.string())), ("pid", pa.uint32()),
-    ("tid", pa.uint32()), ("cpu", pa.uint16()), ("alloc_stack", pa.int64()), ("free_stack", pa.int64()),
-])
-STACKS_SCHEMA = pa.schema([("stack_id", pa.int64()), ("frames", pa.list_(pa.uint64()))])
-MODULES_SCHEMA = pa.schema([
-    ("base", pa.uint64()), ("size", pa.uint64()), ("name", pa.string()), ("path", pa.string()),
-    ("pid", pa.uint32()), ("timedatestamp", pa.uint32()), ("checksum", pa.uint32()), ("pdb_name", pa.string()),
-    ("pdb_guid", pa.string()), ("pdb_age", pa.uint32()), ("load_ns", pa.int64()), ("unload_ns", pa.int64()),
-])
-
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def default_output(trace: Path) -> Path:
-    return trace.with_name(trace.stem + ".pooltrace")
 
 
 def _pool_events(t: Columns) -> PoolEvents:

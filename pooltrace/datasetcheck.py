@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA
 from pooltrace.errors import PooltraceError
 from pooltrace.jsonrules import DROP, U32, U64, Field, load_json, opt, validate
 
@@ -104,8 +105,6 @@ def parquet_schema(path: Path, expected: pa.Schema, columns: list[str] | None = 
 def verify_dataset(ds: Path, alloc_columns: list[str] | None = None) -> dict:
     """Check dataset directory `ds` before anything reads it: trace.json and the schemas of the three Parquet
     files (of allocations.parquet only `alloc_columns` when given). Returns trace.json's content."""
-    from pooltrace.dataset import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA
-
     ds = Path(ds)
     if not ds.is_dir():
         raise PooltraceError(f"{ds}: not a directory")

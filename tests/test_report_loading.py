@@ -1,0 +1,68 @@
+"""How `report` opens a dataset (pooltrace.analysis.Rows): only the allocation columns an analysis uses
+are read, each checked when it is read; a report on a dataset loads no trace decoder and no pandas."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pooltrace.analysis import CORE, load_dataset
+from pooltrace.cli import cli
+from tests.conftest import ROOT
+
+SAMPLE = ROOT / "traces" / "sample-leak.etl"
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("paired") / "ds"
+    r = CliRunner().invoke(cli, ["pair", str(SAMPLE), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_columns_are_read_when_first_used(paired):
+    ds = load_dataset(paired)
+    assert set(ds.rows) == set(CORE)
+    full = pq.read_table(paired / "allocations.parquet")
+    assert ds.rows["tid"].tolist() == full["tid"].to_pylist()
+    assert ds.rows["lost_free"].tolist() == [f == "lost_free" for f in full["fate"].to_pylist()]
+    assert {"tid", "lost_free", "outstanding_at_end"} <= set(ds.rows)
+    with pytest.raises(KeyError):
+        ds.rows["no_such_column"]
+
+
+def test_a_null_in_a_column_is_found_when_it_is_read(paired, tmp_path):
+    """tid is not a CORE column: the plain report is the intact one; --list reads tid and refuses the file."""
+    ds = tmp_path / "ds"
+    shutil.copytree(paired, ds)
+    table = pq.read_table(ds / "allocations.parquet")
+    tid = table["tid"].to_pylist()
+    pq.write_table(table.set_column(table.schema.get_field_index("tid"), "tid",
+                                    pa.array([None] + tid[1:], pa.uint32())), ds / "allocations.parquet")
+    intact = CliRunner().invoke(cli, ["report", str(paired), "--no-symbols"])
+    plain = CliRunner().invoke(cli, ["report", str(ds), "--no-symbols"])
+    assert plain.exit_code == 0 and plain.output == intact.output.replace(str(paired), str(ds))
+    listed = CliRunner().invoke(cli, ["report", str(ds), "--no-symbols", "--list"])
+    lines = listed.output.strip().splitlines()
+    assert listed.exit_code == 2 and len(lines) == 1, listed.output
+    assert str(ds / "allocations.parquet") in lines[0] and "column 'tid' has 1 nulls" in lines[0]
+
+
+def test_a_report_on_a_dataset_loads_no_decoder_and_no_pandas(paired):
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print(sorted(m for m in ('pandas', 'pooltrace.dataset', 'pooltrace.etl.reader') "
+            "if m in sys.modules), file=sys.stderr))\n"
+            "from pooltrace.cli import main\n"
+            f"sys.argv = ['pooltrace', 'report', {str(paired)!r}, '--no-symbols', '--format', 'json']\n"
+            "main()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "[]"
