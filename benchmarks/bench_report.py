@@ -1,17 +1,22 @@
-"""`pooltrace report` speed over a large dataset (default 10 M allocations).
+"""`pooltrace report` speed over a large dataset (default 10 M allocations), and on the cached dataset of a
+real trace.
 
-    python benchmarks/bench_report.py [--rows 10000000] [--stacks 5000]
+    python benchmarks/bench_report.py [--rows 10000000] [--stacks 5000] [--dataset DIR] [--trace T.etl]
 
 Writes a dataset directory directly (allocations/stacks/modules Parquet + trace.json, with the schema of
-`pooltrace pair`), then times `pooltrace report DIR` (text and JSON, --by stack and --by function) in a
-fresh process each: wall seconds and the process's CPU seconds (user + system; on a shared, loaded machine
-the CPU figure is the one to compare). Not a test: run it by hand and quote the figures.
+`pooltrace pair`; into DIR with --dataset, reused when DIR already holds one), then times `pooltrace report
+DIR` (JSON and text, --by stack and --by function) in a fresh process each. With --trace, also `pooltrace
+report T.etl` on its cached dataset: the trace is linked into a temporary directory, paired there once (the
+cache `report` reuses), then reported. Each run prints wall seconds end to end (interpreter start
+included), the process's CPU seconds (user + system; on a shared, loaded machine the CPU figure is the one
+to compare) and its peak RSS. Not a test: run it by hand and quote the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -76,35 +81,57 @@ def build(out: Path, rows: int, stacks: int) -> None:
                                                 "pairing": {"allocs": rows}}))
 
 
-def children_cpu() -> float:
-    """User + system seconds of the finished child processes (0 where the OS does not say: Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return 0.0
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def timed(args: list[str], label: str, repeat: int) -> None:
+    """Run `python -m pooltrace ARGS` `repeat` times; print each run's wall and CPU seconds and peak RSS
+    (the last two from the OS's accounting of that very process: os.wait4; not on Windows)."""
+    for _ in range(repeat):
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            t0 = time.perf_counter()
+            p = subprocess.Popen([sys.executable, "-m", "pooltrace", *args], stdout=out, stderr=err, cwd=ROOT)
+            if hasattr(os, "wait4"):
+                _, status, usage = os.wait4(p.pid, 0)
+                dt = time.perf_counter() - t0
+                code = os.waitstatus_to_exitcode(status)
+                p.returncode = code
+                figures = (f"{usage.ru_utime + usage.ru_stime:.2f} s CPU, peak RSS {usage.ru_maxrss // 1024} MB "
+                           "(whole process)")
+            else:
+                code = p.wait()
+                dt = time.perf_counter() - t0
+                figures = "(CPU and RSS: not on this OS)"
+            err.seek(0)
+            assert code == 0, err.read().decode(errors="replace")
+        print(f"{label}: {dt:.2f} s wall, {figures}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--stacks", type=int, default=5000)
+    ap.add_argument("--dataset", type=Path, help="build the dataset here (reused when it holds one)")
+    ap.add_argument("--trace", type=Path, help="also time report on this trace's cached dataset")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each command")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ds = Path(tmp) / "big.pooltrace"
-        t0 = time.perf_counter()
-        build(ds, args.rows, args.stacks)
-        print(f"dataset: {args.rows:,} allocations, {args.stacks:,} stacks, built in {time.perf_counter() - t0:.0f} s")
-        for extra in (["--format", "json"], ["--by", "function", "--format", "json"], []):
-            before = children_cpu()
+        ds = args.dataset or Path(tmp) / "big.pooltrace"
+        if not (ds / "trace.json").is_file():
             t0 = time.perf_counter()
-            res = subprocess.run([sys.executable, "-m", "pooltrace", "report", str(ds), "--no-symbols", *extra],
-                                 capture_output=True, text=True, cwd=ROOT)
-            dt = time.perf_counter() - t0
-            cpu = children_cpu() - before
-            assert res.returncode == 0, res.stderr
-            print(f"report {' '.join(extra) or '(text)'}: {dt:.2f} s wall, {cpu:.2f} s CPU (whole process)")
+            build(ds, args.rows, args.stacks)
+            print(f"dataset: {args.rows:,} allocations, {args.stacks:,} stacks, built in "
+                  f"{time.perf_counter() - t0:.0f} s")
+        rows = json.loads((ds / "trace.json").read_text())["pairing"]["allocs"]
+        for extra in (["--format", "json"], ["--by", "function", "--format", "json"], []):
+            timed(["report", str(ds), "--no-symbols", *extra], f"report {rows:,} allocations "
+                  f"{' '.join(extra) or '(text)'}", args.repeat)
+        if args.trace:
+            trace = Path(tmp) / args.trace.name
+            trace.symlink_to(args.trace.resolve())
+            subprocess.run([sys.executable, "-m", "pooltrace", "pair", str(trace), "--quiet"], check=True, cwd=ROOT)
+            meta = json.loads(trace.with_suffix(".pooltrace").joinpath("trace.json").read_text())
+            what = f"{meta['records']:,} records, {meta['pairing']['allocs']:,} allocations"
+            for extra in (["--format", "json"], []):
+                timed(["report", str(trace), *extra], f"report {args.trace.name} (cached dataset: {what}) "
+                      f"{' '.join(extra) or '(text)'}", args.repeat)
 
 
 if __name__ == "__main__":

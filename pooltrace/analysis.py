@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,11 +24,14 @@ from pooltrace.datasetcheck import (
     MODULE_KEYS,
     check_no_nulls,
     check_stacks,
+    parquet_rows,
     read_parquet,
+    read_row_groups,
     read_trace_json,
+    rerun_error,
     verify_dataset,
 )
-from pooltrace.datasetschema import default_output
+from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, default_output
 from pooltrace.errors import OutputError, PooltraceError
 from pooltrace.growth import Growth, class_rank, growth_table, times
 from pooltrace.modulemap import NONE, ModuleMap, frame_text
@@ -46,16 +49,24 @@ NOT_NULL = ["tag", "fate", "pool_type", "size", "address", "pid", "tid", "cpu", 
 FATE_FLAGS = {"outstanding_at_end": "outstanding", "lost_free": "lost_free"}  # rows[flag]: fate == value
 
 
-class Rows(dict):
-    """The allocation columns as numpy arrays (nulls: alloc_ns/free_ns = NULL_NS, stack = -1, session_id =
-    0xFFFFFFFF; tag as indices into Dataset.tags; fate as the flags of FATE_FLAGS), each read from the
-    dataset when first used: a report reads the CORE columns, --list, --pool and tags a few more. A column
-    is checked (no nulls where NOT_NULL) when it is read."""
+NULL_NS = np.iinfo(np.int64).min
+FILL = {"alloc_ns": NULL_NS, "free_ns": NULL_NS, "alloc_stack": -1,
+        "session_id": 0xFFFFFFFF}  # what a null reads as (NULL_NS, no stack, no session)
+DTYPES = {"tag": np.int32, "fate": np.int32, "paged": np.bool_, "session": np.bool_}  # others: their Arrow type
 
-    def __init__(self, path: Path, read: Callable[[list[str]], pa.Table]):
+
+class Rows(dict):
+    """The allocation columns as numpy arrays (nulls as FILL; tag as indices into `tags`; fate as the flags
+    of FATE_FLAGS), each read from the dataset when first used: a report reads the CORE columns, --list,
+    --pool and tags a few more. A column is read part by part (Parquet row groups) into one preallocated
+    array, without a whole-column Arrow copy beside it, and checked as it is read (no nulls in NOT_NULL)."""
+
+    def __init__(self, path: Path, n: int, parts: Callable[[list[str]], Iterable[pa.Table]]):
         super().__init__()
         self.path = path  # the file named in errors
-        self._read = read
+        self.n = n
+        self.tags: list[str] = []  # rows["tag"] indexes this list
+        self._parts = parts
 
     def __missing__(self, name: str) -> np.ndarray:
         column = "fate" if name in FATE_FLAGS else name
@@ -64,32 +75,70 @@ class Rows(dict):
         self.load([column])
         return dict.__getitem__(self, name)
 
-    def load(self, names: list[str]) -> pa.Table:
-        """Read `names` (one threaded read) and convert them; returns the table read."""
-        table = self._read(names)
-        check_no_nulls(self.path, table, [n for n in names if n in NOT_NULL])
+    def load(self, names: list[str]) -> None:
+        """Read the columns `names`: each part's columns decoded together (on Arrow's threads)."""
+        out = {name: np.empty(self.n, dtype=DTYPES.get(name) or np.dtype(str(ALLOCATIONS_SCHEMA.field(name).type)))
+               for name in names}
+        nulls = dict.fromkeys(names, 0)
+        codes: dict[str, dict[str, int]] = {"tag": {}, "fate": {}}  # value -> index, in order of appearance
+        at = 0
+        for part in self._parts(names):
+            k = part.num_rows
+            if at + k > self.n:
+                raise rerun_error(self.path, f"more rows than its footer counts ({self.n:,})")
+            for name in names:
+                col = part[name]
+                nulls[name] += col.null_count
+                _copy(col, out[name][at:at + k], FILL.get(name, 0), codes.get(name))
+            at += k
+        if at != self.n:
+            raise rerun_error(self.path, f"{at:,} rows where its footer counts {self.n:,}")
         for name in names:
-            if name == "tag":
-                continue  # the Dataset converts it: it holds the tag names
-            col = table[name]
-            if name == "fate":
-                fate = _dictionary(col)
-                codes = fate.indices.to_numpy(zero_copy_only=False)
-                names_ = fate.dictionary.to_pylist()
-                for flag, value in FATE_FLAGS.items():
-                    hit = [i for i, v in enumerate(names_) if v == value]
-                    self[flag] = codes == hit[0] if len(hit) == 1 else np.isin(codes, hit)  # one pass for one code
-            elif name in ("paged", "session"):
-                self[name] = col.to_numpy(zero_copy_only=False)
-            elif name in ("alloc_ns", "free_ns"):
-                self[name] = _filled(col, NULL_NS)
-            elif name == "alloc_stack":
-                self[name] = _filled(col, -1)
-            elif name == "session_id":
-                self[name] = _filled(col, 0xFFFFFFFF)
-            else:
-                self[name] = col.to_numpy()
-        return table
+            if nulls[name] and name in NOT_NULL:
+                raise rerun_error(self.path, f"column {name!r} has {nulls[name]:,} nulls")
+        if "tag" in out:
+            self.tags = list(codes["tag"])
+        if "fate" in out:
+            fate = out.pop("fate")
+            values = list(codes["fate"])
+            for flag, value in FATE_FLAGS.items():
+                hit = [i for i, v in enumerate(values) if v == value]
+                self[flag] = fate == hit[0] if len(hit) == 1 else np.isin(fate, hit)  # one pass for one code
+        self.update(out)
+
+
+def _copy(col: pa.ChunkedArray, out: np.ndarray, null: int, codes: dict[str, int] | None) -> None:
+    """Copy a column part into `out` straight from the Arrow buffers: integers with `null` for nulls,
+    booleans, and strings (dictionary or not) as indices into `codes` (extended with new values)."""
+    at = 0
+    for arr in col.chunks:
+        n = len(arr)
+        part = out[at:at + n]
+        at += n
+        if not n:
+            continue
+        if codes is not None:
+            if not pa.types.is_dictionary(arr.type):
+                arr = arr.dictionary_encode()
+            remap = np.array([codes.setdefault(v, len(codes)) for v in arr.dictionary.to_pylist()], dtype=out.dtype)
+            if arr.null_count:  # a NOT_NULL column: refused once counted; nothing to look up
+                part[:] = 0
+            elif len(remap):
+                part[:] = remap[arr.indices.to_numpy()]
+            continue
+        if pa.types.is_boolean(arr.type):
+            part[:] = arr.to_numpy(zero_copy_only=False) if not arr.null_count else arr.fill_null(False).to_numpy(
+                zero_copy_only=False)
+            continue
+        values = arr.buffers()[1]
+        if values is None:  # no value buffer: every row is null
+            part[:] = null
+            continue
+        part[:] = np.frombuffer(values, dtype=out.dtype, count=n + arr.offset)[arr.offset:]
+        if arr.null_count:
+            bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
+            valid = np.unpackbits(bits, bitorder="little", count=n + arr.offset)[arr.offset:].view(bool)
+            part[~valid] = null
 
 
 @dataclass
@@ -104,9 +153,6 @@ class Dataset:
     @property
     def n(self) -> int:
         return len(self.rows["size"])
-
-
-NULL_NS = np.iinfo(np.int64).min
 
 
 def is_dataset(path: Path) -> bool:
@@ -164,59 +210,31 @@ def load_dataset(path: Path) -> Dataset:
     trace = verify_dataset(path, COLUMNS)
     allocations = path / "allocations.parquet"
 
-    def read(columns: list[str]) -> pa.Table:
-        return read_parquet(allocations, columns=columns, read_dictionary=[c for c in ("tag", "fate") if c in columns])
+    def parts(columns: list[str]) -> Iterable[pa.Table]:
+        return read_row_groups(allocations, columns, read_dictionary=[c for c in ("tag", "fate") if c in columns])
 
     stacks = read_parquet(path / "stacks.parquet")
     modules = read_parquet(path / "modules.parquet")
     check_no_nulls(path / "stacks.parquet", stacks, ["stack_id"])
     check_no_nulls(path / "modules.parquet", modules, MODULE_KEYS)
-    return _dataset(path, trace, Rows(allocations, read), stacks, modules)
+    return _dataset(path, trace, Rows(allocations, parquet_rows(allocations), parts), stacks, modules)
 
 
 def dataset_from_tables(path: Path, trace: dict, table: pa.Table, stacks: pa.Table, modules: pa.Table) -> Dataset:
     """A Dataset from its tables (allocation COLUMNS, tag and fate read as dictionaries or not): a run
     store selects only the rows a query needs and builds the Dataset from them."""
-    return _dataset(path, trace, Rows(path / "allocations.parquet", table.select), stacks, modules)
+    return _dataset(path, trace, Rows(path / "allocations.parquet", table.num_rows, lambda c: [table.select(c)]),
+                    stacks, modules)
 
 
 def _dataset(path: Path, trace: dict, rows: Rows, stacks: pa.Table, modules: pa.Table) -> Dataset:
-    tag = _dictionary(rows.load(CORE)["tag"])
-    rows["tag"] = tag.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+    rows.load(CORE)
     stack_id = stacks["stack_id"].to_numpy()
     check_stacks(path, stack_id, rows["alloc_stack"])
     order = np.argsort(stack_id)
     frames = stacks["frames"].combine_chunks().take(pa.array(order)) if stacks.num_rows else \
         pa.array([], pa.list_(pa.uint64()))
-    return Dataset(path, trace, rows, tag.dictionary.to_pylist(), frames, modules)
-
-
-def _dictionary(col: pa.ChunkedArray) -> pa.DictionaryArray:
-    """One dictionary array for a column read as dictionary chunks (chunks may have other dictionaries)."""
-    if not pa.types.is_dictionary(col.type):
-        return col.combine_chunks().dictionary_encode()
-    return col.unify_dictionaries().combine_chunks() if col.num_chunks else pa.array([], col.type)
-
-
-def _filled(col: pa.ChunkedArray, null: int) -> np.ndarray:
-    """A nullable integer column as numpy with `null` for nulls, straight from the Arrow buffers."""
-    out = np.empty(len(col), dtype=np.dtype(str(col.type)))  # int64, uint32: the same names (no pandas)
-    at = 0
-    for arr in col.chunks:  # each chunk copied once into the result (no combined copy first)
-        n = len(arr)
-        if not n:
-            continue
-        part = out[at:at + n]
-        at += n
-        if arr.buffers()[1] is None:  # no value buffer: every row is null
-            part[:] = null
-            continue
-        part[:] = np.frombuffer(arr.buffers()[1], dtype=out.dtype, count=n + arr.offset)[arr.offset:]
-        if arr.null_count:
-            bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
-            valid = np.unpackbits(bits, bitorder="little", count=n + arr.offset)[arr.offset:].view(bool)
-            part[~valid] = null
-    return out
+    return Dataset(path, trace, rows, rows.tags, frames, modules)
 
 
 # ---- window and lifetimes ----------------------------------------------------------------------------
@@ -253,28 +271,36 @@ def _time(s: str, default: int) -> int:
     return round(float(m.group(1)) * scale) if scale != 1 else int(float(m.group(1)))
 
 
+# class by (allocation, free) position: 0 before the window (allocation unknown: before), 1 inside, 2 after
+# (free unknown: never freed, after); an allocation after the window, or freed before it, is OUTSIDE
+_CLASS = np.array([OUTSIDE, AOFI, AOFO, OUTSIDE, AIFI, AIFO, OUTSIDE, OUTSIDE, OUTSIDE], dtype=np.int8)
+STEP = 1 << 18  # rows per step of the row-wise passes: their temporaries stay in the CPU caches
+
+
 def lifetimes(rows: dict[str, np.ndarray], w: Window) -> np.ndarray:
+    """Each row's lifetime class in the window (AIFI, AIFO, AOFI, AOFO or OUTSIDE)."""
     a, f = rows["alloc_ns"], rows["free_ns"]
-    known = a != NULL_NS
-    freed = f != NULL_NS
-    alloc_in = known & (a >= w.start_ns) & (a < w.end_ns)
-    alloc_before = ~known | (a < w.start_ns)
-    free_in = freed & (f >= w.start_ns) & (f < w.end_ns)
-    free_after = ~freed | (f >= w.end_ns)
-    out = np.full(len(a), OUTSIDE, dtype=np.int8)
-    out[alloc_in & free_in] = AIFI
-    out[alloc_in & free_after] = AIFO
-    out[alloc_before & free_in] = AOFI
-    out[alloc_before & free_after] = AOFO
+    out = np.empty(len(a), dtype=np.int8)
+    for lo in range(0, len(a), STEP):
+        ap, fp = a[lo:lo + STEP], f[lo:lo + STEP]
+        pos = (ap >= w.start_ns).view(np.int8) * 3  # NULL_NS (unknown) is before every window
+        pos += (ap >= w.end_ns).view(np.int8) * 3
+        pos += fp >= w.start_ns
+        pos += fp >= w.end_ns
+        pos += (fp == NULL_NS).view(np.int8) * 2  # never freed: after the window
+        np.take(_CLASS, pos, out=out[lo:lo + STEP])
     return out
 
 
 def lifetime_totals(size: np.ndarray, cls: np.ndarray) -> dict:
-    inside = cls >= 0
-    known = cls[inside]
-    counts = np.bincount(known, minlength=4)
-    nbytes = np.bincount(known, weights=size[inside], minlength=4)
-    return {name: {"count": int(counts[k]), "bytes": int(nbytes[k])} for k, name in enumerate(LIFETIMES)}
+    """Count and bytes per lifetime class (rows OUTSIDE left out)."""
+    counts = np.zeros(5, dtype=np.int64)
+    nbytes = np.zeros(5)
+    for lo in range(0, len(cls), STEP):
+        k = cls[lo:lo + STEP].astype(np.intp) + 1
+        counts += np.bincount(k, minlength=5)
+        nbytes += np.bincount(k, weights=size[lo:lo + STEP].astype(np.float64), minlength=5)
+    return {name: {"count": int(counts[k + 1]), "bytes": int(nbytes[k + 1])} for k, name in enumerate(LIFETIMES)}
 
 
 # ---- filters ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ traceback from deep inside an analysis; the detail (pyarrow's message) is only i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,10 @@ TRACE_RULES = Field("object", members={
 })
 
 
-def _rerun(path: Path, problem: str) -> PooltraceError:
+def rerun_error(path: Path, problem: str) -> PooltraceError:
+    """The one-line error for a damaged dataset file: its path, the problem, and what to do."""
     return PooltraceError(f"{path}: {problem}; re-run `pooltrace pair`")
+
 
 
 def _first_line(exc: BaseException) -> str:
@@ -68,9 +71,9 @@ def read_trace_json(ds: Path) -> dict:
         raise PooltraceError(f"{exc}; re-run `pooltrace pair`") from None
     clean, problems = validate(data, TRACE_RULES)
     if clean is DROP or problems:
-        raise _rerun(path, f"not a pooltrace trace.json ({problems[0] if problems else 'invalid'})")
+        raise rerun_error(path, f"not a pooltrace trace.json ({problems[0] if problems else 'invalid'})")
     if clean["pointer_size"] not in (4, 8):
-        raise _rerun(path, f"pointer_size {clean['pointer_size']} (expected 4 or 8)")
+        raise rerun_error(path, f"pointer_size {clean['pointer_size']} (expected 4 or 8)")
     return clean
 
 
@@ -86,19 +89,19 @@ def parquet_schema(path: Path, expected: pa.Schema, columns: list[str] | None = 
     """Check that `path` is a readable Parquet file holding `columns` (default: all of `expected`) with
     their expected types; returns its row count."""
     if not path.is_file():
-        raise _rerun(path, "missing or not a regular file")
+        raise rerun_error(path, "missing or not a regular file")
     try:
         meta = pq.read_metadata(path)
         schema = meta.schema.to_arrow_schema()
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise _rerun(path, f"not a readable Parquet file ({_first_line(exc)})") from None
+        raise rerun_error(path, f"not a readable Parquet file ({_first_line(exc)})") from None
     for name in columns or expected.names:
         want = expected.field(name).type
         if name not in schema.names:
-            raise _rerun(path, f"no column {name!r}")
+            raise rerun_error(path, f"no column {name!r}")
         got = schema.field(name).type
         if _plain_type(got) != _plain_type(want):
-            raise _rerun(path, f"column {name!r} is {got}, expected {want}")
+            raise rerun_error(path, f"column {name!r} is {got}, expected {want}")
     return meta.num_rows
 
 
@@ -123,20 +126,40 @@ def read_parquet(path: Path, columns: list[str] | None = None,
         with pq.ParquetFile(path, read_dictionary=read_dictionary) as f:
             return f.read(columns=columns)
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise _rerun(path, f"unreadable ({_first_line(exc)})") from None
+        raise rerun_error(path, f"unreadable ({_first_line(exc)})") from None
+
+
+def parquet_rows(path: Path) -> int:
+    """The row count the footer of a Parquet file that verify_dataset accepted gives."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise rerun_error(path, f"unreadable ({_first_line(exc)})") from None
+
+
+def read_row_groups(path: Path, columns: list[str], read_dictionary: list[str] | None = None) -> Iterator[pa.Table]:
+    """The columns of a Parquet file that verify_dataset accepted, one row group at a time (the columns of a
+    group decoded on Arrow's threads): a reader copies each into its arrays and lets it go, so no whole
+    column is held twice. Damage found while reading is the same one-line error as read_parquet's."""
+    try:
+        with pq.ParquetFile(path, read_dictionary=read_dictionary) as f:
+            for i in range(f.num_row_groups):
+                yield f.read_row_group(i, columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise rerun_error(path, f"unreadable ({_first_line(exc)})") from None
 
 
 def check_stacks(ds: Path, stack_id: np.ndarray, referenced: np.ndarray) -> None:
     """stack ids are 0..n-1 (each once) and every stack an allocation refers to exists."""
     n = len(stack_id)
     if n and (stack_id.min() != 0 or stack_id.max() != n - 1 or len(np.unique(stack_id)) != n):
-        raise _rerun(ds / "stacks.parquet", "stack_id is not 0..n-1")
+        raise rerun_error(ds / "stacks.parquet", "stack_id is not 0..n-1")
     top = int(referenced.max()) if len(referenced) else -1  # the largest reference, when one is >= 0
     if top >= 0 and (top >= n or referenced.min() < -1):
-        raise _rerun(ds / "allocations.parquet", f"refers to stack {top} of {n}")
+        raise rerun_error(ds / "allocations.parquet", f"refers to stack {top} of {n}")
 
 
 def check_no_nulls(path: Path, table: pa.Table, columns: list[str]) -> None:
     for name in columns:
         if table[name].null_count:
-            raise _rerun(path, f"column {name!r} has {table[name].null_count:,} nulls")
+            raise rerun_error(path, f"column {name!r} has {table[name].null_count:,} nulls")

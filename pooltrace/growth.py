@@ -71,18 +71,16 @@ def times(start_ns: int, end_ns: int, points: int = POINTS) -> np.ndarray:
     return start_ns + (np.arange(1, points + 1, dtype=np.float64) * (end_ns - start_ns) / points).astype(np.int64)
 
 
-def growth_table(alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, gid: np.ndarray, groups: int,
-                 start_ns: int, end_ns: int, null_ns: int, points: int = POINTS) -> list[Growth]:
-    """Growth of `groups` groups from the rows allocated inside [start, end): `gid` is each row's group
-    (0..groups-1). Rows with gid < 0 or allocated outside the window are ignored.
+CHUNK = 1 << 20  # rows binned per step: its temporaries stay small (and in the CPU caches)
 
-    One pass: every row adds its size to (group, allocation bin) and, when freed inside the window,
-    removes it at (group, free bin); a cumulative sum over the bins gives the series. Rows that are not
-    counted go to an extra group, frees after the window to an extra bin, so nothing is compressed."""
-    span = max(1, end_ns - start_ns)
-    stride = points + 1  # bin `points`: not freed inside the window
-    # integer bins, (t - start) * points // span, and few full-size temporaries, updated in place: this runs
-    # over every allocation of the trace (rows allocated before the trace have alloc_ns = null_ns)
+
+def _bins(alloc_ns: np.ndarray, free_ns: np.ndarray, gid: np.ndarray, groups: int, start_ns: int, end_ns: int,
+          null_ns: int, points: int, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, its allocation bin ((group, bin) * 2 + survivor) and its free bin (group, bin; bin `points`:
+    not freed inside the window); rows not counted go to group `groups`."""
+    stride = points + 1
+    # integer bins, (t - start) * points // span, and few temporaries, updated in place (rows allocated
+    # before the trace have alloc_ns = null_ns)
     counted = (alloc_ns >= start_ns) & (alloc_ns < end_ns) & (gid >= 0)
     base = np.where(counted, gid, groups)
     base *= stride
@@ -100,15 +98,38 @@ def growth_table(alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, gi
     np.copyto(fi, points, where=~freed)
     np.clip(fi, 0, points, out=fi)  # a free before the start comes only from damaged times (freed before allocated)
     fi += base
-    del base
+    return ia, fi
+
+
+def growth_table(alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, gid: np.ndarray, groups: int,
+                 start_ns: int, end_ns: int, null_ns: int, points: int = POINTS) -> list[Growth]:
+    """Growth of `groups` groups from the rows allocated inside [start, end): `gid` is each row's group
+    (0..groups-1). Rows with gid < 0 or allocated outside the window are ignored.
+
+    One pass, in steps of CHUNK rows: every row adds its size to (group, allocation bin) and, when freed
+    inside the window, removes it at (group, free bin); a cumulative sum over the bins gives the series.
+    Rows that are not counted go to an extra group, frees after the window to an extra bin, so nothing is
+    compressed. Sums of sizes are exact in float64 (below 2**53 bytes) in any order."""
+    span = max(1, end_ns - start_ns)
+    stride = points + 1  # bin `points`: not freed inside the window
     n = (groups + 1) * stride
-    w = size.astype(np.float64)
-    up = np.bincount(ia, weights=w, minlength=2 * n).reshape(groups + 1, stride, 2)[:groups, :points]
-    up_n2 = np.bincount(ia, minlength=2 * n).reshape(groups + 1, stride, 2)[:groups, :points]
+    up_w, up_c = np.zeros(2 * n), np.zeros(2 * n, dtype=np.int64)
+    down_w, down_c = np.zeros(n), np.zeros(n, dtype=np.int64)
+    step = max(CHUNK, 2 * n)  # a step's counts are not much larger than its rows
+    for lo in range(0, len(alloc_ns), step):
+        hi = lo + step
+        ia, fi = _bins(alloc_ns[lo:hi], free_ns[lo:hi], gid[lo:hi], groups, start_ns, end_ns, null_ns, points, span)
+        w = size[lo:hi].astype(np.float64)
+        up_w += np.bincount(ia, weights=w, minlength=2 * n)
+        up_c += np.bincount(ia, minlength=2 * n)
+        down_w += np.bincount(fi, weights=w, minlength=n)
+        down_c += np.bincount(fi, minlength=n)
+    up = up_w.reshape(groups + 1, stride, 2)[:groups, :points]
+    up_n2 = up_c.reshape(groups + 1, stride, 2)[:groups, :points]
     up_b, up_n, surv = up.sum(axis=2), up_n2.sum(axis=2), up_n2[:, :, 1].astype(np.float64)
     shape = (groups + 1, stride)
-    down_b = np.bincount(fi, weights=w, minlength=n).reshape(shape)[:groups]
-    down_n = np.bincount(fi, minlength=n).reshape(shape)[:groups]
+    down_b = down_w.reshape(shape)[:groups]
+    down_n = down_c.reshape(shape)[:groups]
     ybytes = np.cumsum(up_b - down_b[:, :points], axis=1)
     yblocks = np.cumsum(up_n - down_n[:, :points], axis=1)
     secs = span / 1e9

@@ -102,3 +102,20 @@ def test_diff_shows_growth_of_both_sides_when_asked(shipped):
     assert by_status["new"]["base_growth"] is None and by_status["new"]["new_growth"]["class"] == "leak"
     leak = next(g for g in data["groups"] if g["frames"] == ["leaky.sys+0x1022"])
     assert leak["base_growth"]["class"] == "leak" and leak["base_growth"]["bytes_per_s"] > 0
+
+
+def test_binning_in_steps_gives_the_one_pass_answer(monkeypatch):
+    """growth_table bins CHUNK rows at a time: any step size gives the same growth, exactly."""
+    import pooltrace.growth as growth
+
+    rng = np.random.default_rng(5)
+    n = 20_000
+    a = np.where(rng.random(n) < 0.05, NULL, rng.integers(0, END, n)).astype(np.int64)
+    f = np.where(rng.random(n) < 0.3, NULL, a + rng.integers(0, 20 * S, n)).astype(np.int64)
+    gid = rng.integers(-1, 6, n).astype(np.int32)
+    size = rng.integers(1, 1 << 20, n).astype(np.uint64)
+    whole = growth_table(a, f, size, gid, 6, START, END, NULL)
+    monkeypatch.setattr(growth, "CHUNK", 1)  # steps of 2 * (groups + 1) * (POINTS + 1) rows: 910
+    stepped = growth_table(a, f, size, gid, 6, START, END, NULL)
+    assert [g.as_dict() for g in stepped] == [g.as_dict() for g in whole]
+    assert sum(g.series_blocks[-1] for g in whole) > 0

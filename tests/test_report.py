@@ -166,6 +166,25 @@ def test_lifetime_classes():
     assert got == [AIFI, AIFO, AOFI, AOFI, AOFO, OUTSIDE, OUTSIDE]
 
 
+def test_lifetime_classes_in_steps_match_the_rules(monkeypatch):
+    """lifetimes works STEP rows at a time: every row gets the class the definitions give it."""
+    import pooltrace.analysis as analysis
+
+    monkeypatch.setattr(analysis, "STEP", 7)
+    rng = np.random.default_rng(2)
+    a = np.where(rng.random(500) < 0.1, NULL_NS, rng.integers(0, 300, 500)).astype(np.int64)
+    f = np.where(rng.random(500) < 0.3, NULL_NS, a + rng.integers(-20, 200, 500)).astype(np.int64)
+    w = Window(100, 200)
+    want = []
+    for x, y in zip(a.tolist(), f.tolist(), strict=True):
+        before, inside = x == NULL_NS or x < 100, 100 <= x < 200
+        free_in, free_after = y != NULL_NS and 100 <= y < 200, y == NULL_NS or y >= 200
+        want.append(AIFI if inside and free_in else AIFO if inside and free_after else
+                    AOFI if before and free_in else AOFO if before and free_after else OUTSIDE)
+    assert lifetimes({"alloc_ns": a, "free_ns": f}, w).tolist() == want
+    assert len(set(want)) == 5
+
+
 def test_window_changes_what_is_outstanding(tmp_path):
     w = TraceWriter(pointer_size=8, cpus=1)
     s = w.start_qpc
