@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,10 @@ class _RowWriter:
         self.sized_from_snapshot = 0
         self._pending: list[Columns] = []
         self._pending_rows = 0
+        # row groups are encoded and written by one thread (in order, one at a time), while this one pairs
+        # the next batches: Parquet encoding releases the GIL
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pooltrace-parquet")
+        self._inflight: Future | None = None
 
     def write(self, rows: Columns) -> None:
         """Queue rows; they are written in row groups of about ROW_GROUP rows (fewer, larger groups write
@@ -113,8 +118,18 @@ class _RowWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        rows = Columns.concat(self._pending)
-        self._pending, self._pending_rows = [], 0
+        parts, self._pending, self._pending_rows = self._pending, [], 0
+        self._wait()
+        self._inflight = self._thread.submit(self._write_group, parts)
+
+    def _wait(self) -> None:
+        """Wait for the row group being written (its error, if any, is raised here)."""
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            done.result()
+
+    def _write_group(self, parts: list[Columns]) -> None:
+        rows = Columns.concat(parts)
         c = rows.cols
         tags = c["tag"]
         uniq, inv = np.unique(tags, return_inverse=True)
@@ -146,7 +161,9 @@ class _RowWriter:
     def close(self) -> None:
         try:
             self._flush()
+            self._wait()
         finally:
+            self._thread.shutdown(wait=True)
             self.writer.close()
 
 
