@@ -378,7 +378,7 @@ class FrameRenderer:
     def prepare(self, stack_ids: np.ndarray, pids: np.ndarray, ns: np.ndarray) -> None:
         """Render many stacks at once, in this order (the first of a stack id wins, as with `stack`): one
         vectorized module lookup over all their frames instead of one per stack; the same texts, the same
-        symbol lookups (per stack, in order) and the same cache as calling `stack` one by one."""
+        symbol resolution order (_symbols) and the same cache as calling `stack` one by one."""
         todo: dict[int, tuple[int, int]] = {}
         n = len(self.ds.stacks)
         for sid, p, t in zip(np.asarray(stack_ids).tolist(), np.asarray(pids).tolist(), np.asarray(ns).tolist(),
@@ -398,12 +398,10 @@ class FrameRenderer:
         mod, rva = self.map.locate(addrs, np.repeat(pid_ns[:, 0], lens), np.repeat(pid_ns[:, 1], lens))
         mods, rvas, alist = mod.tolist(), rva.tolist(), addrs.tolist()
         names = self.map.names
-        for sid, a, b in zip(todo, (ends - lens).tolist(), ends.tolist(), strict=True):
-            syms = None
-            if self.sym is not None and b > a:
-                ret = np.ones(b - a, dtype=bool)
-                ret[0] = False
-                syms = self.sym.lookup(mod[a:b], rva[a:b], return_address=ret)
+        spans = list(zip(todo, (ends - lens).tolist(), ends.tolist(), strict=True))
+        syms_of = self._symbols(spans, mods, mod, rva) if self.sym is not None else {}
+        for sid, a, b in spans:
+            syms = syms_of.get(sid)
             texts = []
             for k in range(a, b):
                 m, r = mods[k], rvas[k]
@@ -412,6 +410,37 @@ class FrameRenderer:
                 if name is not None:
                     self.rvas[texts[-1]] = r
             self._cache[sid] = (texts, mods[a:b])
+
+    def _symbols(self, spans: list[tuple[int, int, int]], mods: list[int], mod: np.ndarray,
+                 rva: np.ndarray) -> dict[int, list]:
+        """Symbol lookups of the stacks `spans` (stack id, first and end frame), per stack id. A stack with a
+        module not asked about before is looked up alone, in order (modules are resolved, and warned about,
+        in the order `stack` would ask); the others, whose lookups change nothing, in one call at the end."""
+        out: dict[int, list] = {}
+        asked: set[int] = set()
+        later: list[tuple[int, int, int]] = []
+        for sid, a, b in spans:
+            if b <= a:
+                continue
+            rows = set(mods[a:b])
+            if rows <= asked:
+                later.append((sid, a, b))
+                continue
+            asked |= rows
+            ret = np.ones(b - a, dtype=bool)
+            ret[0] = False  # frame 0 is the instruction pointer; the others are return addresses
+            out[sid] = self.sym.lookup(mod[a:b], rva[a:b], return_address=ret)
+        if later:
+            lo = np.array([a for _, a, _ in later], dtype=np.int64)
+            lens = np.array([b - a for _, a, b in later], dtype=np.int64)
+            ends = np.cumsum(lens)
+            idx = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(lo - (ends - lens), lens)
+            ret = np.ones(len(idx), dtype=bool)
+            ret[ends - lens] = False
+            found = self.sym.lookup(mod[idx], rva[idx], return_address=ret)
+            for (sid, _, _), a, b in zip(later, (ends - lens).tolist(), ends.tolist(), strict=True):
+                out[sid] = found[a:b]
+        return out
 
     def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Validity, offsets and values of the stacks column as numpy, made once."""
@@ -504,13 +533,14 @@ def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRende
                                                                                             rep_ns, 0))
     groups: dict[tuple, Group] = {}
     want_mod = {m.lower() for m in f.modules}
-    for g in range(len(uniq)):
-        row = int(first[g])
-        rep_pid = int(pid[row]) if pid[row] != 0xFFFFFFFF else 0
-        rep_ns = int(ans[row]) if ans[row] != NULL_NS else 0
-        sid = int(stack[row])
+    # per group, as Python ints: its representative row's pid, time, stack and row number, its key, totals
+    per_group = zip(pid[first].tolist(), ans[first].tolist(), stack[first].tolist(), sel[first].tolist(),
+                    uniq.tolist(), counts.tolist(), nbytes.tolist(), strict=True)
+    for g, (rep_pid, rep_ns, sid, row, code, count, size_g) in enumerate(per_group):
+        rep_pid = rep_pid if rep_pid != 0xFFFFFFFF else 0
+        rep_ns = rep_ns if rep_ns != NULL_NS else 0
         if by == "tag":
-            key = [ds.tags[int(uniq[g])]]
+            key = [ds.tags[code]]
             mod_name = None
         else:
             site, mod_name = render.call_site(sid, rep_pid, rep_ns)
@@ -526,11 +556,10 @@ def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRende
         k = tuple(key)
         cur = groups.get(k)
         if cur is None:
-            groups[k] = Group(list(key), int(counts[g]), int(nbytes[g]), dict(group_tags.get(g, {})), [sid],
-                              int(sel[row]))
+            groups[k] = Group(list(key), count, size_g, dict(group_tags.get(g, {})), [sid], row)
         else:
-            cur.count += int(counts[g])
-            cur.bytes += int(nbytes[g])
+            cur.count += count
+            cur.bytes += size_g
             cur.stack_ids.append(sid)
             for t, b in group_tags.get(g, {}).items():
                 cur.tags[t] = cur.tags.get(t, 0) + b

@@ -299,3 +299,29 @@ def test_by_function_with_symbols_names_the_functions(sample, shipped):
     stack = json.loads(run(trace, "--format", "json", "--top", "1"))["groups"][0]["frames"]
     assert stack[:3] == ["ntoskrnl.exe!ExAllocatePoolWithTag+0x4d", "leaky.sys!AllocateLeakyBuffer+0x22",
                          "leaky.sys!DispatchIoctl+0x2f"]
+
+
+@pytest.mark.parametrize("small", [64, 4])
+def test_stacks_rendered_together_read_as_one_by_one(shipped, monkeypatch, small):
+    """FrameRenderer.prepare (all groups' stacks at once, symbol lookups batched) gives the texts, module
+    rows and symbol status (modules in the order first asked) of rendering the stacks one at a time; also
+    where the symbolizer looks a stack up vectorized (longer than SMALL_LOOKUP: modules in row order)."""
+    import pooltrace.symbols
+    from pooltrace import api
+    from pooltrace.analysis import FrameRenderer, open_input
+
+    monkeypatch.setattr(pooltrace.symbols, "SMALL_LOOKUP", small)
+    trace = shipped / "sample-leak.etl"
+    ds = open_input(trace)
+    probe = FrameRenderer(ds, None)
+    top = [max(probe.stack(s)[1]) for s in range(len(ds.stacks))]
+    sids = np.array(sorted(range(len(ds.stacks)), key=lambda s: -top[s]), dtype=np.int64)  # last modules first
+    pids = np.zeros(len(sids), dtype=np.int64)
+    ns = np.zeros(len(sids), dtype=np.int64)
+    one = FrameRenderer(ds, api.make_symbolizer(ds, trace))
+    every = [one.stack(int(s)) for s in sids]
+    many = FrameRenderer(ds, api.make_symbolizer(ds, trace))
+    many.prepare(sids, pids, ns)
+    assert [many.stack(int(s)) for s in sids] == every
+    assert many.sym.status() == one.sym.status() and len(one.sym.status()) > 1
+    assert any("!" in t for texts, _ in every for t in texts) and many.rvas == one.rvas
