@@ -116,6 +116,7 @@ class StackTable:
         self.keys = keys
         self._ids = Interner()  # _compact(kernel) << 32 | _compact(user) -> stack id
         self._pairs: list[np.ndarray] = []  # (kernel, user) fragment ids of new stacks, in blocks
+        self._solo = np.zeros(0, dtype=np.int64)  # kernel fragment id -> id of the stack of it alone, -1
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -127,16 +128,34 @@ class StackTable:
         if not has.any():
             return out
         k, u = kfrag[has], ufrag[has]
-        code = (_compact(k) << 32) | _compact(u)  # one int64 per pair: a fast 1-D unique
-        got, known = self._ids.lookup(code)  # most stacks were seen before: only the others are numbered
-        if not known.all():
-            rest = np.flatnonzero(~known)
-            ucode, first, inverse = np.unique(code[rest], return_index=True, return_inverse=True)
-            ids, new = self._ids.ids(ucode, len(self._ids))
-            first = rest[first]
-            if new.any():
-                self._pairs.append(np.stack([k[first[new]], u[first[new]]], axis=1))
-            got[rest] = ids[inverse.reshape(-1)]
+        # a kernel part alone (the usual stack) is looked up by its fragment id in a dense table
+        solo = (u < 0) & (k >= 0) & (k < PLACEHOLDER)
+        got = np.full(len(k), -1, dtype=np.int64)
+        ks = k[solo]
+        inside = ks < len(self._solo)
+        got[np.flatnonzero(solo)[inside]] = self._solo[ks[inside]]
+        rest = np.flatnonzero(got < 0)
+        if len(rest):
+            kr, ur = k[rest], u[rest]
+            code = (_compact(kr) << 32) | _compact(ur)  # one int64 per pair: a fast 1-D unique
+            g, known = self._ids.lookup(code)  # most stacks were seen before: only the others are numbered
+            if not known.all():
+                new_at = np.flatnonzero(~known)
+                ucode, first, inverse = np.unique(code[new_at], return_index=True, return_inverse=True)
+                ids, new = self._ids.ids(ucode, len(self._ids))
+                first = new_at[first]
+                if new.any():
+                    self._pairs.append(np.stack([kr[first[new]], ur[first[new]]], axis=1))
+                g[new_at] = ids[inverse.reshape(-1)]
+            got[rest] = g
+            alone = solo[rest]
+            if alone.any():
+                kk = kr[alone]
+                if int(kk.max()) >= len(self._solo):
+                    grown = np.full(max(int(kk.max()) + 1, 2 * len(self._solo)), -1, dtype=np.int64)
+                    grown[:len(self._solo)] = self._solo
+                    self._solo = grown
+                self._solo[kk] = g[alone]
         out[has] = got
         return out
 
@@ -392,8 +411,11 @@ class StackJoiner:
             own = owner[sel]
             if len(own) < 2 or bool((own[1:] > own[:-1]).all()):  # usual: one part per event, in event order
                 uniq, first = own, np.arange(len(own))
-            else:
-                uniq, first = np.unique(own, return_index=True)
+            else:  # each owner's first part: written last when the parts are written in reverse
+                at = np.full(len(target), -1, dtype=np.int64)
+                at[own[::-1]] = np.arange(len(own) - 1, -1, -1)
+                uniq = np.flatnonzero(at >= 0)
+                first = at[uniq]
             free = target[uniq] < 0
             target[uniq[free]] = c["frag"][sel[first[free]]]
             self.stats.extra_parts += int(len(sel) - free.sum())
