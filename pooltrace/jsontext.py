@@ -66,42 +66,69 @@ def _key(k) -> str:
 
 def _value(o, out: list[str], nl: str, ind: str) -> None:
     """Append the text of `o`; `nl` is the newline plus the indentation of the line `o` starts on."""
-    s = _scalar(o)
-    if s is not None:
-        out.append(s)
+    t = type(o)
+    if t is dict:
+        _dict(o, out, nl, ind)
+    elif t is list or t is tuple:
+        _list(o, out, nl, ind)
+    else:
+        s = _FAST[t](o) if t in _FAST else _scalar(o)
+        if s is not None:
+            out.append(s)
+        elif isinstance(o, list | tuple):
+            _list(o, out, nl, ind)
+        elif isinstance(o, dict):
+            _dict(o, out, nl, ind)
+        else:
+            raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
+
+
+def _list(o, out: list[str], nl: str, ind: str) -> None:
+    if not o:
+        out.append("[]")
         return
     inner = nl + ind
-    if isinstance(o, list | tuple):
-        if not o:
-            out.append("[]")
-            return
-        out.append("[" + inner)
-        sep = "," + inner
-        if all(type(x) is int for x in o):
-            out.append(sep.join(map(int.__repr__, o)))
-        elif all(type(x) is str for x in o):
-            out.append(sep.join(map(_string, o)))
-        else:
-            first = True
-            for x in o:
-                if not first:
-                    out.append(sep)
-                first = False
-                _value(x, out, inner, ind)
-        out.append(nl + "]")
-    elif isinstance(o, dict):
-        if not o:
-            out.append("{}")
-            return
-        out.append("{" + inner)
-        sep = "," + inner
+    out.append("[" + inner)
+    sep = "," + inner
+    kinds = set(map(type, o))
+    if kinds == _INT:
+        out.append(sep.join(map(int.__repr__, o)))
+    elif kinds == _STR:
+        out.append(sep.join(map(_string, o)))
+    else:
         first = True
-        for k, v in o.items():
+        for x in o:
             if not first:
                 out.append(sep)
             first = False
-            out.append(_string(_key(k)) + ": ")
+            _value(x, out, inner, ind)
+    out.append(nl + "]")
+
+
+def _dict(o, out: list[str], nl: str, ind: str) -> None:
+    if not o:
+        out.append("{}")
+        return
+    inner = nl + ind
+    out.append("{" + inner)
+    sep = "," + inner
+    first = True
+    fast = _FAST
+    for k, v in o.items():
+        if not first:
+            out.append(sep)
+        first = False
+        key = _string(k if type(k) is str else _key(k)) + ": "
+        t = type(v)
+        if t in fast:  # a plain scalar: one append, no call of _value
+            out.append(key + fast[t](v))
+        else:
+            out.append(key)
             _value(v, out, inner, ind)
-        out.append(nl + "}")
-    else:
-        raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
+    out.append(nl + "}")
+
+
+_INT, _STR = {int}, {str}
+# exact types whose text needs no further check (bool, None and subclasses go through _scalar's order)
+_FAST = {str: _string, int: int.__repr__, float: _float, bool: lambda b: "true" if b else "false",
+         type(None): lambda _: "null"}
