@@ -126,7 +126,8 @@ def main() -> None:
         if args.trace:
             trace = Path(tmp) / args.trace.name
             trace.symlink_to(args.trace.resolve())
-            subprocess.run([sys.executable, "-m", "pooltrace", "pair", str(trace), "--quiet"], check=True, cwd=ROOT)
+            subprocess.run([sys.executable, "-m", "pooltrace", "pair", str(trace), "--quiet"], check=True, cwd=ROOT,
+                           stdout=subprocess.DEVNULL)
             meta = json.loads(trace.with_suffix(".pooltrace").joinpath("trace.json").read_text())
             what = f"{meta['records']:,} records, {meta['pairing']['allocs']:,} allocations"
             for extra in (["--format", "json"], []):
