@@ -6,8 +6,9 @@ Generates the classic-leak scenario scaled to about --events records unless --tr
 speed targets: a trace from benchmarks/make_trace.py), then runs `pooltrace pair --jobs N` in a fresh
 process per run and reports the median run's records/s end to end (interpreter start included), its peak
 RSS (the pair process; decode workers are separate processes of about one chunk each) and the
-diagnostics. --profile runs pair_trace under cProfile in-process instead. Not a test: run it by hand and
-quote the figures.
+diagnostics. With --jobs N > 1 it also times the decode stage alone at --jobs 1 and N (bench_reader's
+measure) and prints the speed-up. --profile runs pair_trace under cProfile in-process instead. Not a
+test: run it by hand and quote the figures.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PROFILE = r"""
 import json, sys, time, cProfile, pstats, io
@@ -90,6 +92,27 @@ def main() -> None:
           f"{p['distinct_stacks']:,} stacks")
     if args.profile:
         print(best["profile"])
+    if args.jobs > 1 and not args.profile:
+        decode_speedup(path, args.jobs, args.repeat)
+
+
+def decode_speedup(path: Path, jobs: int, repeat: int) -> None:
+    """The decode stage alone (bench_reader's measure: every buffer read, decoded and time-merged, stack
+    frames digested, from opening the trace to its last batch, in a fresh process), at --jobs 1 and N."""
+    from bench_reader import CHILD
+
+    from pooltrace.dataset import CHUNK_BYTES  # the chunks pair decodes
+
+    med = {}
+    for j in (1, jobs):
+        runs = []
+        for _ in range(repeat):
+            res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(ROOT), str(CHUNK_BYTES >> 20), str(j)],
+                                 capture_output=True, text=True, check=True)
+            runs.append(json.loads(res.stdout)["seconds"])
+        med[j] = sorted(runs)[len(runs) // 2]
+    print(f"decode only (reader, median of {repeat}): --jobs 1 {med[1]:.2f} s, --jobs {jobs} {med[jobs]:.2f} s: "
+          f"speed-up {med[1] / med[jobs]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ sys.path.insert(0, str(ROOT))
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
+from pooltrace.arrowprobe import skip_pandas_probe
 from pooltrace.etl.fragments import FragmentStore
 from pooltrace.etl.reader import EtlReader
+skip_pandas_probe()  # as the CLI does: pyarrow's first conversion would import pandas
 t0 = time.perf_counter()
 rows = {}
 with EtlReader(sys.argv[1], chunk_bytes=int(sys.argv[3]) << 20) as r:
