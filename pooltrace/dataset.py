@@ -89,6 +89,8 @@ class _RowWriter:
                                        write_statistics=["tag", "size", "alloc_ns", "free_ns", "pid"])
         self.to_ns = to_ns
         self.tag_cache: dict[int, str] = {}
+        self._known = np.zeros(0, dtype=np.uint32)  # every tag seen, ascending, and its name
+        self._names = pa.array([], pa.string())
         self.rows = 0
         self.with_stack = 0
         self.without_stack = 0
@@ -128,13 +130,23 @@ class _RowWriter:
             done, self._inflight = self._inflight, None
             done.result()
 
+    def _tags(self, tags: np.ndarray) -> pa.DictionaryArray:
+        """Tag names of a row group as a dictionary array over every tag seen so far (a few dozen): a search
+        in the sorted known tags, no sort of the rows."""
+        pos = np.searchsorted(self._known, tags)
+        found = pos < len(self._known)
+        found[found] = self._known[pos[found]] == tags[found]
+        if not found.all():
+            self._known = np.union1d(self._known, tags[~found]).astype(np.uint32)
+            self._names = pa.array([self.tag_cache.setdefault(t, format_tag(t)) for t in self._known.tolist()])
+            pos = np.searchsorted(self._known, tags)
+        return pa.DictionaryArray.from_arrays(pa.array(pos.astype(np.int32)), self._names)
+
     def _write_group(self, parts: list[Columns]) -> None:
         rows = Columns.concat(parts)
         c = rows.cols
         tags = c["tag"]
-        uniq, inv = np.unique(tags, return_inverse=True)
-        names = [self.tag_cache.setdefault(int(t), format_tag(int(t))) for t in uniq.tolist()]
-        tag_arr = pa.DictionaryArray.from_arrays(pa.array(inv.reshape(-1).astype(np.int32)), pa.array(names))
+        tag_arr = self._tags(tags)
         alloc_known = c["alloc_ts"] != NO_TS
         free_known = c["free_ts"] != NO_TS
         alloc_ns = np.where(alloc_known, self.to_ns(np.where(alloc_known, c["alloc_ts"], 0)), 0)
