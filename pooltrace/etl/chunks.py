@@ -150,13 +150,14 @@ def count_records(recs: Records, counts: ChunkCounts) -> None:
     if not len(recs):
         return
     counts.first_ts, counts.last_ts = int(recs.ts.min()), int(recs.ts.max())
-    types, n = np.unique(recs.htype, return_counts=True)
-    for t, c in zip(types.tolist(), n.tolist(), strict=True):
-        counts.by_header_type[HEADER_TYPE_NAMES.get(t, f"0x{t:02x}")] += c
+    n = np.bincount(recs.htype, minlength=256)  # header types are bytes, hooks 16-bit: count, no sort
+    for t in np.flatnonzero(n).tolist():
+        counts.by_header_type[HEADER_TYPE_NAMES.get(t, f"0x{t:02x}")] += int(n[t])
     hooks = recs.hook[recs.hook >= 0]
     if len(hooks):
-        h, c = np.unique(hooks, return_counts=True)
-        counts.by_hook.update(dict(zip(h.tolist(), c.tolist(), strict=True)))
+        c = np.bincount(hooks)
+        h = np.flatnonzero(c)
+        counts.by_hook.update(dict(zip(h.tolist(), c[h].tolist(), strict=True)))
     classic = IS_CLASSIC[recs.htype]
     if classic.any():
         keys = np.column_stack([recs.guid[classic], recs.opcode[classic].astype(np.uint64)])
