@@ -403,13 +403,21 @@ class StackJoiner:
         got = np.flatnonzero(owner >= 0)
         if not len(got):
             return
-        seq = c["seq"][got]
-        if not _sorted(seq):  # one block of Stack events is in arrival order already
-            got = got[np.argsort(seq, kind="stable")]
-        for user, target in ((False, kfrag), (True, ufrag)):
-            sel = got[c["user"][got] == user]
-            own = owner[sel]
-            if len(own) < 2 or bool((own[1:] > own[:-1]).all()):  # usual: one part per event, in event order
+        own_all = owner[got]
+        user = c["user"][got]
+        missing = tid[own_all] == NO_ID  # thread and process of PERFINFO events come from their stack
+        # arrival order decides only between parts of one owner: sort by it only when some owner has two
+        repeats = _repeats(own_all[~user], len(tid)) or _repeats(own_all[user], len(tid)) or \
+            _repeats(own_all[missing], len(tid))
+        if repeats:
+            seq = c["seq"][got]
+            if not _sorted(seq):
+                o = np.argsort(seq, kind="stable")
+                got, own_all, user, missing = got[o], own_all[o], user[o], missing[o]
+        for flag, target in ((False, kfrag), (True, ufrag)):
+            k = np.flatnonzero(user == flag)
+            sel, own = got[k], own_all[k]
+            if not repeats or len(own) < 2 or bool((own[1:] > own[:-1]).all()):
                 uniq, first = own, np.arange(len(own))
             else:  # each owner's first part: written last when the parts are written in reverse
                 at = np.full(len(target), -1, dtype=np.int64)
@@ -419,8 +427,14 @@ class StackJoiner:
             free = target[uniq] < 0
             target[uniq[free]] = c["frag"][sel[first[free]]]
             self.stats.extra_parts += int(len(sel) - free.sum())
-        # thread and process of PERFINFO events come from their stack
-        own = owner[got]
-        missing = tid[own] == NO_ID
-        tid[own[missing]] = c["tid"][got[missing]]
-        pid[own[missing]] = c["pid"][got[missing]]
+        tid[own_all[missing]] = c["tid"][got[missing]]
+        pid[own_all[missing]] = c["pid"][got[missing]]
+
+
+def _repeats(owners: np.ndarray, n: int) -> bool:
+    """Some owner is in `owners` twice."""
+    if len(owners) < 2:
+        return False
+    seen = np.zeros(n, dtype=bool)
+    seen[owners] = True
+    return int(np.count_nonzero(seen)) != len(owners)
