@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from pooltrace import __version__, pooltypes
 from pooltrace.datasetcheck import (
     MODULE_KEYS,
     check_no_nulls,
+    check_references,
     check_stacks,
     parquet_rows,
     read_parquet,
@@ -33,7 +34,7 @@ from pooltrace.datasetcheck import (
 )
 from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, default_output
 from pooltrace.errors import OutputError, PooltraceError
-from pooltrace.growth import Growth, class_rank, growth_table, times
+from pooltrace.growth import Growth, GrowthCounts, class_rank, growth_table, times
 from pooltrace.modulemap import NONE, ModuleMap, frame_text
 
 LIFETIMES = ("AIFI", "AIFO", "AOFI", "AOFO")
@@ -44,7 +45,8 @@ COLUMNS = ["tag", "pool_type", "paged", "session", "session_id", "size", "addres
            "pid", "tid", "cpu", "alloc_stack"]
 
 
-CORE = ["tag", "size", "alloc_ns", "free_ns", "pid", "alloc_stack"]  # read when a dataset is opened
+OPENED = ["tag"]  # read when a dataset is opened: filters name tags before anything else is read
+SCAN = ["size", "alloc_ns", "free_ns", "pid", "alloc_stack"]  # what a report reads, part by part (Rows.blocks)
 NOT_NULL = ["tag", "fate", "pool_type", "size", "address", "pid", "tid", "cpu", "paged", "session"]
 FATE_FLAGS = {"outstanding_at_end": "outstanding", "lost_free": "lost_free"}  # rows[flag]: fate == value
 
@@ -57,16 +59,49 @@ DTYPES = {"tag": np.int32, "fate": np.int32, "paged": np.bool_, "session": np.bo
 
 class Rows(dict):
     """The allocation columns as numpy arrays (nulls as FILL; tag as indices into `tags`; fate as the flags
-    of FATE_FLAGS), each read from the dataset when first used: a report reads the CORE columns, --list,
-    --pool and tags a few more. A column is read part by part (Parquet row groups) into one preallocated
-    array, without a whole-column Arrow copy beside it, and checked as it is read (no nulls in NOT_NULL)."""
+    of FATE_FLAGS), each read from the dataset when first used (a report streams its columns part by part
+    instead: `blocks`). A column is read part by part (Parquet row groups) into one preallocated array,
+    without a whole-column Arrow copy beside it, and checked as it is read (no nulls in NOT_NULL; stack
+    references against the stacks)."""
 
     def __init__(self, path: Path, n: int, parts: Callable[[list[str]], Iterable[pa.Table]]):
         super().__init__()
         self.path = path  # the file named in errors
         self.n = n
         self.tags: list[str] = []  # rows["tag"] indexes this list
+        self.stacks = 0  # how many stacks there are (alloc_stack refers to them)
         self._parts = parts
+
+    def blocks(self, names: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(first row, columns) of consecutive parts of the rows: columns already read are sliced, the
+        others read and converted one part at a time (memory for one part, not for every row); checked
+        like `load` (nulls, stack references: when the last part is read)."""
+        todo = [name for name in names if name not in self]
+        if not todo:
+            yield 0, {name: self[name] for name in names}
+            return
+        codes = {"tag": {t: i for i, t in enumerate(self.tags)}, "fate": {}}
+        lo_hi = [0, -1]
+        at = 0
+        for part in self._parts(todo):
+            k = part.num_rows
+            if at + k > self.n:
+                raise rerun_error(self.path, f"more rows than its footer counts ({self.n:,})")
+            out = {}
+            for name in todo:
+                col = part[name]
+                if col.null_count and name in NOT_NULL:
+                    self.load([name])  # refuses the column, with its whole count of nulls
+                out[name] = np.empty(k, dtype=_dtype(name))
+                _copy(col, out[name], FILL.get(name, 0), codes.get(name))
+            if "alloc_stack" in out and k:
+                lo_hi = [min(lo_hi[0], int(out["alloc_stack"].min())), max(lo_hi[1], int(out["alloc_stack"].max()))]
+            yield at, {name: out[name] if name in out else self[name][at:at + k] for name in names}
+            at += k
+        if at != self.n:
+            raise rerun_error(self.path, f"{at:,} rows where its footer counts {self.n:,}")
+        if "alloc_stack" in todo:
+            check_references(self.path.parent, self.stacks, np.array(lo_hi if at else [], dtype=np.int64))
 
     def __missing__(self, name: str) -> np.ndarray:
         column = "fate" if name in FATE_FLAGS else name
@@ -77,8 +112,7 @@ class Rows(dict):
 
     def load(self, names: list[str]) -> None:
         """Read the columns `names`: each part's columns decoded together (on Arrow's threads)."""
-        out = {name: np.empty(self.n, dtype=DTYPES.get(name) or np.dtype(str(ALLOCATIONS_SCHEMA.field(name).type)))
-               for name in names}
+        out = {name: np.empty(self.n, dtype=_dtype(name)) for name in names}
         nulls = dict.fromkeys(names, 0)
         codes: dict[str, dict[str, int]] = {"tag": {}, "fate": {}}  # value -> index, in order of appearance
         at = 0
@@ -98,6 +132,8 @@ class Rows(dict):
                 raise rerun_error(self.path, f"column {name!r} has {nulls[name]:,} nulls")
         if "tag" in out:
             self.tags = list(codes["tag"])
+        if "alloc_stack" in out:
+            check_references(self.path.parent, self.stacks, out["alloc_stack"])
         if "fate" in out:
             fate = out.pop("fate")
             values = list(codes["fate"])
@@ -105,6 +141,10 @@ class Rows(dict):
                 hit = [i for i, v in enumerate(values) if v == value]
                 self[flag] = fate == hit[0] if len(hit) == 1 else np.isin(fate, hit)  # one pass for one code
         self.update(out)
+
+
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(DTYPES.get(name) or str(ALLOCATIONS_SCHEMA.field(name).type))
 
 
 def _copy(col: pa.ChunkedArray, out: np.ndarray, null: int, codes: dict[str, int] | None) -> None:
@@ -152,7 +192,7 @@ class Dataset:
 
     @property
     def n(self) -> int:
-        return len(self.rows["size"])
+        return self.rows.n
 
 
 def is_dataset(path: Path) -> bool:
@@ -205,7 +245,7 @@ def _fresh(cache: Path, trace: Path) -> bool:
 
 def load_dataset(path: Path) -> Dataset:
     """Open a dataset directory: its schema is checked first (verify_dataset), so a tampered or truncated
-    file is a one-line error naming it, whatever reads the dataset next. The CORE allocation columns are
+    file is a one-line error naming it, whatever reads the dataset next. The OPENED allocation columns are
     read now, the others when first used (Rows)."""
     trace = verify_dataset(path, COLUMNS)
     allocations = path / "allocations.parquet"
@@ -228,9 +268,10 @@ def dataset_from_tables(path: Path, trace: dict, table: pa.Table, stacks: pa.Tab
 
 
 def _dataset(path: Path, trace: dict, rows: Rows, stacks: pa.Table, modules: pa.Table) -> Dataset:
-    rows.load(CORE)
+    rows.load(OPENED)
     stack_id = stacks["stack_id"].to_numpy()
-    check_stacks(path, stack_id, rows["alloc_stack"])
+    check_stacks(path, stack_id, np.zeros(0, dtype=np.int64))  # references: when alloc_stack is read
+    rows.stacks = len(stack_id)
     order = np.argsort(stack_id)
     frames = stacks["frames"].combine_chunks().take(pa.array(order)) if stacks.num_rows else \
         pa.array([], pa.list_(pa.uint64()))
@@ -294,12 +335,20 @@ def lifetimes(rows: dict[str, np.ndarray], w: Window) -> np.ndarray:
 
 def lifetime_totals(size: np.ndarray, cls: np.ndarray) -> dict:
     """Count and bytes per lifetime class (rows OUTSIDE left out)."""
-    counts = np.zeros(5, dtype=np.int64)
-    nbytes = np.zeros(5)
+    counts, nbytes = np.zeros(5, dtype=np.int64), np.zeros(5)
+    _add_classes(counts, nbytes, size, cls)
+    return _totals(counts, nbytes)
+
+
+def _add_classes(counts: np.ndarray, nbytes: np.ndarray, size: np.ndarray, cls: np.ndarray) -> None:
+    """Add the rows' count and bytes per class + 1 (0: OUTSIDE) to `counts` and `nbytes`."""
     for lo in range(0, len(cls), STEP):
         k = cls[lo:lo + STEP].astype(np.intp) + 1
         counts += np.bincount(k, minlength=5)
         nbytes += np.bincount(k, weights=size[lo:lo + STEP].astype(np.float64), minlength=5)
+
+
+def _totals(counts: np.ndarray, nbytes: np.ndarray) -> dict:
     return {name: {"count": int(counts[k + 1]), "bytes": int(nbytes[k + 1])} for k, name in enumerate(LIFETIMES)}
 
 
@@ -325,8 +374,12 @@ class Filters:
 
 
 def row_mask(ds: Dataset, f: Filters) -> np.ndarray:
-    r = ds.rows
-    mask = np.ones(ds.n, dtype=bool)
+    return _mask(ds, ds.rows, ds.n, f)
+
+
+def _mask(ds: Dataset, r: dict[str, np.ndarray], n: int, f: Filters) -> np.ndarray:
+    """The rows (columns `r`, `n` rows) the tag, pool and pid filters keep."""
+    mask = np.ones(n, dtype=bool)
     if f.tags:
         match = tag_matcher(f.tags)
         ok = np.array([match(t) for t in ds.tags], dtype=bool)
@@ -336,6 +389,10 @@ def row_mask(ds: Dataset, f: Filters) -> np.ndarray:
     if f.pids:
         mask &= np.isin(r["pid"], f.pids)
     return mask
+
+
+def _filter_columns(f: Filters) -> list[str]:
+    return ["tag"] + (["pool_type", "session"] if f.pool is not None else [])
 
 
 # ---- frames and call sites --------------------------------------------------------------------------
@@ -509,9 +566,18 @@ def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRende
                        top: int | None = None) -> list[Group]:
     """Group the rows `sel` (indices) by `by`; filters on call-site module and min bytes; sorted by bytes."""
     r = ds.rows
-    stack = r["alloc_stack"][sel]
-    size = r["size"][sel].astype(np.int64)
-    tags = r["tag"][sel]
+    return _groups(ds, sel, {name: r[name][sel] for name in OUT_COLUMNS}, by, render, f, top)
+
+
+OUT_COLUMNS = ["alloc_stack", "size", "tag", "pid", "alloc_ns"]  # what grouping needs of the outstanding rows
+
+
+def _groups(ds: Dataset, sel: np.ndarray, out: dict[str, np.ndarray], by: str, render: FrameRenderer, f: Filters,
+            top: int | None = None) -> list[Group]:
+    """outstanding_groups from the OUT_COLUMNS of the rows `sel`."""
+    stack = out["alloc_stack"]
+    size = out["size"].astype(np.int64)
+    tags = out["tag"]
     gkey = tags.astype(np.int64) if by == "tag" else stack
     uniq, first, inv = _unique(gkey, first=True)
     counts = np.bincount(inv, minlength=len(uniq))
@@ -524,8 +590,8 @@ def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRende
     for code, b in zip(tp.tolist(), tp_bytes.tolist(), strict=True):
         g, t = divmod(code, len(ds.tags) + 1)
         group_tags.setdefault(g, {})[ds.tags[t]] = b
-    pid = r["pid"][sel]
-    ans = r["alloc_ns"][sel]
+    pid = out["pid"]
+    ans = out["alloc_ns"]
     if by != "tag":  # every group's stack rendered in one pass, with its representative row's pid and time
         rep_pids = pid[first].astype(np.int64)
         rep_ns = ans[first]
@@ -637,13 +703,77 @@ def sort_groups(groups: list[Group], sort: str) -> list[Group]:
     return groups
 
 
+@dataclass
+class _Scan:
+    """What one pass over the allocation rows gives a report."""
+    end_ns: int  # the window's end clipped to the trace
+    counts: np.ndarray  # rows per lifetime class + 1 (0: OUTSIDE or filtered out)
+    nbytes: np.ndarray  # their bytes
+    sel: np.ndarray  # indices of the outstanding (AIFO) rows the filters keep
+    out: dict[str, np.ndarray]  # their OUT_COLUMNS
+    growth: GrowthCounts  # every kept row binned per growth key (_keys)
+
+
+def _scan(ds: Dataset, window: Window, by: str, f: Filters) -> _Scan:
+    """One pass over the rows, part by part (Rows.blocks): lifetime classes and their totals, the outstanding
+    rows and their columns, and growth counts per stack (per tag with --by tag), which the groups sum once
+    they are known. Memory follows the outstanding rows and the stacks, not the allocations."""
+    end = effective_end(ds, window)
+    keys = len(ds.tags) + 1 if by == "tag" else len(ds.stacks) + 1
+    counts = GrowthCounts(keys, window.start_ns, end, NULL_NS)
+    n_cls, b_cls = np.zeros(5, dtype=np.int64), np.zeros(5)
+    sels: list[np.ndarray] = []
+    outs: dict[str, list[np.ndarray]] = {name: [] for name in OUT_COLUMNS}
+    names = list(dict.fromkeys([*OUT_COLUMNS, "free_ns", *_filter_columns(f)]))
+    for at, cols in ds.rows.blocks(names):
+        k = len(cols["size"])
+        mask = _mask(ds, cols, k, f)
+        cls = lifetimes(cols, window)
+        _add_classes(n_cls, b_cls, cols["size"], np.where(mask, cls, OUTSIDE))
+        hit = np.flatnonzero(mask & (cls == AIFO))
+        sels.append(hit + at)
+        for name in OUT_COLUMNS:
+            outs[name].append(cols[name][hit])
+        key = _keys(cols, by, keys)
+        counts.add(cols["alloc_ns"], cols["free_ns"], cols["size"], key if mask.all() else np.where(mask, key, -1))
+    sel = np.concatenate(sels) if sels else np.zeros(0, dtype=np.intp)
+    out = {name: np.concatenate(parts) if parts else np.zeros(0, dtype=_dtype(name) if name != "tag" else np.int32)
+           for name, parts in outs.items()}
+    return _Scan(end, n_cls, b_cls, sel, out, counts)
+
+
+def _keys(cols: dict[str, np.ndarray], by: str, keys: int) -> np.ndarray:
+    """Each row's growth key: its tag, or its stack (no stack, -1, is the last key: the stack lookup's wrap)."""
+    if by == "tag":
+        return cols["tag"]
+    stack = cols["alloc_stack"]
+    if not len(stack) or stack.min() >= -1:
+        return np.where(stack >= 0, stack, keys - 1)
+    return np.mod(stack, keys)  # damaged references below -1: wrapped like np.take(mode="wrap")
+
+
+def _group_of_key(ds: Dataset, groups: list[Group], by: str) -> np.ndarray:
+    """Per growth key (_keys), the index of its group in `groups` (-1: none)."""
+    if by == "tag":
+        code = {t: i for i, t in enumerate(ds.tags)}
+        lookup = np.full(len(ds.tags) + 1, -1, dtype=np.int32)
+        for gi, g in enumerate(groups):
+            lookup[code[g.key[0]]] = gi
+        return lookup
+    lookup = np.full(len(ds.stacks) + 1, -1, dtype=np.int32)
+    for gi, g in enumerate(groups):
+        lookup[np.asarray(g.stack_ids, dtype=np.int64)] = gi  # -1 (no stack): the last key
+    return lookup
+
+
 def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, render: FrameRenderer,
                  top: int | None, sort: str = "bytes") -> Report:
-    mask = row_mask(ds, filters)
-    cls = lifetimes(ds.rows, window)
-    sel = np.flatnonzero(mask & (cls == AIFO))
-    every = outstanding_groups(ds, sel, by, render, replace(filters, min_bytes=0), None)
-    times_ns = attach_growth(ds, mask, every, by, window)
+    scan = _scan(ds, window, by, filters)
+    sel, size_sel = scan.sel, scan.out["size"]
+    every = _groups(ds, sel, scan.out, by, render, replace(filters, min_bytes=0), None)
+    for g, gr in zip(every, scan.growth.growth(_group_of_key(ds, every, by), len(every)), strict=True):
+        g.growth = gr
+    times_ns = times(window.start_ns, scan.end_ns).tolist()
     groups = [g for g in every if g.bytes >= filters.min_bytes]
     likely = [g for g in sort_groups(groups, "growth") if g.growth.cls in ("leak", "growing")][:LIKELY_LEAKS]
     groups = sort_groups(groups, sort)
@@ -652,14 +782,15 @@ def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, rend
         for g in groups:
             keep.update(g.stack_ids)
         if by != "tag" and filters.modules:
-            sel = sel[np.isin(ds.rows["alloc_stack"][sel], list(keep))]
-    total_bytes = int(ds.rows["size"][sel].astype(np.int64).sum())
+            kept = np.isin(scan.out["alloc_stack"], list(keep))
+            sel, size_sel = sel[kept], size_sel[kept]
+    total_bytes = int(size_sel.astype(np.int64).sum())
     shown = groups[:top] if top else groups
     reasons = ([f"--min-bytes {filters.min_bytes:,}"] if len(groups) < len(every) else []) + \
         ([f"--top {top}"] if len(shown) < len(groups) else [])
     hidden = len(every) - len(shown)
-    return Report(ds.trace, window, lifetime_totals(ds.rows["size"], np.where(mask, cls, OUTSIDE)),
-                  len(sel), total_bytes, by, shown, sel, times_ns, sort, likely, render.rvas, hidden,
+    return Report(ds.trace, window, _totals(scan.counts, scan.nbytes), len(sel), total_bytes, by, shown, sel,
+                  times_ns, sort, likely, render.rvas, hidden,
                   sum(g.bytes for g in every) - sum(g.bytes for g in shown), ", ".join(reasons))
 
 

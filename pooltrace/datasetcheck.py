@@ -154,6 +154,11 @@ def check_stacks(ds: Path, stack_id: np.ndarray, referenced: np.ndarray) -> None
     n = len(stack_id)
     if n and (stack_id.min() != 0 or stack_id.max() != n - 1 or len(np.unique(stack_id)) != n):
         raise rerun_error(ds / "stacks.parquet", "stack_id is not 0..n-1")
+    check_references(ds, n, referenced)
+
+
+def check_references(ds: Path, n: int, referenced: np.ndarray) -> None:
+    """Every stack the allocations `referenced` refer to (-1: none) is one of the n stacks."""
     top = int(referenced.max()) if len(referenced) else -1  # the largest reference, when one is >= 0
     if top >= 0 and (top >= n or referenced.min() < -1):
         raise rerun_error(ds / "allocations.parquet", f"refers to stack {top} of {n}")

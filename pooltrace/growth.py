@@ -76,8 +76,8 @@ CHUNK = 1 << 20  # rows binned per step: its temporaries stay small (and in the 
 
 def _bins(alloc_ns: np.ndarray, free_ns: np.ndarray, gid: np.ndarray, groups: int, start_ns: int, end_ns: int,
           null_ns: int, points: int, span: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, its allocation bin ((group, bin) * 2 + survivor) and its free bin (group, bin; bin `points`:
-    not freed inside the window); rows not counted go to group `groups`."""
+    """Per row, its allocation bin ((key, bin) * 2 + survivor) and its free bin (key, bin; bin `points`:
+    not freed inside the window); rows not counted (gid < 0) go to key `groups`."""
     stride = points + 1
     # integer bins, (t - start) * points // span, and few temporaries, updated in place (rows allocated
     # before the trace have alloc_ns = null_ns)
@@ -104,32 +104,71 @@ def _bins(alloc_ns: np.ndarray, free_ns: np.ndarray, gid: np.ndarray, groups: in
 def growth_table(alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, gid: np.ndarray, groups: int,
                  start_ns: int, end_ns: int, null_ns: int, points: int = POINTS) -> list[Growth]:
     """Growth of `groups` groups from the rows allocated inside [start, end): `gid` is each row's group
-    (0..groups-1). Rows with gid < 0 or allocated outside the window are ignored.
+    (0..groups-1). Rows with gid < 0 or allocated outside the window are ignored (GrowthCounts)."""
+    counts = GrowthCounts(groups, start_ns, end_ns, null_ns, points)
+    counts.add(alloc_ns, free_ns, size, gid)
+    return counts.growth()
 
-    One pass, in steps of CHUNK rows: every row adds its size to (group, allocation bin) and, when freed
-    inside the window, removes it at (group, free bin); a cumulative sum over the bins gives the series.
-    Rows that are not counted go to an extra group, frees after the window to an extra bin, so nothing is
-    compressed. Sums of sizes are exact in float64 (below 2**53 bytes) in any order."""
-    span = max(1, end_ns - start_ns)
-    stride = points + 1  # bin `points`: not freed inside the window
-    n = (groups + 1) * stride
-    up_w, up_c = np.zeros(2 * n), np.zeros(2 * n, dtype=np.int64)
-    down_w, down_c = np.zeros(n), np.zeros(n, dtype=np.int64)
-    step = max(CHUNK, 2 * n)  # a step's counts are not much larger than its rows
-    for lo in range(0, len(alloc_ns), step):
-        hi = lo + step
-        ia, fi = _bins(alloc_ns[lo:hi], free_ns[lo:hi], gid[lo:hi], groups, start_ns, end_ns, null_ns, points, span)
-        w = size[lo:hi].astype(np.float64)
-        up_w += np.bincount(ia, weights=w, minlength=2 * n)
-        up_c += np.bincount(ia, minlength=2 * n)
-        down_w += np.bincount(fi, weights=w, minlength=n)
-        down_c += np.bincount(fi, minlength=n)
-    up = up_w.reshape(groups + 1, stride, 2)[:groups, :points]
-    up_n2 = up_c.reshape(groups + 1, stride, 2)[:groups, :points]
-    up_b, up_n, surv = up.sum(axis=2), up_n2.sum(axis=2), up_n2[:, :, 1].astype(np.float64)
-    shape = (groups + 1, stride)
-    down_b = down_w.reshape(shape)[:groups]
-    down_n = down_c.reshape(shape)[:groups]
+
+class GrowthCounts:
+    """Per key (a stack, a tag, a group: 0..keys-1), bytes and blocks allocated and freed in each of
+    `points` bins of the window, added part by part (a report adds its rows as it reads them, per stack, and
+    sums the stacks of each group at the end).
+
+    Every row adds its size to (key, allocation bin) and, when freed inside the window, removes it at
+    (key, free bin); a cumulative sum over the bins gives the series. Rows that are not counted go to an
+    extra key, frees after the window to an extra bin, so nothing is compressed. Rows are binned CHUNK at a
+    time. Sums of sizes are exact in float64 (below 2**53 bytes) in any order and grouping."""
+
+    def __init__(self, keys: int, start_ns: int, end_ns: int, null_ns: int, points: int = POINTS):
+        self.keys, self.start_ns, self.end_ns, self.null_ns, self.points = keys, start_ns, end_ns, null_ns, points
+        self.span = max(1, end_ns - start_ns)
+        self.stride = points + 1  # bin `points`: not freed inside the window
+        n = (keys + 1) * self.stride
+        self.up_w, self.up_c = np.zeros(2 * n), np.zeros(2 * n, dtype=np.int64)
+        self.down_w, self.down_c = np.zeros(n), np.zeros(n, dtype=np.int64)
+
+    def add(self, alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, key: np.ndarray) -> None:
+        """Count rows: `key` is each row's key, < 0 for a row not counted."""
+        n = len(self.down_c)
+        step = max(CHUNK, 2 * n)  # a step's counts are not much larger than its rows
+        for lo in range(0, len(alloc_ns), step):
+            hi = lo + step
+            ia, fi = _bins(alloc_ns[lo:hi], free_ns[lo:hi], key[lo:hi], self.keys, self.start_ns, self.end_ns,
+                           self.null_ns, self.points, self.span)
+            w = size[lo:hi].astype(np.float64)
+            self.up_w += np.bincount(ia, weights=w, minlength=2 * n)
+            self.up_c += np.bincount(ia, minlength=2 * n)
+            self.down_w += np.bincount(fi, weights=w, minlength=n)
+            self.down_c += np.bincount(fi, minlength=n)
+
+    def growth(self, group_of_key: np.ndarray | None = None, groups: int | None = None) -> list[Growth]:
+        """Growth per group: key k belongs to group group_of_key[k] (< 0: to none); default, key k is group k."""
+        points, stride, keys = self.points, self.stride, self.keys
+        up_w = self.up_w.reshape(keys + 1, stride, 2)
+        up_c = self.up_c.reshape(keys + 1, stride, 2)
+        down_w = self.down_w.reshape(keys + 1, stride)
+        down_c = self.down_c.reshape(keys + 1, stride)
+        if group_of_key is not None:  # each group's keys summed (the extra key: not counted)
+            to = np.where(group_of_key >= 0, group_of_key, groups).astype(np.intp)
+            parts = []
+            for arr in (up_w, up_c, down_w, down_c):
+                out = np.zeros((groups + 1, *arr.shape[1:]), dtype=arr.dtype)
+                np.add.at(out, to, arr[:keys])
+                parts.append(out)
+            up_w, up_c, down_w, down_c = parts
+            keys = groups
+        up = up_w[:keys, :points]
+        up_n2 = up_c[:keys, :points]
+        up_b, up_n, surv = up.sum(axis=2), up_n2.sum(axis=2), up_n2[:, :, 1].astype(np.float64)
+        down_b = down_w[:keys]
+        down_n = down_c[:keys]
+        return _growth(up_b, up_n, surv, down_b, down_n, points, self.span)
+
+
+def _growth(up_b: np.ndarray, up_n: np.ndarray, surv: np.ndarray, down_b: np.ndarray, down_n: np.ndarray,
+            points: int, span: int) -> list[Growth]:
+    """Series, slopes, fit and class per group from its binned bytes and blocks."""
     ybytes = np.cumsum(up_b - down_b[:, :points], axis=1)
     yblocks = np.cumsum(up_n - down_n[:, :points], axis=1)
     secs = span / 1e9

@@ -1,5 +1,6 @@
 """How `report` opens a dataset (pooltrace.analysis.Rows): only the allocation columns an analysis uses
-are read, each checked when it is read; a report on a dataset loads no trace decoder and no pandas."""
+are read, each checked when it is read; a report streams its columns part by part and holds no full
+column but the tags; a report on a dataset loads no trace decoder and no pandas."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pooltrace.analysis import CORE, load_dataset
+from pooltrace import api
+from pooltrace.analysis import OPENED, load_dataset
 from pooltrace.cli import cli
 from tests.conftest import ROOT
 
@@ -30,7 +32,9 @@ def paired(tmp_path_factory) -> Path:
 
 def test_columns_are_read_when_first_used(paired):
     ds = load_dataset(paired)
-    assert set(ds.rows) == set(CORE)
+    assert set(ds.rows) == set(OPENED)
+    rep, _ = api.analyze(ds, paired, no_symbols=True)  # the report streams its columns: none is kept
+    assert set(ds.rows) == set(OPENED) and rep.outstanding_count > 0
     full = pq.read_table(paired / "allocations.parquet")
     assert ds.rows["tid"].tolist() == full["tid"].to_pylist()
     assert ds.rows["lost_free"].tolist() == [f == "lost_free" for f in full["fate"].to_pylist()]
@@ -40,7 +44,7 @@ def test_columns_are_read_when_first_used(paired):
 
 
 def test_a_null_in_a_column_is_found_when_it_is_read(paired, tmp_path):
-    """tid is not a CORE column: the plain report is the intact one; --list reads tid and refuses the file."""
+    """A report does not read tid: the plain report is the intact one; --list reads tid and refuses the file."""
     ds = tmp_path / "ds"
     shutil.copytree(paired, ds)
     table = pq.read_table(ds / "allocations.parquet")
@@ -66,3 +70,24 @@ def test_a_report_on_a_dataset_loads_no_decoder_and_no_pandas(paired):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_a_streamed_report_equals_one_over_loaded_columns(paired):
+    """build_report over parts read one at a time gives the report of the same rows already in memory
+    (and the part boundaries do not matter): groups, growth, totals, outstanding rows."""
+    from pooltrace.reporters import structured
+
+    def report(ds, by):
+        rep, _ = api.analyze(ds, paired, by=by, no_symbols=True, window="1:")
+        return structured.to_json(rep), rep.rows.tolist()
+
+    for by in ("stack", "function", "tag"):
+        streamed = load_dataset(paired)
+        loaded = load_dataset(paired)
+        loaded.rows.load(["size", "alloc_ns", "free_ns", "pid", "alloc_stack"])
+        assert report(streamed, by) == report(loaded, by)
+    small = load_dataset(paired)
+    parts = small.rows._parts
+    small.rows._parts = lambda names: (t.slice(i, 7) for part in parts(names) for t in [part]
+                                       for i in range(0, part.num_rows, 7))
+    assert report(small, "stack") == report(load_dataset(paired), "stack")
