@@ -268,3 +268,28 @@ def test_recorder_sidecar_is_joined_automatically(tmp_path):
     text = CliRunner().invoke(cli, ["report", str(tmp_path / "ds"), "--no-symbols"]).output
     assert ("before the trace began, the kernel counted 20 outstanding 'Leak' allocations (5,120 bytes; from the "
             "recorder's sidecar)") in " ".join(text.split())
+
+
+def test_first_part_of_each_kind_wins_and_extra_parts_are_counted(tmp_path):
+    # event A gets two kernel parts and a user part (on another CPU), the PERFINFO event C two kernel parts:
+    # the first part of each kind in arrival (record) order is the one kept, the others are counted
+    w = TraceWriter(pointer_size=8, cpus=2)
+    t = w.start_qpc
+    k1, k2, user = [0xFFFFF80000001000, 0xFFFFF80000002000], [0xFFFFF80000003000], [0x7FF600001000]
+    w.pool(0, t + 1, 0x0E20, 1, "AAAA", 64, 0xA000, header="system", tid=10, pid=4)
+    w.pool(0, t + 2, 0x0E20, 1, "BBBB", 64, 0xB000, header="system", tid=11, pid=4)
+    w.pool(0, t + 3, 0x0E20, 1, "CCCC", 64, 0xC000, header="perfinfo")
+    w.stack(0, t + 3, t + 1, 4, 10, k2)
+    w.stack(0, t + 4, t + 1, 4, 10, k1)
+    w.stack(1, t + 5, t + 1, 4, 10, user)
+    w.stack(0, t + 6, t + 3, 7, 12, k1)
+    w.stack(0, t + 7, t + 3, 8, 13, k2)
+    w.save(tmp_path / "parts.etl")
+    pair_trace(tmp_path / "parts.etl", tmp_path / "ds")
+    allocs, stacks, trace = load(tmp_path / "ds")
+    by = {r["address"]: r for r in allocs}
+    assert stacks[by[0xA000]["alloc_stack"]] == k2 + user
+    assert by[0xB000]["alloc_stack"] is None
+    assert stacks[by[0xC000]["alloc_stack"]] == k1
+    assert (by[0xC000]["tid"], by[0xC000]["pid"]) in ((12, 7), (13, 8))  # from its stack, not the header
+    assert trace["pairing"]["stack_parts_ignored"] == 2
