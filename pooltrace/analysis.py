@@ -74,8 +74,9 @@ class Rows(dict):
 
     def blocks(self, names: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(first row, columns) of consecutive parts of the rows: columns already read are sliced, the
-        others read and converted one part at a time (memory for one part, not for every row); checked
-        like `load` (nulls, stack references: when the last part is read)."""
+        others read and converted one part at a time into buffers reused from part to part (valid until the
+        next part; memory for one part, not for every row); checked like `load` (nulls, stack references:
+        when the last part is read)."""
         todo = [name for name in names if name not in self]
         if not todo:
             yield 0, {name: self[name] for name in names}
@@ -83,6 +84,7 @@ class Rows(dict):
         codes = {"tag": {t: i for i, t in enumerate(self.tags)}, "fate": {}}
         lo_hi = [0, -1]
         at = 0
+        buffers: dict[str, np.ndarray] = {}
         for part in self._parts(todo):
             k = part.num_rows
             if at + k > self.n:
@@ -92,7 +94,9 @@ class Rows(dict):
                 col = part[name]
                 if col.null_count and name in NOT_NULL:
                     self.load([name])  # refuses the column, with its whole count of nulls
-                out[name] = np.empty(k, dtype=_dtype(name))
+                if name not in buffers or len(buffers[name]) < k:  # fresh memory costs page faults: reused
+                    buffers[name] = np.empty(k, dtype=_dtype(name))
+                out[name] = buffers[name][:k]
                 _copy(col, out[name], FILL.get(name, 0), codes.get(name))
             if "alloc_stack" in out and k:
                 lo_hi = [min(lo_hi[0], int(out["alloc_stack"].min())), max(lo_hi[1], int(out["alloc_stack"].max()))]
