@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pooltrace import __version__, pooltypes
+from pooltrace.cachetrust import reused, trusted
 from pooltrace.datasetcheck import (
     MODULE_KEYS,
     check_no_nulls,
@@ -217,11 +218,14 @@ def open_input(path: Path, *, progress: Callable | None = None) -> Dataset:
     if not path.exists():
         raise PooltraceError(f"{path}: no such file")
     cache = default_output(path)
-    if is_dataset(cache) and _fresh(cache, path):
+    if is_dataset(cache) and _fresh(cache, path) and trusted(cache):
         try:
-            return load_dataset(cache)
+            ds = load_dataset(cache)
         except PooltraceError:
             pass  # a damaged cache is rebuilt, not trusted
+        else:
+            reused(cache)
+            return ds
     from pooltrace.dataset import pair_trace
 
     try:

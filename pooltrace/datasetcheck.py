@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA
-from pooltrace.errors import PooltraceError
+from pooltrace.errors import DamagedDataset, PooltraceError
 from pooltrace.jsonrules import DROP, U32, U64, Field, load_json, opt, validate
 
 MODULE_KEYS = ["base", "size", "name", "pid"]  # modules.parquet columns every module row has
@@ -51,9 +51,9 @@ TRACE_RULES = Field("object", members={
 })
 
 
-def rerun_error(path: Path, problem: str) -> PooltraceError:
+def rerun_error(path: Path, problem: str) -> DamagedDataset:
     """The one-line error for a damaged dataset file: its path, the problem, and what to do."""
-    return PooltraceError(f"{path}: {problem}; re-run `pooltrace pair`")
+    return DamagedDataset(f"{path}: {problem}; re-run `pooltrace pair`", Path(path))
 
 
 
@@ -68,7 +68,7 @@ def read_trace_json(ds: Path) -> dict:
     try:
         data = load_json(path, "pooltrace dataset's trace.json")
     except PooltraceError as exc:
-        raise PooltraceError(f"{exc}; re-run `pooltrace pair`") from None
+        raise DamagedDataset(f"{exc}; re-run `pooltrace pair`", path) from None
     clean, problems = validate(data, TRACE_RULES)
     if clean is DROP or problems:
         raise rerun_error(path, f"not a pooltrace trace.json ({problems[0] if problems else 'invalid'})")

@@ -11,3 +11,12 @@ class TraceError(PooltraceError):
 
 class OutputError(PooltraceError):
     """An output cannot be written where the user asked (missing directory, no permission, not ours)."""
+
+
+class DamagedDataset(PooltraceError):
+    """A dataset file that cannot be trusted (tampered, truncated, unreadable); `path` names it. A cache
+    beside a trace that fails this way is rebuilt from the trace (analysis.rebuild_damaged_caches)."""
+
+    def __init__(self, message: str, path):
+        super().__init__(message)
+        self.path = path

@@ -168,3 +168,54 @@ def test_a_damaged_cache_beside_a_trace_is_rebuilt(tmp_path, command):
     if command == "report":
         assert r.output == good
         pq.read_table(cache / "stacks.parquet")  # rebuilt
+
+
+def _spoil_column(path: Path, column: str) -> None:
+    """Overwrite the data of one column chunk with 0xff, leaving the footer (so the schema check) intact."""
+    meta = pq.read_metadata(path).row_group(0)
+    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == column)
+    data = bytearray(path.read_bytes())
+    start = chunk.data_page_offset + 40
+    end = min(start + 2000, chunk.data_page_offset + chunk.total_compressed_size)
+    data[start:end] = b"\xff" * (end - start)
+    path.write_bytes(bytes(data))
+
+
+CACHE_COMMANDS = {
+    "report": lambda etl: ["report", str(etl)],
+    "report-json": lambda etl: ["report", str(etl), "--format", "json"],
+    "tags": lambda etl: ["tags", str(etl)],
+    "diff": lambda etl: ["diff", str(etl), str(etl)],
+}
+
+
+@pytest.mark.parametrize("command", list(CACHE_COMMANDS))
+def test_a_cache_damaged_inside_a_column_is_rebuilt_when_read(tmp_path, command):
+    """Columns are read when used, after the cache was checked and reused: damage found then rebuilds the
+    cache (said on stderr) and the answer is the intact one; the next run reuses the rebuilt cache."""
+    etl = tmp_path / "t.etl"
+    shutil.copyfile(SAMPLE, etl)
+    args = CACHE_COMMANDS[command](etl)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    good = r.stdout
+    cache = tmp_path / "t.pooltrace"
+    _spoil_column(cache / "allocations.parquet", "free_ns")
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert r.stdout == good
+    assert "allocations.parquet" in r.stderr and "rebuilding the cache from its trace" in r.stderr
+    pq.read_table(cache / "allocations.parquet")  # rebuilt
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and r.stdout == good and "rebuilding" not in r.stderr
+
+
+def test_a_named_dataset_damaged_inside_a_column_stays_an_error(paired, tmp_path):
+    """A dataset the user named is not pooltrace's to rebuild: one line naming the file, exit 2."""
+    ds = tmp_path / "ds"
+    shutil.copytree(paired, ds)
+    _spoil_column(ds / "allocations.parquet", "free_ns")
+    r = CliRunner().invoke(cli, ["report", str(ds)])
+    assert r.exit_code == 2, r.output
+    assert "allocations.parquet" in r.stderr and "re-run `pooltrace pair`" in r.stderr
+    assert "rebuilding" not in r.stderr and "Traceback" not in r.output

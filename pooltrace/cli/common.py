@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from pooltrace.cachetrust import rebuild_damaged_caches
 from pooltrace.errors import PooltraceError
 from pooltrace.outputs import atomic_open, os_reason, refuse_inputs
 
@@ -125,11 +126,15 @@ def user_errors(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            return rebuild_damaged_caches(lambda: func(*args, **kwargs), _note_rebuild)
         except (PooltraceError, OSError, MemoryError) as exc:
             handle_error(exc)
 
     return verbose_option(wrapper)
+
+
+def _note_rebuild(message: str) -> None:
+    click.echo(f"note: {message}", err=True)
 
 
 class PooltraceGroup(click.Group):
