@@ -28,14 +28,14 @@ from bench_report import build  # noqa: E402
 from pooltrace.analysis import (  # noqa: E402
     AIFO,
     Filters,
-    FrameRenderer,
     attach_growth,
     lifetimes,
-    load_dataset,
     outstanding_groups,
     parse_window,
     row_mask,
 )
+from pooltrace.datasetopen import load_dataset  # noqa: E402
+from pooltrace.frames import FrameRenderer  # noqa: E402
 
 
 def child(path: Path, by: str) -> None:

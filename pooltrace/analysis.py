@@ -4,288 +4,28 @@ allocations grouped by stack, allocating function (call site), module or tag.
 Outstanding = allocated inside the window and not freed by its end (WPA's AIFO). Lifetime classes for a
 window [start, end): AIFI allocated and freed inside; AIFO allocated inside, freed after or never;
 AOFI allocated before (or before the trace) and freed inside; AOFO allocated before, freed after or never.
-Everything is vectorized over the allocation rows; frames are rendered only for the distinct stacks that
-are shown.
+Everything is vectorized over the allocation rows; frames are rendered (frames.FrameRenderer) only for the
+distinct stacks that are shown. The dataset comes from datasetopen (columns read when used).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from pooltrace import __version__, pooltypes
-from pooltrace.cachetrust import reused, trusted
-from pooltrace.datasetcheck import (
-    MODULE_KEYS,
-    check_no_nulls,
-    check_references,
-    check_stacks,
-    parquet_rows,
-    read_parquet,
-    read_row_groups,
-    read_trace_json,
-    rerun_error,
-    verify_dataset,
-)
-from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, default_output
-from pooltrace.errors import OutputError, PooltraceError
+from pooltrace import pooltypes
+from pooltrace.datasetopen import NULL_NS, Dataset, column_dtype
+from pooltrace.errors import PooltraceError
+from pooltrace.frames import FrameRenderer
 from pooltrace.growth import Growth, GrowthCounts, class_rank, growth_table, times
-from pooltrace.modulemap import NONE, ModuleMap, frame_text
 
 LIFETIMES = ("AIFI", "AIFO", "AOFI", "AOFO")
 AIFI, AIFO, AOFI, AOFO, OUTSIDE = 0, 1, 2, 3, -1
-KERNEL_IMAGES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "ntkrla57.exe"}
 BY = ("stack", "function", "module", "tag")
-COLUMNS = ["tag", "pool_type", "paged", "session", "session_id", "size", "address", "alloc_ns", "free_ns", "fate",
-           "pid", "tid", "cpu", "alloc_stack"]
-
-
-OPENED = ["tag"]  # read when a dataset is opened: filters name tags before anything else is read
-SCAN = ["size", "alloc_ns", "free_ns", "pid", "alloc_stack"]  # what a report reads, part by part (Rows.blocks)
-NOT_NULL = ["tag", "fate", "pool_type", "size", "address", "pid", "tid", "cpu", "paged", "session"]
-FATE_FLAGS = {"outstanding_at_end": "outstanding", "lost_free": "lost_free"}  # rows[flag]: fate == value
-
-
-NULL_NS = np.iinfo(np.int64).min
-FILL = {"alloc_ns": NULL_NS, "free_ns": NULL_NS, "alloc_stack": -1,
-        "session_id": 0xFFFFFFFF}  # what a null reads as (NULL_NS, no stack, no session)
-DTYPES = {"tag": np.int32, "fate": np.int32, "paged": np.bool_, "session": np.bool_}  # others: their Arrow type
-
-
-class Rows(dict):
-    """The allocation columns as numpy arrays (nulls as FILL; tag as indices into `tags`; fate as the flags
-    of FATE_FLAGS), each read from the dataset when first used (a report streams its columns part by part
-    instead: `blocks`). A column is read part by part (Parquet row groups) into one preallocated array,
-    without a whole-column Arrow copy beside it, and checked as it is read (no nulls in NOT_NULL; stack
-    references against the stacks)."""
-
-    def __init__(self, path: Path, n: int, parts: Callable[[list[str]], Iterable[pa.Table]]):
-        super().__init__()
-        self.path = path  # the file named in errors
-        self.n = n
-        self.tags: list[str] = []  # rows["tag"] indexes this list
-        self.stacks = 0  # how many stacks there are (alloc_stack refers to them)
-        self._parts = parts
-
-    def blocks(self, names: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(first row, columns) of consecutive parts of the rows: columns already read are sliced, the
-        others read and converted one part at a time into buffers reused from part to part (valid until the
-        next part; memory for one part, not for every row); checked like `load` (nulls, stack references:
-        when the last part is read)."""
-        todo = [name for name in names if name not in self]
-        if not todo:
-            yield 0, {name: self[name] for name in names}
-            return
-        codes = {"tag": {t: i for i, t in enumerate(self.tags)}, "fate": {}}
-        lo_hi = [0, -1]
-        at = 0
-        buffers: dict[str, np.ndarray] = {}
-        for part in self._parts(todo):
-            k = part.num_rows
-            if at + k > self.n:
-                raise rerun_error(self.path, f"more rows than its footer counts ({self.n:,})")
-            out = {}
-            for name in todo:
-                col = part[name]
-                if col.null_count and name in NOT_NULL:
-                    self.load([name])  # refuses the column, with its whole count of nulls
-                if name not in buffers or len(buffers[name]) < k:  # fresh memory costs page faults: reused
-                    buffers[name] = np.empty(k, dtype=_dtype(name))
-                out[name] = buffers[name][:k]
-                _copy(col, out[name], FILL.get(name, 0), codes.get(name))
-            if "alloc_stack" in out and k:
-                lo_hi = [min(lo_hi[0], int(out["alloc_stack"].min())), max(lo_hi[1], int(out["alloc_stack"].max()))]
-            yield at, {name: out[name] if name in out else self[name][at:at + k] for name in names}
-            at += k
-        if at != self.n:
-            raise rerun_error(self.path, f"{at:,} rows where its footer counts {self.n:,}")
-        if "alloc_stack" in todo:
-            check_references(self.path.parent, self.stacks, np.array(lo_hi if at else [], dtype=np.int64))
-
-    def __missing__(self, name: str) -> np.ndarray:
-        column = "fate" if name in FATE_FLAGS else name
-        if column not in COLUMNS or column == "tag":
-            raise KeyError(name)
-        self.load([column])
-        return dict.__getitem__(self, name)
-
-    def load(self, names: list[str]) -> None:
-        """Read the columns `names`: each part's columns decoded together (on Arrow's threads)."""
-        out = {name: np.empty(self.n, dtype=_dtype(name)) for name in names}
-        nulls = dict.fromkeys(names, 0)
-        codes: dict[str, dict[str, int]] = {"tag": {}, "fate": {}}  # value -> index, in order of appearance
-        at = 0
-        for part in self._parts(names):
-            k = part.num_rows
-            if at + k > self.n:
-                raise rerun_error(self.path, f"more rows than its footer counts ({self.n:,})")
-            for name in names:
-                col = part[name]
-                nulls[name] += col.null_count
-                _copy(col, out[name][at:at + k], FILL.get(name, 0), codes.get(name))
-            at += k
-        if at != self.n:
-            raise rerun_error(self.path, f"{at:,} rows where its footer counts {self.n:,}")
-        for name in names:
-            if nulls[name] and name in NOT_NULL:
-                raise rerun_error(self.path, f"column {name!r} has {nulls[name]:,} nulls")
-        if "tag" in out:
-            self.tags = list(codes["tag"])
-        if "alloc_stack" in out:
-            check_references(self.path.parent, self.stacks, out["alloc_stack"])
-        if "fate" in out:
-            fate = out.pop("fate")
-            values = list(codes["fate"])
-            for flag, value in FATE_FLAGS.items():
-                hit = [i for i, v in enumerate(values) if v == value]
-                self[flag] = fate == hit[0] if len(hit) == 1 else np.isin(fate, hit)  # one pass for one code
-        self.update(out)
-
-
-def _dtype(name: str) -> np.dtype:
-    return np.dtype(DTYPES.get(name) or str(ALLOCATIONS_SCHEMA.field(name).type))
-
-
-def _copy(col: pa.ChunkedArray, out: np.ndarray, null: int, codes: dict[str, int] | None) -> None:
-    """Copy a column part into `out` straight from the Arrow buffers: integers with `null` for nulls,
-    booleans, and strings (dictionary or not) as indices into `codes` (extended with new values)."""
-    at = 0
-    for arr in col.chunks:
-        n = len(arr)
-        part = out[at:at + n]
-        at += n
-        if not n:
-            continue
-        if codes is not None:
-            if not pa.types.is_dictionary(arr.type):
-                arr = arr.dictionary_encode()
-            remap = np.array([codes.setdefault(v, len(codes)) for v in arr.dictionary.to_pylist()], dtype=out.dtype)
-            if arr.null_count:  # a NOT_NULL column: refused once counted; nothing to look up
-                part[:] = 0
-            elif len(remap):
-                part[:] = remap[arr.indices.to_numpy()]
-            continue
-        if pa.types.is_boolean(arr.type):
-            part[:] = arr.to_numpy(zero_copy_only=False) if not arr.null_count else arr.fill_null(False).to_numpy(
-                zero_copy_only=False)
-            continue
-        values = arr.buffers()[1]
-        if values is None:  # no value buffer: every row is null
-            part[:] = null
-            continue
-        part[:] = np.frombuffer(values, dtype=out.dtype, count=n + arr.offset)[arr.offset:]
-        if arr.null_count:
-            bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
-            valid = np.unpackbits(bits, bitorder="little", count=n + arr.offset)[arr.offset:].view(bool)
-            part[~valid] = null
-
-
-@dataclass
-class Dataset:
-    path: Path
-    trace: dict
-    rows: Rows  # allocation columns as numpy, read when first used (see Rows)
-    tags: list[str]  # tag strings; rows["tag"] holds indices into this list
-    stacks: pa.ListArray
-    modules: pa.Table
-
-    @property
-    def n(self) -> int:
-        return self.rows.n
-
-
-def is_dataset(path: Path) -> bool:
-    try:
-        return path.is_dir() and (path / "trace.json").is_file()
-    except OSError:  # e.g. a name too long for the file system (the cache of a 250-character trace name)
-        return False
-
-
-def open_input(path: Path, *, progress: Callable | None = None) -> Dataset:
-    """A dataset directory, or an .etl paired on the fly into `<trace>.pooltrace/` beside it (reused while
-    newer than the trace and written by this version; in a temporary directory if that is not writable)."""
-    path = Path(path)
-    if is_dataset(path):
-        return load_dataset(path)
-    if path.is_dir():
-        raise PooltraceError(f"{path}: not a pooltrace dataset (no trace.json); give an .etl or a `pair` output")
-    if not path.exists():
-        raise PooltraceError(f"{path}: no such file")
-    cache = default_output(path)
-    if is_dataset(cache) and _fresh(cache, path) and trusted(cache):
-        try:
-            ds = load_dataset(cache)
-        except PooltraceError:
-            pass  # a damaged cache is rebuilt, not trusted
-        else:
-            reused(cache)
-            return ds
-    from pooltrace.dataset import pair_trace
-
-    try:
-        pair_trace(path, cache, progress=progress)
-        return load_dataset(cache)
-    except OutputError:  # not writable beside the trace, or a directory of that name that is not ours
-        pass
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix="pooltrace-")) / "ds"
-    pair_trace(path, tmp, progress=progress)
-    return load_dataset(tmp)
-
-
-def _fresh(cache: Path, trace: Path) -> bool:
-    """The cache beside a trace was written by this version from this very file (size and time)."""
-    try:
-        meta = read_trace_json(cache)
-        return (meta["pooltrace_version"] == __version__ and
-                (cache / "trace.json").stat().st_mtime >= trace.stat().st_mtime and
-                (meta.get("source") or {}).get("size") == trace.stat().st_size)
-    except (OSError, PooltraceError):
-        return False
-
-
-def load_dataset(path: Path) -> Dataset:
-    """Open a dataset directory: its schema is checked first (verify_dataset), so a tampered or truncated
-    file is a one-line error naming it, whatever reads the dataset next. The OPENED allocation columns are
-    read now, the others when first used (Rows)."""
-    trace = verify_dataset(path, COLUMNS)
-    allocations = path / "allocations.parquet"
-
-    def parts(columns: list[str]) -> Iterable[pa.Table]:
-        return read_row_groups(allocations, columns, read_dictionary=[c for c in ("tag", "fate") if c in columns])
-
-    stacks = read_parquet(path / "stacks.parquet")
-    modules = read_parquet(path / "modules.parquet")
-    check_no_nulls(path / "stacks.parquet", stacks, ["stack_id"])
-    check_no_nulls(path / "modules.parquet", modules, MODULE_KEYS)
-    return _dataset(path, trace, Rows(allocations, parquet_rows(allocations), parts), stacks, modules)
-
-
-def dataset_from_tables(path: Path, trace: dict, table: pa.Table, stacks: pa.Table, modules: pa.Table) -> Dataset:
-    """A Dataset from its tables (allocation COLUMNS, tag and fate read as dictionaries or not): a run
-    store selects only the rows a query needs and builds the Dataset from them."""
-    return _dataset(path, trace, Rows(path / "allocations.parquet", table.num_rows, lambda c: [table.select(c)]),
-                    stacks, modules)
-
-
-def _dataset(path: Path, trace: dict, rows: Rows, stacks: pa.Table, modules: pa.Table) -> Dataset:
-    rows.load(OPENED)
-    stack_id = stacks["stack_id"].to_numpy()
-    check_stacks(path, stack_id, np.zeros(0, dtype=np.int64))  # references: when alloc_stack is read
-    rows.stacks = len(stack_id)
-    order = np.argsort(stack_id)
-    frames = stacks["frames"].combine_chunks().take(pa.array(order)) if stacks.num_rows else \
-        pa.array([], pa.list_(pa.uint64()))
-    return Dataset(path, trace, rows, rows.tags, frames, modules)
-
-
 # ---- window and lifetimes ----------------------------------------------------------------------------
 
 @dataclass
@@ -401,142 +141,6 @@ def _mask(ds: Dataset, r: dict[str, np.ndarray], n: int, f: Filters) -> np.ndarr
 
 def _filter_columns(f: Filters) -> list[str]:
     return ["tag"] + (["pool_type", "session"] if f.pool is not None else [])
-
-
-# ---- frames and call sites --------------------------------------------------------------------------
-
-class FrameRenderer:
-    """Renders stack frames (module!function+0xoff, module+0xrva, 0xaddress) for distinct stacks."""
-
-    def __init__(self, ds: Dataset, symbolizer=None):
-        self.ds = ds
-        self.map = ModuleMap(ds.modules, ds.trace.get("pointer_size", 8))
-        self.sym = symbolizer
-        self._cache: dict[int, tuple[list[str], list[int]]] = {}
-        self.rvas: dict[str, int] = {}  # frame text -> module-relative address (frames inside a module)
-        self._lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # stacks: valid, offsets, values
-
-    def stack(self, stack_id: int, pid: int = 0, ns: int = 0) -> tuple[list[str], list[int]]:
-        """Frame texts and module rows (-1 outside every module), innermost first."""
-        hit = self._cache.get(stack_id)
-        if hit is not None:
-            return hit
-        if stack_id < 0 or stack_id >= len(self.ds.stacks):
-            return [], []
-        addrs = self._addresses(stack_id)
-        mod, rva = self.map.locate(addrs, pid, ns)
-        syms = None
-        if self.sym is not None and len(addrs):
-            ret = np.ones(len(addrs), dtype=bool)
-            ret[0] = False  # frame 0 is the instruction pointer; the others are return addresses
-            syms = self.sym.lookup(mod, rva, return_address=ret)
-        texts = []
-        for k, (m, r, a) in enumerate(zip(mod.tolist(), rva.tolist(), addrs.tolist(), strict=True)):
-            name = self.map.names[m] if m != NONE else None
-            texts.append(frame_text(name, r, a, syms[k] if syms else None))
-            if name is not None:
-                self.rvas[texts[-1]] = r
-        out = (texts, mod.tolist())
-        self._cache[stack_id] = out
-        return out
-
-    def prepare(self, stack_ids: np.ndarray, pids: np.ndarray, ns: np.ndarray) -> None:
-        """Render many stacks at once, in this order (the first of a stack id wins, as with `stack`): one
-        vectorized module lookup over all their frames instead of one per stack; the same texts, the same
-        symbol resolution order (_symbols) and the same cache as calling `stack` one by one."""
-        todo: dict[int, tuple[int, int]] = {}
-        n = len(self.ds.stacks)
-        for sid, p, t in zip(np.asarray(stack_ids).tolist(), np.asarray(pids).tolist(), np.asarray(ns).tolist(),
-                             strict=True):
-            if 0 <= sid < n and sid not in self._cache and sid not in todo:
-                todo[sid] = (p, t)
-        if not todo:
-            return
-        valid, offsets, values = self._columns()
-        sids = np.fromiter(todo, dtype=np.int64, count=len(todo))
-        lo = offsets[sids].astype(np.int64)
-        lens = np.where(valid[sids], offsets[sids + 1].astype(np.int64) - lo, 0)
-        ends = np.cumsum(lens)
-        idx = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(lo - (ends - lens), lens)
-        addrs = values[idx]
-        pid_ns = np.array(list(todo.values()), dtype=np.int64).reshape(-1, 2)
-        mod, rva = self.map.locate(addrs, np.repeat(pid_ns[:, 0], lens), np.repeat(pid_ns[:, 1], lens))
-        mods, rvas, alist = mod.tolist(), rva.tolist(), addrs.tolist()
-        names = self.map.names
-        spans = list(zip(todo, (ends - lens).tolist(), ends.tolist(), strict=True))
-        syms_of = self._symbols(spans, mods, mod, rva) if self.sym is not None else {}
-        for sid, a, b in spans:
-            syms = syms_of.get(sid)
-            texts = []
-            for k in range(a, b):
-                m, r = mods[k], rvas[k]
-                name = names[m] if m != NONE else None
-                texts.append(frame_text(name, r, alist[k], syms[k - a] if syms else None))
-                if name is not None:
-                    self.rvas[texts[-1]] = r
-            self._cache[sid] = (texts, mods[a:b])
-
-    def _symbols(self, spans: list[tuple[int, int, int]], mods: list[int], mod: np.ndarray,
-                 rva: np.ndarray) -> dict[int, list]:
-        """Symbol lookups of the stacks `spans` (stack id, first and end frame), per stack id. A stack with a
-        module not asked about before is looked up alone, in order (modules are resolved, and warned about,
-        in the order `stack` would ask); the others, whose lookups change nothing, in one call at the end."""
-        out: dict[int, list] = {}
-        asked: set[int] = set()
-        later: list[tuple[int, int, int]] = []
-        for sid, a, b in spans:
-            if b <= a:
-                continue
-            rows = set(mods[a:b])
-            if rows <= asked:
-                later.append((sid, a, b))
-                continue
-            asked |= rows
-            ret = np.ones(b - a, dtype=bool)
-            ret[0] = False  # frame 0 is the instruction pointer; the others are return addresses
-            out[sid] = self.sym.lookup(mod[a:b], rva[a:b], return_address=ret)
-        if later:
-            lo = np.array([a for _, a, _ in later], dtype=np.int64)
-            lens = np.array([b - a for _, a, b in later], dtype=np.int64)
-            ends = np.cumsum(lens)
-            idx = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(lo - (ends - lens), lens)
-            ret = np.ones(len(idx), dtype=bool)
-            ret[ends - lens] = False
-            found = self.sym.lookup(mod[idx], rva[idx], return_address=ret)
-            for (sid, _, _), a, b in zip(later, (ends - lens).tolist(), ends.tolist(), strict=True):
-                out[sid] = found[a:b]
-        return out
-
-    def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Validity, offsets and values of the stacks column as numpy, made once."""
-        if self._lists is None:
-            arr = self.ds.stacks
-            self._lists = (arr.is_valid().to_numpy(zero_copy_only=False), arr.offsets.to_numpy(),
-                           arr.values.to_numpy(zero_copy_only=False).astype(np.uint64, copy=False))
-        return self._lists
-
-    def _addresses(self, stack_id: int) -> np.ndarray:
-        """Frames of a stack, from numpy views of the stacks column made once (not an Arrow scalar each)."""
-        valid, offsets, values = self._columns()
-        if not valid[stack_id]:
-            return np.zeros(0, dtype=np.uint64)
-        return values[offsets[stack_id]:offsets[stack_id + 1]]
-
-    def call_site(self, stack_id: int, pid: int = 0, ns: int = 0) -> tuple[str, str]:
-        """(function key, module name) of the allocating call site: the first frame outside the kernel
-        image. With symbols the key is ``module!function``, without it the call site ``module+0xrva``."""
-        texts, mods = self.stack(stack_id, pid, ns)
-        for t, m in zip(texts, mods, strict=True):
-            name = self.map.names[m] if m != NONE else None
-            if name is not None and name.lower() in KERNEL_IMAGES:
-                continue
-            key = t.split("+0x", 1)[0] if "!" in t else t
-            return key, (name or "?")
-        if texts:  # every frame is in the kernel image: the allocator's caller is the call site
-            k = 1 if len(texts) > 1 else 0
-            return (texts[k].split("+0x", 1)[0] if "!" in texts[k] else texts[k]), (
-                self.map.names[mods[k]] if mods[k] != NONE else "?")
-        return "<no stack>", "<no stack>"
 
 
 # ---- grouping ---------------------------------------------------------------------------------------
@@ -745,8 +349,8 @@ def _scan(ds: Dataset, window: Window, by: str, f: Filters) -> _Scan:
         key = _keys(cols, by, keys)
         counts.add(cols["alloc_ns"], cols["free_ns"], cols["size"], key if mask.all() else np.where(mask, key, -1))
     sel = np.concatenate(sels) if sels else np.zeros(0, dtype=np.intp)
-    out = {name: np.concatenate(parts) if parts else np.zeros(0, dtype=_dtype(name) if name != "tag" else np.int32)
-           for name, parts in outs.items()}
+    out = {name: np.concatenate(parts) if parts else
+           np.zeros(0, dtype=column_dtype(name) if name != "tag" else np.int32) for name, parts in outs.items()}
     return _Scan(end, n_cls, b_cls, sel, out, counts)
 
 

@@ -17,17 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pooltrace import pooltypes
-from pooltrace.analysis import (
-    BY,
-    Dataset,
-    Filters,
-    FrameRenderer,
-    Report,
-    build_report,
-    open_input,
-    parse_window,
-)
+from pooltrace.analysis import BY, Filters, Report, build_report, parse_window
+from pooltrace.datasetopen import Dataset, open_input
 from pooltrace.errors import PooltraceError
+from pooltrace.frames import FrameRenderer
 
 if TYPE_CHECKING:
     import pandas as pd

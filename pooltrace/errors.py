@@ -15,7 +15,7 @@ class OutputError(PooltraceError):
 
 class DamagedDataset(PooltraceError):
     """A dataset file that cannot be trusted (tampered, truncated, unreadable); `path` names it. A cache
-    beside a trace that fails this way is rebuilt from the trace (analysis.rebuild_damaged_caches)."""
+    beside a trace that fails this way is rebuilt from the trace (cachetrust.rebuild_damaged_caches)."""
 
     def __init__(self, message: str, path):
         super().__init__(message)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pooltrace.analysis import Dataset, Filters, tag_matcher
+from pooltrace.analysis import Filters, tag_matcher
+from pooltrace.datasetopen import Dataset
 from pooltrace.verdicts import no_pool_verdict
 
 NO_POOL_EVENTS = no_pool_verdict(0)

@@ -113,8 +113,8 @@ def _slots_regex(slots: list[int]) -> re.Pattern:
 def open_dataset(path: Path, progress=None) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """The dataset directory for `path`: itself, an up-to-date ``<trace>.pooltrace/``, or a fresh pairing
     into a temporary directory (returned too, for the caller to clean up)."""
-    from pooltrace.analysis import _fresh
     from pooltrace.datasetcheck import verify_dataset
+    from pooltrace.datasetopen import fresh_cache
 
     if path.is_dir():
         missing = [f for f in DATASET_FILES if not (path / f).exists()]
@@ -126,7 +126,7 @@ def open_dataset(path: Path, progress=None) -> tuple[Path, tempfile.TemporaryDir
 
     ds = default_output(path)
     try:
-        if all((ds / f).exists() for f in DATASET_FILES) and _fresh(ds, path):
+        if all((ds / f).exists() for f in DATASET_FILES) and fresh_cache(ds, path):
             verify_dataset(ds, OWNER_COLUMNS)
             return ds, None
     except (OSError, PooltraceError):

@@ -289,7 +289,8 @@ def outstanding_datasets(items: list[dict], window: str | None) -> list:
     import duckdb
     import numpy as np
 
-    from pooltrace.analysis import dataset_from_tables, parse_window
+    from pooltrace.analysis import parse_window
+    from pooltrace.datasetopen import dataset_from_tables
 
     if not items:
         return []

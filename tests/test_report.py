@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pooltrace.analysis import AIFI, AIFO, AOFI, AOFO, NULL_NS, OUTSIDE, Window, lifetimes, parse_window
+from pooltrace.analysis import AIFI, AIFO, AOFI, AOFO, OUTSIDE, Window, lifetimes, parse_window
 from pooltrace.cli import cli
 from pooltrace.dataset import pair_trace
+from pooltrace.datasetopen import NULL_NS
 from pooltrace.errors import PooltraceError
 from pooltrace.etl.writer import TraceWriter
 from pooltrace.synthetic import NT_ALLOC, _sites, kernel_modules
@@ -308,7 +309,8 @@ def test_stacks_rendered_together_read_as_one_by_one(shipped, monkeypatch, small
     where the symbolizer looks a stack up vectorized (longer than SMALL_LOOKUP: modules in row order)."""
     import pooltrace.symbols
     from pooltrace import api
-    from pooltrace.analysis import FrameRenderer, open_input
+    from pooltrace.datasetopen import open_input
+    from pooltrace.frames import FrameRenderer
 
     monkeypatch.setattr(pooltrace.symbols, "SMALL_LOOKUP", small)
     trace = shipped / "sample-leak.etl"

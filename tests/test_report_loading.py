@@ -1,4 +1,4 @@
-"""How `report` opens a dataset (pooltrace.analysis.Rows): only the allocation columns an analysis uses
+"""How `report` opens a dataset (pooltrace.datasetopen.Rows): only the allocation columns an analysis uses
 are read, each checked when it is read; a report streams its columns part by part and holds no full
 column but the tags; a report on a dataset loads no trace decoder and no pandas."""
 
@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from pooltrace import api
-from pooltrace.analysis import OPENED, load_dataset
 from pooltrace.cli import cli
+from pooltrace.datasetopen import OPENED, load_dataset
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "traces" / "sample-leak.etl"

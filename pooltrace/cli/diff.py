@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pooltrace import api
-from pooltrace.analysis import BY, Filters, open_input
+from pooltrace.analysis import BY, Filters
 from pooltrace.cli.common import (
     EXIT_CHECK_FAILED,
     check_output,
@@ -32,6 +32,7 @@ from pooltrace.cli.report import (
     warn,
 )
 from pooltrace.compare import diff_reports, gate, parse_threshold
+from pooltrace.datasetopen import open_input
 from pooltrace.errors import PooltraceError
 from pooltrace.notices import pool_event_count
 from pooltrace.reporters import diffout

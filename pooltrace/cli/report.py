@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from pooltrace import api, jsontext, pooltypes
-from pooltrace.analysis import BY, NULL_NS, SORTS, Filters, open_input, parse_window
+from pooltrace.analysis import BY, SORTS, Filters, parse_window
 from pooltrace.cli.common import (
     check_output,
     force_option,
@@ -22,6 +22,7 @@ from pooltrace.cli.common import (
     user_errors,
     write_output,
 )
+from pooltrace.datasetopen import NULL_NS, open_input
 from pooltrace.errors import PooltraceError
 from pooltrace.notices import Hidden, missing_symbols, pool_verdict, trace_warnings, unmatched_filters
 from pooltrace.reporters import structured, text

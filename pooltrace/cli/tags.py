@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from pooltrace import pooltypes
-from pooltrace.analysis import Filters, FrameRenderer, open_input, tag_rows
+from pooltrace.analysis import Filters, tag_rows
 from pooltrace.cli.common import (
     force_option,
     progress_bar,
@@ -20,6 +20,8 @@ from pooltrace.cli.common import (
     write_output,
 )
 from pooltrace.cli.report import check_filters, check_output, check_window, make_symbolizer
+from pooltrace.datasetopen import open_input
+from pooltrace.frames import FrameRenderer
 from pooltrace.notices import pool_verdict, trace_warnings
 from pooltrace.reporters.text import hidden_line, say
 from pooltrace.symbols.pooltag import find_pooltag, load_pooltag

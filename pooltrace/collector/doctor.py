@@ -182,8 +182,9 @@ class Doctor:
                        "attach pooltrace-doctor.json to a bug report", data=state.as_dict()))
 
     def analyze(self, result: RecordResult, tag: int, tmp: Path) -> None:
-        from pooltrace.analysis import KERNEL_IMAGES, load_dataset  # the data stack, at analysis time only
         from pooltrace.dataset import pair_trace
+        from pooltrace.datasetopen import load_dataset  # the data stack, at analysis time only
+        from pooltrace.frames import KERNEL_IMAGES
 
         try:
             pair_trace(result.output, tmp / "ds")

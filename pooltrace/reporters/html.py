@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pooltrace.analysis import NULL_NS, Dataset, Filters, Report, row_mask
+from pooltrace.analysis import Filters, Report, row_mask
+from pooltrace.datasetopen import NULL_NS, Dataset
 from pooltrace.errors import PooltraceError
 from pooltrace.growth import human_rate
 from pooltrace.reporters.text import _site, hidden_line, notice_lines, trace_name

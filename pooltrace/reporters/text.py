@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pooltrace.analysis import KERNEL_IMAGES, LIFETIMES, Report
+from pooltrace.analysis import LIFETIMES, Report
+from pooltrace.frames import KERNEL_IMAGES
 from pooltrace.growth import human_rate
 
 TREE_STACKS = 5
