@@ -7,8 +7,10 @@ checked as they are read; stacks and modules are kept as Arrow tables.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +45,8 @@ FATE_FLAGS = {"outstanding_at_end": "outstanding", "lost_free": "lost_free"}  # 
 NULL_NS = np.iinfo(np.int64).min
 FILL = {"alloc_ns": NULL_NS, "free_ns": NULL_NS, "alloc_stack": -1,
         "session_id": 0xFFFFFFFF}  # what a null reads as (NULL_NS, no stack, no session)
+T = TypeVar("T")
+
 DTYPES = {"tag": np.int32, "fate": np.int32, "paged": np.bool_, "session": np.bool_}  # others: their Arrow type
 
 
@@ -74,7 +78,7 @@ class Rows(dict):
         lo_hi = [0, -1]
         at = 0
         buffers: dict[str, np.ndarray] = {}
-        for part in self._parts(todo):
+        for part in prefetched(self._parts(todo)):
             k = part.num_rows
             if at + k > self.n:
                 raise rerun_error(self.path, f"more rows than its footer counts ({self.n:,})")
@@ -134,6 +138,21 @@ class Rows(dict):
                 hit = [i for i, v in enumerate(values) if v == value]
                 self[flag] = fate == hit[0] if len(hit) == 1 else np.isin(fate, hit)  # one pass for one code
         self.update(out)
+
+
+_END = object()
+
+
+def prefetched(items: Iterable[T]) -> Iterator[T]:
+    """The items of `items`, each next one produced on a worker thread while the caller works on the
+    current one (Parquet decoding releases the GIL): one item ahead, in order; an error raised by `items`
+    is raised here, at the item it replaces."""
+    source = iter(items)
+    with ThreadPoolExecutor(1, thread_name_prefix="pooltrace-read") as pool:
+        ahead = pool.submit(next, source, _END)
+        while (item := ahead.result()) is not _END:
+            ahead = pool.submit(next, source, _END)
+            yield item
 
 
 def column_dtype(name: str) -> np.dtype:

@@ -92,3 +92,35 @@ def test_a_streamed_report_equals_one_over_loaded_columns(paired):
                                        for p in [part.slice(0, 0), *(part.slice(i, 7)
                                                                      for i in range(0, part.num_rows, 7))])
     assert report(small, "stack") == report(load_dataset(paired), "stack")
+
+
+def test_prefetched_keeps_order_errors_and_early_stops():
+    """Row groups read one ahead on a thread come in order; an error of the reader is raised at its place;
+    a consumer that stops early does not leave the reader running."""
+    from pooltrace.datasetopen import prefetched
+
+    assert list(prefetched(iter(range(50)))) == list(range(50))
+    assert list(prefetched([])) == []
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("damaged part")
+
+    got = []
+    with pytest.raises(ValueError, match="damaged part"):
+        for x in prefetched(failing()):
+            got.append(x)
+    assert got == [1, 2]
+
+    produced = []
+
+    def counting():
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    it = prefetched(counting())
+    assert next(it) == 0
+    it.close()
+    assert len(produced) <= 2  # at most the one read ahead
