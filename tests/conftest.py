@@ -32,6 +32,18 @@ def read_all(path, **kw) -> tuple[EtlReader, dict[str, pa.Table], list[dict[str,
     return reader, tables, batches
 
 
+def pair_sample(tmp_path_factory, sample: Path) -> Path:
+    """`pooltrace pair SAMPLE -o <tmp>/ds` (asserted to succeed): the dataset directory."""
+    from click.testing import CliRunner
+
+    from pooltrace.cli import cli
+
+    out = tmp_path_factory.mktemp("paired") / "ds"
+    r = CliRunner().invoke(cli, ["pair", str(sample), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
 @pytest.fixture(scope="session")
 def shipped(tmp_path_factory) -> Path:
     """A private copy of the shipped traces/ (traces, truth files, sample PDBs): commands that pair an .etl on

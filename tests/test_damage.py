@@ -7,6 +7,7 @@ import json
 import struct
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,20 +191,28 @@ def test_a_trace_cut_inside_a_compressed_buffer_counts_the_bytes_present(tmp_pat
     assert any("that buffer was skipped" in w for w in d["warnings"]) and "DAMAGED" in d["verdict"]
 
 
-def test_a_record_dropped_for_inconsistent_sizes_is_a_warning(tmp_path):
-    """Mutation campaign seed 1200: a SYSTEM header's version word set to 0xffff claims 8 extension slots,
-    so header and payload sizes disagree and the record is dropped: that loss must be said."""
+def _uncompressed_buffer(folder: Path) -> tuple[Path, bytearray, int, int, np.ndarray, list]:
+    """The first shipped sample (in `folder`) with an uncompressed data buffer: its path, its bytes, that
+    buffer's file offset and filled size, and the walk of its records (record starts in 8-byte slots from
+    the data area, problems found). Skips the test when every sample's data buffers are compressed."""
     from pooltrace.etl.records import Chunk, walk
 
-    src = next((p for p in SHIPPED if not all(f & FLAG_COMPRESSED for f in scan_buffers(p.read_bytes()).flags[1:])),
-               None)
+    src = next((folder / p.name for p in SHIPPED
+                if not all(f & FLAG_COMPRESSED for f in scan_buffers(p.read_bytes()).flags[1:])), None)
     if src is None:
         pytest.skip("no shipped sample with uncompressed data buffers")
     data = bytearray(src.read_bytes())
     idx = scan_buffers(bytes(data))
     i = next(i for i in range(1, len(idx)) if not idx.flags[i] & FLAG_COMPRESSED)
     off, filled = int(idx.offset[i]), int(idx.filled[i])
-    slots, _, _ = walk(Chunk([bytes(data[off + 0x48: off + filled])], [0]))
+    slots, _, problems = walk(Chunk([bytes(data[off + 0x48: off + filled])], [0]))
+    return src, data, off, filled, slots, problems
+
+
+def test_a_record_dropped_for_inconsistent_sizes_is_a_warning(tmp_path):
+    """Mutation campaign seed 1200: a SYSTEM header's version word set to 0xffff claims 8 extension slots,
+    so header and payload sizes disagree and the record is dropped: that loss must be said."""
+    _src, data, off, _filled, slots, _ = _uncompressed_buffer(TRACES)
     at = off + 0x48 + 8 * int(slots[len(slots) // 2])
     assert data[at + 2] in (1, 2)  # a SYSTEM header: its first u16 is the version word
     struct.pack_into("<H", data, at, 0xFFFF)
@@ -218,18 +227,10 @@ def test_a_record_size_grown_over_the_records_after_it_is_damage(tmp_path):
     """Mutation campaign seed 2781: a record's Size grown so that it covers the next records (0x38 ->
     0x1038) made the walk step over them in silence. The records hidden inside the claimed size still form
     a valid chain to where the walk goes on: they are counted, warned about and info says DAMAGED."""
-    from pooltrace.etl.records import SYSLIKE_LUT, Chunk, walk
+    from pooltrace.etl.records import SYSLIKE_LUT
 
-    src = next((p for p in SHIPPED if not all(f & FLAG_COMPRESSED for f in scan_buffers(p.read_bytes()).flags[1:])),
-               None)
-    if src is None:
-        pytest.skip("no shipped sample with uncompressed data buffers")
-    data = bytearray(src.read_bytes())
+    src, data, off, _filled, slots, problems = _uncompressed_buffer(TRACES)
     before = json.loads(CliRunner().invoke(cli, ["info", "--format", "json", str(src)]).output)
-    idx = scan_buffers(bytes(data))
-    i = next(i for i in range(1, len(idx)) if not idx.flags[i] & FLAG_COMPRESSED)
-    off, filled = int(idx.offset[i]), int(idx.filled[i])
-    slots, _, problems = walk(Chunk([bytes(data[off + 0x48: off + filled])], [0]))
     assert not problems
     base = off + 0x48
     j = next(j for j in range(len(slots) // 2, len(slots) - 10) if SYSLIKE_LUT[data[base + 8 * int(slots[j]) + 2]])
@@ -361,17 +362,7 @@ def test_a_record_size_grown_past_the_fill_end_is_not_taken_for_a_shrunk_fill(sh
     """A damaged record Size that runs past the fill end makes the walk stop there too; with nothing valid
     where that size says the next record is, no records are claimed to follow the end (the walk's own
     warning says the damage)."""
-    from pooltrace.etl.records import Chunk, walk
-
-    src = next((shipped / p.name for p in SHIPPED
-                if not all(f & FLAG_COMPRESSED for f in scan_buffers(p.read_bytes()).flags[1:])), None)
-    if src is None:
-        pytest.skip("no shipped sample with uncompressed data buffers")
-    data = bytearray(src.read_bytes())
-    idx = scan_buffers(bytes(data))
-    i = next(i for i in range(1, len(idx)) if not idx.flags[i] & FLAG_COMPRESSED)
-    off, filled = int(idx.offset[i]), int(idx.filled[i])
-    slots, _, _ = walk(Chunk([bytes(data[off + 0x48: off + filled])], [0]))
+    _src, data, off, filled, slots, _ = _uncompressed_buffer(shipped)
     at = off + 0x48 + 8 * int(slots[-2])
     assert data[at + 2] in (1, 2)  # a SYSTEM header: Size at +4
     struct.pack_into("<H", data, at + 4, filled - 0x48 - 8 * int(slots[-2]) + 0x23)  # into the 0xFF tail, unaligned

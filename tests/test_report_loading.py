@@ -17,17 +17,14 @@ from click.testing import CliRunner
 from pooltrace import api
 from pooltrace.cli import cli
 from pooltrace.datasetopen import OPENED, load_dataset
-from tests.conftest import ROOT
+from tests.conftest import ROOT, pair_sample
 
 SAMPLE = ROOT / "traces" / "sample-leak.etl"
 
 
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("paired") / "ds"
-    r = CliRunner().invoke(cli, ["pair", str(SAMPLE), "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
+    return pair_sample(tmp_path_factory, SAMPLE)
 
 
 def test_columns_are_read_when_first_used(paired):
