@@ -68,14 +68,13 @@ class Rows(dict):
     def blocks(self, names: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(first row, columns) of consecutive parts of the rows: columns already read are sliced, the
         others read and converted one part at a time into buffers reused from part to part (valid until the
-        next part; memory for one part, not for every row); checked like `load` (nulls, stack references:
-        when the last part is read)."""
+        next part; memory for one part, not for every row); checked like `load` (nulls; the stack
+        references of each part before it is given out: stack ids index per-stack arrays)."""
         todo = [name for name in names if name not in self]
         if not todo:
             yield 0, {name: self[name] for name in names}
             return
         codes = {"tag": {t: i for i, t in enumerate(self.tags)}, "fate": {}}
-        lo_hi = [0, -1]
         at = 0
         buffers: dict[str, np.ndarray] = {}
         for part in prefetched(self._parts(todo)):
@@ -91,14 +90,13 @@ class Rows(dict):
                     buffers[name] = np.empty(k, dtype=column_dtype(name))
                 out[name] = buffers[name][:k]
                 _copy(col, out[name], FILL.get(name, 0), codes.get(name))
-            if "alloc_stack" in out and k:
-                lo_hi = [min(lo_hi[0], int(out["alloc_stack"].min())), max(lo_hi[1], int(out["alloc_stack"].max()))]
+            if "alloc_stack" in out and k:  # checked before the part is used: a stack id indexes per-stack arrays
+                stack = out["alloc_stack"]
+                check_references(self.path.parent, self.stacks, np.array([stack.min(), stack.max()]))
             yield at, {name: out[name] if name in out else self[name][at:at + k] for name in names}
             at += k
         if at != self.n:
             raise rerun_error(self.path, f"{at:,} rows where its footer counts {self.n:,}")
-        if "alloc_stack" in todo:
-            check_references(self.path.parent, self.stacks, np.array(lo_hi if at else [], dtype=np.int64))
 
     def __missing__(self, name: str) -> np.ndarray:
         column = "fate" if name in FATE_FLAGS else name

@@ -121,3 +121,24 @@ def test_prefetched_keeps_order_errors_and_early_stops():
     assert next(it) == 0
     it.close()
     assert len(produced) <= 2  # at most the one read ahead
+
+
+@pytest.mark.parametrize("by", ["stack", "function", "tag"])
+def test_a_stack_id_past_the_stacks_is_refused_before_a_part_is_used(paired, tmp_path, by):
+    """The streamed report indexes per-stack arrays with each part's stack ids: an id past the stacks (a
+    tampered or bit-flipped file) is the one-line error naming the file, for every grouping."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ds = tmp_path / "ds"
+    shutil.copytree(paired, ds)
+    t = pq.read_table(ds / "allocations.parquet")
+    n_stacks = pq.read_metadata(ds / "stacks.parquet").num_rows
+    stack = t["alloc_stack"].to_pylist()
+    stack[next(i for i in range(len(stack) // 2, len(stack)) if stack[i] is not None)] = n_stacks + 250
+    t = t.set_column(t.schema.get_field_index("alloc_stack"), t.schema.field("alloc_stack"),
+                     pa.array(stack, t.schema.field("alloc_stack").type))
+    pq.write_table(t, ds / "allocations.parquet")
+    r = CliRunner().invoke(cli, ["report", str(ds), "--by", by, "--format", "json"])
+    assert r.exit_code == 2, r.output
+    assert f"refers to stack {n_stacks + 250} of {n_stacks}" in r.stderr and "Traceback" not in r.output
