@@ -49,19 +49,13 @@ def _scalar(o) -> str | None:
 
 
 def _key(k) -> str:
+    """A dict key's text: a string as it is, another scalar as its JSON text (as the standard library)."""
     if isinstance(k, str):
         return k
-    if isinstance(k, float):
-        return _float(k)
-    if k is True:
-        return "true"
-    if k is False:
-        return "false"
-    if k is None:
-        return "null"
-    if isinstance(k, int):
-        return int.__repr__(k)
-    raise TypeError(f"keys must be str, int, float, bool or None, not {k.__class__.__name__}")
+    text = _scalar(k)
+    if text is None:
+        raise TypeError(f"keys must be str, int, float, bool or None, not {k.__class__.__name__}")
+    return text
 
 
 def _value(o, out: list[str], nl: str, ind: str) -> None:
