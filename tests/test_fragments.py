@@ -68,6 +68,19 @@ def test_hash_is_order_sensitive_and_handles_empty_segments():
     assert len(e1) == 2 and e1[0] != e1[1]
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2**64 - 1), max_size=6), min_size=1, max_size=8), st.integers(0, 3))
+def test_a_segment_hashes_alike_wherever_it_stands(segments, empty_after):
+    """A segment's hashes depend on its frames only: not on the segments before it nor on empty segments
+    after it (the last segments of a chunk can be empty; a sum clipped at the array's end once dropped the
+    frames of the segment before them)."""
+    alone = [hash_segments(*_segments([seg])) for seg in segments]
+    values, offsets = _segments(segments + [[]] * empty_after)
+    together = hash_segments(values, offsets)
+    for i, (h1, h2) in enumerate(alone):
+        assert together[0][i] == h1[0] and together[1][i] == h2[0], i
+
+
 def test_interner_numbers_new_keys_from_first_id():
     it = Interner()
     ids, new = it.ids(np.array([-5, 3, 9], dtype=np.int64), 0)

@@ -53,28 +53,9 @@ _POWERS = [_Powers(k) for _m, k in PARAMS]
 def hash_segments(values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two independent 64-bit hashes of every segment values[offsets[i]:offsets[i+1]] (order-sensitive).
 
-    Each is a polynomial hash mod 2**64 of mixed frames: sum of mix(v[j]) * K**(j - start), computed as
-    K**j weights over the whole array (a table, no per-frame position arithmetic), summed per segment and
-    brought back to segment-relative powers with K**-start; then mixed with the segment's length."""
-    counts = np.diff(offsets)
-    if not len(counts):
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    v = values.astype(np.uint64, copy=False)
-    starts = offsets[:-1]
-    nonempty = counts > 0
-    h = []
-    for (mult, k), powers in zip(PARAMS, _POWERS, strict=True):
-        up, down = powers.get(len(v) + 1)
-        if len(v):
-            x = v * mult
-            x ^= x >> np.uint64(29)
-            x *= up[:len(v)]
-            s = np.add.reduceat(x, np.minimum(starts, len(v) - 1))
-            s = np.where(nonempty, s, np.uint64(0)) * down[starts]
-        else:
-            s = np.zeros(len(counts), np.uint64)
-        h.append(_mix(s ^ (counts.astype(np.uint64) * np.uint64(k))))
-    return h[0], h[1]
+    Each is a polynomial hash mod 2**64 of mixed frames, sum of mix(v[j]) * K**(j - start), then mixed with
+    the segment's length: hash_spans over the segments as they lie in `values` (an empty one sums to 0)."""
+    return hash_spans(values.astype(np.uint64, copy=False), offsets[:-1], np.diff(offsets))
 
 
 class Interner:
@@ -129,9 +110,9 @@ class Digest:
 
 
 def hash_spans(words: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """hash_segments of the segments words[starts[i]:starts[i] + counts[i]] (counts >= 1) without copying
-    them out: the same sums, as differences of a running sum of K**p-weighted words over the span the
-    segments cover (p: position in `words`), brought back to segment-relative powers with K**-start."""
+    """hash_segments of the segments words[starts[i]:starts[i] + counts[i]] (uint64 words) without copying
+    them out: the sums are differences of a running sum of K**p-weighted words over the span the segments
+    cover (p: position in `words`), brought back to segment-relative powers with K**-start."""
     if not len(counts):
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
     lo, hi = int(starts.min()), int((starts + counts).max())
