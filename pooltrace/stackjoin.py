@@ -372,30 +372,25 @@ class StackJoiner:
     def _by_thread(ts: np.ndarray, tid: np.ndarray, p_ts: np.ndarray, p_tid: np.ndarray) -> np.ndarray | None:
         """For each part (timestamp, thread): the first event (lowest index) with that timestamp and that
         known thread, -1 when none; None when no event has a known thread."""
-        if _sorted(ts):  # usual: the events come in time order, no sort needed
-            lo = np.searchsorted(ts, p_ts, side="left")
-            hi = np.searchsorted(ts, p_ts, side="right")
-            if not (tid != NO_ID).any():
-                return None
-            owner2 = np.full(len(p_ts), -1, dtype=np.int64)
-            for j in np.flatnonzero(hi > lo).tolist():  # few: late parts on another CPU
-                cand = tid[lo[j]:hi[j]]
-                m = np.flatnonzero((cand == p_tid[j]) & (cand != NO_ID))
-                if len(m):
-                    owner2[j] = lo[j] + m[0]
-            return owner2
-        ev_idx = np.flatnonzero(tid != NO_ID)
-        if not len(ev_idx):
+        known = tid != NO_ID
+        if not known.any():
             return None
-        order2 = np.lexsort((tid[ev_idx], ts[ev_idx]))
-        e_ts, e_tid = ts[ev_idx][order2], tid[ev_idx][order2]
+        if _sorted(ts):  # usual: the events come in time order, searched as they are
+            idx = None
+            e_ts, e_tid = ts, tid
+        else:  # events with a known thread by (time, thread), stable: the lowest index first
+            idx = np.flatnonzero(known)
+            idx = idx[np.lexsort((tid[idx], ts[idx]))]
+            e_ts, e_tid = ts[idx], tid[idx]
         lo = np.searchsorted(e_ts, p_ts, side="left")
         hi = np.searchsorted(e_ts, p_ts, side="right")
         owner2 = np.full(len(p_ts), -1, dtype=np.int64)
-        for j in np.flatnonzero(hi > lo).tolist():
-            m = np.flatnonzero(e_tid[lo[j]:hi[j]] == p_tid[j])
+        for j in np.flatnonzero(hi > lo).tolist():  # few: late parts on another CPU
+            cand = e_tid[lo[j]:hi[j]]
+            m = np.flatnonzero((cand == p_tid[j]) & (cand != NO_ID))
             if len(m):
-                owner2[j] = ev_idx[order2[lo[j] + m[0]]]
+                at = lo[j] + m[0]
+                owner2[j] = at if idx is None else idx[at]
         return owner2
 
     def _apply(self, owner, c, kfrag, ufrag, tid, pid) -> None:
