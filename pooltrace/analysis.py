@@ -287,17 +287,9 @@ def attach_growth(ds: Dataset, mask: np.ndarray, groups: list[Group], by: str, w
     """Compute every group's growth (one pass over the window's rows); returns the series' times."""
     r = ds.rows
     end = effective_end(ds, window)
-    if by == "tag":
-        code = {t: i for i, t in enumerate(ds.tags)}
-        lookup = np.full(len(ds.tags) + 1, -1, dtype=np.int32)
-        for gi, g in enumerate(groups):
-            lookup[code[g.key[0]]] = gi
-        gid = lookup[r["tag"]]
-    else:  # stack ids index the lookup directly; -1 (no stack) wraps to its last slot
-        lookup = np.full(len(ds.stacks) + 1, -1, dtype=np.int32)
-        for gi, g in enumerate(groups):
-            lookup[np.asarray(g.stack_ids, dtype=np.int64)] = gi
-        gid = np.take(lookup, r["alloc_stack"], mode="wrap")
+    lookup = _group_of_key(ds, groups, by)
+    # stack ids index the lookup directly; -1 (no stack) wraps to its last slot
+    gid = lookup[r["tag"]] if by == "tag" else np.take(lookup, r["alloc_stack"], mode="wrap")
     if not mask.all():
         gid = np.where(mask, gid, -1)
     table = growth_table(r["alloc_ns"], r["free_ns"], r["size"], gid, len(groups), window.start_ns, end, NULL_NS)
