@@ -21,3 +21,8 @@ def no_pool_verdict(pool_events: int, kernel_events: int | None = None, logger: 
         why = " (the POOL group was not enabled)" if pool_tracing_enabled is False else ""
         return f"no pool events{why}: this trace cannot show pool leaks; {RECORD_HINT}"
     return None
+
+
+def gate_refusal(empty: list[str], sep: str = ", ") -> str:
+    """Why a growth gate fails when the runs named in `empty` have no pool events (diff, trend)."""
+    return f"{sep.join(empty)} {'has' if len(empty) == 1 else 'have'} no pool events: the gate cannot pass on nothing"

@@ -36,6 +36,7 @@ from pooltrace.datasetopen import open_input
 from pooltrace.errors import PooltraceError
 from pooltrace.notices import pool_event_count
 from pooltrace.reporters import diffout
+from pooltrace.verdicts import gate_refusal
 
 
 @click.command(epilog="Example: pooltrace diff traces/sample-leak.etl traces/sample-leak-fixed.etl "
@@ -96,8 +97,7 @@ def diff(base, new, by, window, tags, pool, pids, modules, min_bytes, symbols, n
     no_events = [label for label, ds in zip(("BASE", "NEW"), datasets, strict=True) if not pool_event_count(ds.trace)]
     if fail_on_growth and no_events:
         gate_result = {"threshold": fail_on_growth, "per_group": per_group, "passed": False,
-                       "reason": f"{' and '.join(no_events)} {'have' if len(no_events) > 1 else 'has'} no pool "
-                                 "events: the gate cannot pass on nothing"}
+                       "reason": gate_refusal(no_events, " and ")}
     elif fail_on_growth:
         reason = gate(d, fail_on_growth, per_group)
         gate_result = {"threshold": fail_on_growth, "per_group": per_group, "passed": reason is None,

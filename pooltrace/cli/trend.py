@@ -27,6 +27,7 @@ from pooltrace.errors import PooltraceError
 from pooltrace.notices import pool_event_count
 from pooltrace.reporters import trendout
 from pooltrace.trends import DEFAULT_TOLERANCE, build_trend, trend_gate
+from pooltrace.verdicts import gate_refusal
 
 
 @click.command()
@@ -78,8 +79,7 @@ def trend(runs, by, window, tags, pool, pids, modules, min_bytes, symbols, no_sy
     if fail_on_growth:
         empty = [f"run {k} ({r.name})" for k, r in enumerate(t.runs, 1) if not pool_event_count(r.report.trace)]
         if empty:  # as diff's gate: a CI gate never passes on a run that recorded nothing
-            fail(f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no pool events: the gate cannot pass "
-                 "on nothing")
+            fail(gate_refusal(empty))
         reason = trend_gate(t, fail_on_growth, against, per_group)
         if reason:
             click.echo(f"FAIL: {reason}", err=True)
