@@ -8,9 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from pooltrace.datasetopen import Dataset
-from pooltrace.modulemap import NONE, ModuleMap, frame_text
-
-KERNEL_IMAGES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "ntkrla57.exe"}
+from pooltrace.modulemap import KERNEL_IMAGES, NONE, ModuleMap, frame_text
 
 
 class FrameRenderer:

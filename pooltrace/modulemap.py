@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 KERNEL_PIDS = (0,)
+# the kernel image's file names (the pool allocator lives there; a call site is the first frame outside it)
+KERNEL_IMAGES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "ntkrla57.exe"}
 NONE = -1
 NEVER = np.iinfo(np.int64).max
 

@@ -30,12 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pooltrace.errors import PooltraceError
-from pooltrace.modulemap import ModuleMap, frame_text
+from pooltrace.modulemap import KERNEL_IMAGES, ModuleMap, frame_text
 from pooltrace.pe import PeError, parse_pe
 from pooltrace.symbols.pooltag import find_pooltag, read_pooltag
 
 ANY = -1
-KERNEL_IMAGES = {"ntoskrnl.exe", "ntkrnlmp.exe", "ntkrnlpa.exe", "ntkrpamp.exe", "ntkrla57.exe"}
 ALLOCATOR = re.compile(r"(Exp?Allocate\w*|ExpAllocateFrom\w*|Vf\w*Allocate\w*|VerifierEx\w*Allocate\w*|"
                        r"Etw\w*|Perf\w*|Exp?Free\w*)")
 MAX_SCAN_FILE = 512 << 20
@@ -122,7 +121,8 @@ def open_dataset(path: Path, progress=None) -> tuple[Path, tempfile.TemporaryDir
             raise PooltraceError(f"{path}: not a pooltrace dataset (missing {', '.join(missing)})")
         verify_dataset(path, OWNER_COLUMNS)
         return path, None
-    from pooltrace.dataset import default_output, pair_trace
+    from pooltrace.dataset import pair_trace
+    from pooltrace.datasetschema import default_output
 
     ds = default_output(path)
     try:

@@ -15,7 +15,8 @@ import click
 
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
 from pooltrace.cli.report import check_symbol_options
-from pooltrace.owners import KERNEL_IMAGES, find_owners, split_paths
+from pooltrace.modulemap import KERNEL_IMAGES
+from pooltrace.owners import find_owners, split_paths
 
 
 @click.command(epilog="Example: pooltrace whose Leak traces/sample-leak.etl tests/fixtures/symbols "

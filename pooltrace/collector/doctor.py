@@ -184,7 +184,7 @@ class Doctor:
     def analyze(self, result: RecordResult, tag: int, tmp: Path) -> None:
         from pooltrace.dataset import pair_trace
         from pooltrace.datasetopen import load_dataset  # the data stack, at analysis time only
-        from pooltrace.frames import KERNEL_IMAGES
+        from pooltrace.modulemap import KERNEL_IMAGES
 
         try:
             pair_trace(result.output, tmp / "ds")

@@ -11,8 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from pooltrace.analysis import LIFETIMES, Report
-from pooltrace.frames import KERNEL_IMAGES
 from pooltrace.growth import human_rate
+from pooltrace.modulemap import KERNEL_IMAGES
 
 TREE_STACKS = 5
 MAX_INDENT = 12
