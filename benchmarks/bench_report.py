@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pooltrace import __version__  # noqa: E402
-from pooltrace.dataset import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA  # noqa: E402
+from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA  # noqa: E402
 
 K = 0xFFFFF80412000000
 

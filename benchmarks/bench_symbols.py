@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from pooltrace.dataset import MODULES_SCHEMA  # noqa: E402
+from pooltrace.datasetschema import MODULES_SCHEMA  # noqa: E402
 from pooltrace.pe import parse_pe  # noqa: E402
 from pooltrace.symbols import Symbolizer  # noqa: E402
 from pooltrace.symbols.pdbtable import FunctionTable, read_pdb  # noqa: E402

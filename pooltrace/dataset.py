@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pooltrace import __version__
 from pooltrace.baseline import PoolSnapshots, choose, fill_free_without_alloc
-from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA, default_output  # noqa: F401
+from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA
 from pooltrace.definitions import definitions
 from pooltrace.errors import OutputError
 from pooltrace.etl.columns import Columns
@@ -88,7 +88,6 @@ class _RowWriter:
         self.writer = pq.ParquetWriter(path, ALLOCATIONS_SCHEMA, compression="snappy", use_dictionary=["tag", "fate"],
                                        write_statistics=["tag", "size", "alloc_ns", "free_ns", "pid"])
         self.to_ns = to_ns
-        self.tag_cache: dict[int, str] = {}
         self._known = np.zeros(0, dtype=np.uint32)  # every tag seen, ascending, and its name
         self._names = pa.array([], pa.string())
         self.rows = 0
@@ -138,7 +137,7 @@ class _RowWriter:
         found[found] = self._known[pos[found]] == tags[found]
         if not found.all():
             self._known = np.union1d(self._known, tags[~found]).astype(np.uint32)
-            self._names = pa.array([self.tag_cache.setdefault(t, format_tag(t)) for t in self._known.tolist()])
+            self._names = pa.array([format_tag(t) for t in self._known.tolist()])
             pos = np.searchsorted(self._known, tags)
         return pa.DictionaryArray.from_arrays(pa.array(pos.astype(np.int32)), self._names)
 

@@ -11,7 +11,8 @@ import pytest
 
 from pooltrace.collector.plan import RecordRequest
 from pooltrace.collector.recorder import Recorder
-from pooltrace.dataset import MODULES_SCHEMA, pair_trace
+from pooltrace.dataset import pair_trace
+from pooltrace.datasetschema import MODULES_SCHEMA
 from pooltrace.errors import PooltraceError
 from pooltrace.etl.writer import TraceWriter
 from pooltrace.sidecar import merge_pdb_identities, read_sidecar, sidecar_path, tag_baseline, write_sidecar

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pooltrace.dataset import MODULES_SCHEMA
+from pooltrace.datasetschema import MODULES_SCHEMA
 from pooltrace.modulemap import NONE, ModuleMap, frame_text
 
 K = 0xFFFFF80412000000

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pooltrace.cli import cli
-from pooltrace.dataset import MODULES_SCHEMA
+from pooltrace.datasetschema import MODULES_SCHEMA
 from pooltrace.sidecar import load_sidecar, merge_pdb_identities, sidecar_path, tag_baseline
 from tests.conftest import ROOT
 

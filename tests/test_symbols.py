@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pooltrace.dataset import MODULES_SCHEMA
+from pooltrace.datasetschema import MODULES_SCHEMA
 from pooltrace.errors import PooltraceError
 from pooltrace.pe import parse_pe
 from pooltrace.symbols import Symbolizer, pdbtable

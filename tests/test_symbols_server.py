@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pooltrace.dataset import MODULES_SCHEMA
+from pooltrace.datasetschema import MODULES_SCHEMA
 from pooltrace.symbols import Symbolizer
 from pooltrace.symbols import store as store_mod
 from tests.conftest import ROOT

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
-from pooltrace.dataset import DEFAULT_WINDOW_S, default_output, pair_trace
+from pooltrace.dataset import DEFAULT_WINDOW_S, pair_trace
+from pooltrace.datasetschema import default_output
 from pooltrace.errors import PooltraceError
 from pooltrace.outputs import check_parent
 from pooltrace.store import append_trace, check_run_id, parse_labels
