@@ -119,3 +119,21 @@ def test_digest_of_spans_in_place_equals_digest_of_the_copied_frames(words, data
         d1, d2 = digest(values, offsets), digest_spans(w, starts, counts)
         for k in ("h1", "h2", "offsets", "values", "inverse"):
             assert np.array_equal(getattr(d1, k), getattr(d2, k)), k
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.data())
+def test_digest_groups_segments_exactly_by_their_frames(words, data):
+    """Few distinct words, so equal segments are common; empty, one-frame (kept inside Arrow's view) and
+    longer segments, overlapping or not: every segment maps to a distinct fragment holding exactly its
+    frames, and no two distinct fragments hold the same frames."""
+    from pooltrace.etl.fragments import digest_spans
+
+    w = np.array(words, dtype=np.uint64)
+    spans = data.draw(st.lists(st.tuples(st.integers(0, len(w)), st.integers(0, 4)), min_size=1, max_size=30))
+    spans = [(s, min(c, len(w) - s)) for s, c in spans]
+    d = digest_spans(w, np.array([s for s, _ in spans], np.int64), np.array([c for _, c in spans], np.int64))
+    distinct = [tuple(d.values[d.offsets[k]:d.offsets[k + 1]].tolist()) for k in range(len(d.h1))]
+    assert len(set(distinct)) == len(distinct)
+    assert [distinct[k] for k in d.inverse.tolist()] == [tuple(w[s:s + c].tolist()) for s, c in spans]
+    assert (np.diff(d.h1) >= 0).all()

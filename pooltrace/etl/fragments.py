@@ -3,7 +3,8 @@ store of distinct fragments.
 
 A fragment (the frames of one StackWalk event or stack-key definition) is identified by two independent
 64-bit hashes of its frames; ids are numbered in order of first sight (within one batch, in key order).
-Lookups are binary searches in sorted arrays, so no Python code runs per stack event.
+Within a chunk the distinct fragments are found by their bytes (Arrow's hash table), so only those are
+hashed; lookups are binary searches in sorted arrays, so no Python code runs per stack event.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 M1, M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 # per hash: (element multiplier, position base K) — odd numbers, so every step is invertible mod 2**64
@@ -132,29 +135,73 @@ def hash_spans(words: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tup
 
 
 def digest_spans(words: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> Digest:
-    """digest() of the segments words[starts[i]:starts[i] + counts[i]], read where they lie."""
-    return _digest(*hash_spans(words, starts, counts), words, starts, counts)
+    """digest() of the segments words[starts[i]:starts[i] + counts[i]] (uint64 words), read where they lie:
+    Arrow's hash table finds the distinct segments by their bytes, through binary views of them (no copy)."""
+    if len(words) * 8 >= 1 << 31:  # a view's offset is 32-bit: copy the frames out (never met: chunks are MBs)
+        pos = np.repeat(starts, counts) + _within(counts)
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return digest(words[pos], offsets)
+    return _distinct(_binary_views(words, starts, counts), words, starts, counts)
 
 
 def digest(values: np.ndarray, offsets: np.ndarray) -> Digest:
-    return _digest(*hash_segments(values, offsets), values, offsets[:-1], np.diff(offsets))
+    """The distinct segments values[offsets[i]:offsets[i+1]] (uint64 frames) and the index of each one's."""
+    values = values.astype(np.uint64, copy=False)
+    arr = pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1,
+                                [None, pa.py_buffer(offsets.astype(np.int64) * 8), pa.py_buffer(values)])
+    return _distinct(arr, values, offsets[:-1], np.diff(offsets))
 
 
-def _digest(h1: np.ndarray, h2: np.ndarray, source: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> Digest:
-    """The distinct segments by hash; segment i is source[starts[i]:starts[i] + counts[i]]."""
-    k1 = h1.view(np.int64)
-    _, first, inverse = np.unique(k1, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if not (h2 == h2[first][inverse]).all():  # a 64-bit collision between different stacks: use both halves
-        pairs = np.stack([k1, h2.view(np.int64)], axis=1)
-        _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-    at = starts[first]
+def _within(counts: np.ndarray) -> np.ndarray:
+    """0, 1, .., counts[i] - 1 for every i, concatenated."""
+    ends = np.cumsum(counts)
+    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(ends - counts, counts)
+
+
+def _binary_views(words: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> pa.Array:
+    """A binary_view array whose value i is the bytes of words[starts[i]:starts[i] + counts[i]], over the
+    words' own buffer. Arrow's view layout (16 bytes): int32 length, then up to 12 bytes inline, or a 4-byte
+    prefix, int32 buffer index and int32 byte offset; one frame (8 bytes) is inline."""
+    view = np.zeros((len(starts), 4), dtype=np.uint32)
+    view[:, 0] = counts * 8
+    w32 = words.view(np.uint32)
+    at = starts * 2  # in 32-bit words
+    view[:, 1] = np.where(counts > 0, w32[np.minimum(at, len(w32) - 1)], 0)  # inline first half, or prefix
+    one = counts == 1
+    view[one, 2] = w32[at[one] + 1]
+    many = counts > 1
+    view[many, 3] = starts[many] * 8  # buffer 0
+    return pa.Array.from_buffers(pa.binary_view(), len(starts), [None, pa.py_buffer(view), pa.py_buffer(words)])
+
+
+def _distinct(arr: pa.Array, source: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> Digest:
+    """The Digest of segments source[starts[i]:starts[i] + counts[i]], given as the Arrow binary array
+    `arr` of their bytes. Arrow's dictionary_encode finds the distinct ones exactly (equal bytes), numbered
+    in order of first sight; only those are hashed, and they are put in ascending (first hash, second
+    hash) order, as FragmentStore.add_digest expects."""
+    if not len(arr):
+        z = np.zeros(0, np.uint64)
+        return Digest(z.view(np.int64), z, np.zeros(1, np.int64), z, np.zeros(0, np.int64))
+    idx = pc.dictionary_encode(arr).indices.to_numpy().astype(np.int64)
+    new = np.ones(len(idx), dtype=bool)  # ids come in order of first sight: a new one exceeds all before it
+    new[1:] = idx[1:] > np.maximum.accumulate(idx)[:-1]
+    first = np.flatnonzero(new)
     n = counts[first]
-    new = np.zeros(len(first) + 1, dtype=np.int64)
-    np.cumsum(n, out=new[1:])
-    pos = np.repeat(at - new[:-1], n) + np.arange(int(new[-1]), dtype=np.int64)
-    return Digest(k1[first], h2[first], new, source[pos].astype(np.uint64, copy=False), inverse)
+    pos = np.repeat(starts[first], n) + _within(n)
+    values = source[pos].astype(np.uint64, copy=False)
+    offsets = np.zeros(len(first) + 1, dtype=np.int64)
+    np.cumsum(n, out=offsets[1:])
+    h1, h2 = hash_segments(values, offsets)
+    k1 = h1.view(np.int64)
+    order = np.lexsort((h2.view(np.int64), k1))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order), dtype=np.int64)
+    n = n[order]
+    sorted_offsets = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(n, out=sorted_offsets[1:])
+    pos = np.repeat(offsets[:-1][order], n) + _within(n)
+    return Digest(k1[order], h2[order], sorted_offsets, values[pos], rank[idx])
 
 
 class FragmentStore:
