@@ -307,13 +307,12 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress, jobs: int = 1
     rows.snapshots = snapshots = PoolSnapshots()
     rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": [], "header_extension": []}
     try:
-        for batch in reader.batches(progress, fragments=joiner.fragments, jobs=jobs):
+        for batch in reader.batches(progress, fragments=joiner.fragments, jobs=jobs, columns=True):
             snapshots.feed(batch)  # before the joiner releases the pool events of the same time
             for name in rare:
                 if batch.get(name) is not None:
                     rare[name].append(batch.get(name))
-            now = max(int(t["ts"][-1].as_py()) for t in batch.tables.values())
-            released = joiner.feed(batch, now)
+            released = joiner.feed(batch, batch.last_ts())
             if released is not None and len(released):
                 rows.write(pairer.feed(_pool_events(released)))
         released = joiner.finish()

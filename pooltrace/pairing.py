@@ -78,16 +78,33 @@ class _Open:
     rows: Columns | None = None  # alloc attributes, same order
 
 
-def _merge_order(old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """The stable sort order of concatenate([old, new]) for two sorted arrays, without sorting."""
-    n_old, n_new = len(old), len(new)
-    at_new = np.searchsorted(old, new, side="right") + np.arange(n_new)
-    order = np.empty(n_old + n_new, dtype=np.int64)
-    is_new = np.zeros(n_old + n_new, dtype=bool)
+def _key_order(addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stable sort order of `addr` (uint64) and the sorted addresses. Usually one sort of the values
+    with the row number packed below the address (the addresses of a batch span far less than 64 bits),
+    several times cheaper than a stable argsort; the argsort is the fallback."""
+    n = len(addr)
+    bits = max(n - 1, 1).bit_length()
+    lo = addr.min() if n else np.uint64(0)
+    if n and int(addr.max() - lo) >> (64 - bits) == 0:
+        key = ((addr - lo) << np.uint64(bits)) | np.arange(n, dtype=np.uint64)
+        key.sort()
+        return (key & np.uint64((1 << bits) - 1)).astype(np.int64), (key >> np.uint64(bits)) + lo
+    order = np.argsort(addr, kind="stable")
+    return order, addr[order]
+
+
+def _merged(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the rows of two address-sorted arrays without a common value go in their merge: (positions
+    of the new rows, mask of the new rows)."""
+    at_new = np.searchsorted(old, new) + np.arange(len(new))
+    is_new = np.zeros(len(old) + len(new), dtype=bool)
     is_new[at_new] = True
-    order[at_new] = np.arange(n_old, n_old + n_new)
-    order[~is_new] = np.arange(n_old)
-    return order
+    return at_new, is_new
+
+
+# the attributes of a row taken from the allocation event: row column -> event field
+_FROM_ALLOC = {"alloc_ts": "ts", "tag": "tag", "pool_type": "pool_type", "size": "size", "address": "address",
+               "session_id": "session_id", "cpu": "cpu", "pid": "pid", "tid": "tid", "alloc_stack": "stack"}
 
 
 class Pairer:
@@ -101,21 +118,24 @@ class Pairer:
     def feed(self, ev: PoolEvents) -> Columns:
         """Pair one batch (later than every batch before). Returns the rows closed by it: freed,
         lost-free and free-without-alloc rows, with a `kind` column."""
-        self.stats.allocs += int(ev.alloc.sum())
-        self.stats.frees += int(len(ev) - ev.alloc.sum())
-        out = []
-        for ns in np.unique(ev.namespace).tolist():
-            sel = np.flatnonzero(ev.namespace == ns)
-            out.append(self._feed_namespace(ns, ev, sel))
+        n_alloc = int(np.count_nonzero(ev.alloc))
+        self.stats.allocs += n_alloc
+        self.stats.frees += len(ev) - n_alloc
+        if not len(ev):
+            return _empty_rows()
+        ns_all = ev.namespace
+        if ns_all.min() == ns_all.max():  # usual: one namespace (no session pool)
+            out = [self._feed_namespace(int(ns_all[0]), ev, None)]
+        else:
+            out = [self._feed_namespace(ns, ev, np.flatnonzero(ns_all == ns)) for ns in np.unique(ns_all).tolist()]
         out = [o for o in out if len(o)]
         return Columns.concat(out) if out else _empty_rows()
 
-    def _feed_namespace(self, ns: int, ev: PoolEvents, sel: np.ndarray) -> Columns:
+    def _feed_namespace(self, ns: int, ev: PoolEvents, sel: np.ndarray | None) -> Columns:
+        """Pair the events `sel` of ev (all with None), those of namespace ns."""
         st = self._open.setdefault(ns, _Open())
-        addr = ev.address[sel]
-        order = np.argsort(addr, kind="stable")  # by key, time order kept within a key
-        idx = sel[order]  # event indices in (key, time) order
-        a = addr[order]
+        order, a = _key_order(ev.address if sel is None else ev.address[sel])
+        idx = order if sel is None else sel[order]  # event indices in (key, time) order
         is_alloc = ev.alloc[idx]
         n = len(idx)
         first = np.ones(n, dtype=bool)
@@ -130,68 +150,75 @@ class Pairer:
         prev_alloc[1:] = is_alloc[:-1]
         open_before = np.where(first, in_open, prev_alloc)
         from_old = first & in_open  # the open allocation before this event is an old one
-        # --- rows closed by this batch
+        # --- rows closed by this batch: (1) old open allocations closed now, (2) allocations of this batch
+        # closed by the next event on their key, (3) frees with nothing open (allocated before the trace)
         closes = open_before  # an alloc or a free on an open key closes the open allocation
-        closer_kind = np.where(is_alloc, CLOSED_LOST_FREE, CLOSED_FREE)
-        rows = []
-        # (1) old open allocations closed now
         k_old = np.flatnonzero(closes & from_old)
-        if len(k_old):
-            old_rows = st.rows.take(pos[k_old])
-            rows.append(self._close(old_rows, ev, idx[k_old], closer_kind[k_old]))
-        # (2) allocations of this batch closed by the next event on their key
         k_new = np.flatnonzero(closes & ~from_old)
-        if len(k_new):
-            alloc_rows = self._alloc_rows(ev, idx[k_new - 1])
-            rows.append(self._close(alloc_rows, ev, idx[k_new], closer_kind[k_new]))
-        # (3) frees with nothing open: allocated before the trace
         k_fwa = np.flatnonzero(~is_alloc & ~open_before)
-        if len(k_fwa):
-            rows.append(self._free_without_alloc(ev, idx[k_fwa]))
-        self.stats.freed += int((closes & ~is_alloc).sum())
-        self.stats.lost_free += int((closes & is_alloc).sum())
+        n_freed = int(np.count_nonzero(closes & ~is_alloc))
+        self.stats.freed += n_freed
+        self.stats.lost_free += len(k_old) + len(k_new) - n_freed
         self.stats.free_without_alloc += len(k_fwa)
-        # --- new open set: old keys not touched, plus keys whose last event is an allocation
+        rows = self._rows(st, ev, pos[k_old], idx[k_new - 1], idx[np.concatenate([k_old, k_new])], is_alloc[
+            np.concatenate([k_old, k_new])], idx[k_fwa])
+        # --- new open set: old keys not touched, plus keys whose last event is an allocation (no key is in both)
         touched = np.zeros(len(st.address), dtype=bool)
-        touched[pos[first & in_open]] = True
+        touched[pos[from_old]] = True
         keep = np.flatnonzero(~touched)
-        k_live = np.flatnonzero(last & is_alloc)
-        new_rows = self._alloc_rows(ev, idx[k_live])
-        parts_addr = [st.address[keep], a[k_live]]
-        parts_rows = ([st.rows.take(keep)] if st.rows is not None else []) + [new_rows]
-        all_addr = np.concatenate(parts_addr)
-        all_rows = Columns.concat([p for p in parts_rows if p is not None])
-        srt = _merge_order(parts_addr[0], parts_addr[1])
-        st.address = all_addr[srt]
-        st.rows = all_rows.take(srt)
-        return Columns.concat(rows) if rows else _empty_rows()
+        live = idx[np.flatnonzero(last & is_alloc)]
+        old_addr = st.address[keep]
+        at_new, is_new = _merged(old_addr, ev.address[live])
+        address = np.empty(len(is_new), dtype=np.uint64)
+        address[is_new] = ev.address[live]
+        address[~is_new] = old_addr
+        cols = {}
+        for name, field_ in _FROM_ALLOC.items():
+            src = getattr(ev, field_)
+            col = np.empty(len(is_new), dtype=src.dtype)
+            col[at_new] = src[live]
+            if st.rows is not None:
+                col[~is_new] = st.rows.cols[name][keep]
+            cols[name] = col
+        st.address = address
+        st.rows = Columns(cols)
+        return rows
 
     @staticmethod
-    def _alloc_rows(ev: PoolEvents, i: np.ndarray) -> Columns:
-        return Columns({"alloc_ts": ev.ts[i], "tag": ev.tag[i], "pool_type": ev.pool_type[i], "size": ev.size[i],
-                        "address": ev.address[i], "session_id": ev.session_id[i], "cpu": ev.cpu[i],
-                        "pid": ev.pid[i], "tid": ev.tid[i], "alloc_stack": ev.stack[i]})
-
-    @staticmethod
-    def _close(rows: Columns, ev: PoolEvents, closer: np.ndarray, kind: np.ndarray) -> Columns:
-        cols = dict(rows.cols)
-        cols["free_ts"] = ev.ts[closer]
+    def _rows(st: _Open, ev: PoolEvents, old_at: np.ndarray, new_from: np.ndarray, closer: np.ndarray,
+              closer_alloc: np.ndarray, fwa: np.ndarray) -> Columns:
+        """The closed rows, in this order: open allocations of earlier batches (at `old_at` in the open set),
+        allocations of this batch (events `new_from`) — each closed by its event in `closer` — then frees
+        without an allocation (events `fwa`)."""
+        n1, n2, n3 = len(old_at), len(new_from), len(fwa)
+        n = n1 + n2 + n3
+        if not n:
+            return _empty_rows()
+        cols = {}
+        for name, field_ in _FROM_ALLOC.items():
+            src = getattr(ev, field_)
+            col = np.empty(n, dtype=src.dtype)
+            if n1:
+                col[:n1] = st.rows.cols[name][old_at]
+            col[n1:n1 + n2] = src[new_from]
+            if name == "alloc_ts":
+                col[n1 + n2:] = NO_TS
+            elif name == "alloc_stack":
+                col[n1 + n2:] = NO_STACK
+            else:
+                col[n1 + n2:] = src[fwa]
+            cols[name] = col
         # a lost free has no free event: the closing allocation's stack is not this block's free stack
-        is_free = kind == CLOSED_FREE
-        cols["free_stack"] = np.where(is_free, ev.stack[closer], NO_STACK)
-        cols["free_cpu"] = np.where(is_free, ev.cpu[closer], 0).astype(ev.cpu.dtype)
-        cols["kind"] = kind.astype(np.int8)
+        ends = np.concatenate([closer, fwa])
+        is_free = np.ones(n, dtype=bool)
+        is_free[:n1 + n2] = ~closer_alloc
+        cols["free_ts"] = ev.ts[ends]
+        cols["free_stack"] = np.where(is_free, ev.stack[ends], NO_STACK)
+        cols["free_cpu"] = np.where(is_free, ev.cpu[ends], 0).astype(ev.cpu.dtype)
+        kind = np.full(n, FREE_WITHOUT_ALLOC, dtype=np.int8)
+        kind[:n1 + n2] = np.where(closer_alloc, CLOSED_LOST_FREE, CLOSED_FREE)
+        cols["kind"] = kind
         return Columns(cols)
-
-    @staticmethod
-    def _free_without_alloc(ev: PoolEvents, i: np.ndarray) -> Columns:
-        n = len(i)
-        return Columns({"alloc_ts": np.full(n, NO_TS, dtype=np.int64), "tag": ev.tag[i],
-                        "pool_type": ev.pool_type[i], "size": ev.size[i], "address": ev.address[i],
-                        "session_id": ev.session_id[i], "cpu": ev.cpu[i], "pid": ev.pid[i], "tid": ev.tid[i],
-                        "alloc_stack": np.full(n, NO_STACK, dtype=ev.stack.dtype), "free_ts": ev.ts[i],
-                        "free_stack": ev.stack[i], "free_cpu": ev.cpu[i],
-                        "kind": np.full(n, FREE_WITHOUT_ALLOC, dtype=np.int8)})
 
     def finish(self) -> Columns:
         """The allocations still open: outstanding at the end of the trace."""

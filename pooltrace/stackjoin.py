@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from pooltrace.etl.columns import Columns
 from pooltrace.etl.fragments import FragmentStore, Interner
@@ -41,26 +40,24 @@ class KeyPlaceholders:
         self._ph: dict[tuple[int, int], int] = {}  # (key, generation) -> placeholder index
         self._ph_list: list[tuple[int, int]] = []
 
-    def feed(self, refs: pa.Table | None, defs: pa.Table | None) -> np.ndarray:
+    def feed(self, refs: Columns | None, defs: Columns | None) -> np.ndarray:
         """Placeholder fragment ids for the refs (same batch's defs considered first)."""
-        if defs is not None and defs.num_rows:
-            frames = defs["frames"].combine_chunks()
-            offsets = frames.offsets.to_numpy().astype(np.int64)
-            values = frames.values.to_numpy()
-            offsets = offsets - offsets[0]
-            frag = self.fragments.add(values, offsets)
-            dkey = defs["key"].to_numpy()
-            dts = defs["ts"].to_numpy()
+        if defs is not None and len(defs):
+            offsets, values = defs.lists["frames"]
+            offsets = offsets.astype(np.int64)
+            frag = self.fragments.add(values, offsets - offsets[0])
+            dkey = defs.cols["key"]
+            dts = defs.cols["ts"]
         else:
             dkey = np.zeros(0, np.uint64)
             dts = np.zeros(0, np.int64)
             frag = np.zeros(0, np.int64)
-        if refs is None or not refs.num_rows:
+        if refs is None or not len(refs):
             for k, f in zip(dkey.tolist(), frag.tolist(), strict=True):
                 self._defs.setdefault(k, []).append(f)
             return np.zeros(0, dtype=np.int64)
-        rkey = refs["key"].to_numpy()
-        rts = refs["ts"].to_numpy()
+        rkey = refs.cols["key"]
+        rts = refs.cols["ts"]
         # generation = definitions of the key before this batch + those in the batch strictly earlier
         gen = np.array([len(self._defs.get(k, ())) for k in rkey.tolist()], dtype=np.int64)
         if len(dkey):
@@ -199,12 +196,11 @@ class _Parts:
         return self.cols.take(np.flatnonzero(mine)), _Parts(self.cols.take(np.flatnonzero(~mine)))
 
 
-def _pool_columns(t: pa.Table) -> Columns:
-    """The reader's pool table as numpy columns (zero-copy but for session_id, whose nulls become 0)."""
-    cols = {}
-    for name in t.column_names:
-        col = t[name]
-        cols[name] = col.fill_null(0).to_numpy() if col.null_count else col.to_numpy()
+def _pool_columns(t: Columns) -> Columns:
+    """The reader's pool rows with 0 for session_id where it has none."""
+    cols = dict(t.cols)
+    for name, valid in t.valid.items():
+        cols[name] = np.where(valid, cols[name], cols[name].dtype.type(0))
     return Columns(cols)
 
 
@@ -213,7 +209,8 @@ def _sorted(a: np.ndarray) -> bool:
 
 
 class StackJoiner:
-    """Feed it the reader's batches; it releases pool events (time order) with stack ids, W late.
+    """Feed it the reader's batches (read with numpy Columns); it releases pool events (time order) with
+    stack ids, W late.
 
     Released events are numpy columns: the pool table's columns (session_id with 0 where the table has
     null), tid and pid completed from the stack, and `stack`."""
@@ -232,7 +229,7 @@ class StackJoiner:
     def feed(self, batch, watermark: int | None) -> Columns | None:
         """Add one batch; return the pool events that can no longer receive a stack part."""
         pool = batch.get("pool")
-        if pool is not None and pool.num_rows:
+        if pool is not None and len(pool):
             self._pool.append(_pool_columns(pool))
         self._add_parts(batch)
         if watermark is None:
@@ -247,28 +244,27 @@ class StackJoiner:
         refs = batch.get("key_refs")
         defs = batch.get("key_defs")
         parts = []
-        if stacks is not None and stacks.num_rows and "frag" in stacks.column_names:  # interned by the reader
-            parts.append(self._parts(stacks, stacks["frag"].to_numpy(), stacks["user"].to_numpy(zero_copy_only=False)))
-        elif stacks is not None and stacks.num_rows:
-            frames = stacks["frames"].combine_chunks()
-            offsets = frames.offsets.to_numpy().astype(np.int64)
+        if stacks is not None and len(stacks) and "frag" in stacks.cols:  # interned by the reader
+            parts.append(self._parts(stacks, stacks.cols["frag"], stacks.cols["user"]))
+        elif stacks is not None and len(stacks):
+            offsets, values = stacks.lists["frames"]
+            offsets = offsets.astype(np.int64)
             offsets = offsets - offsets[0]
-            values = frames.values.to_numpy()
             frag = self.fragments.add(values, offsets)
             first = values[offsets[:-1]]
             parts.append(self._parts(stacks, frag, first < self.user_limit))
         ph = self.keys.feed(refs, defs)
-        if refs is not None and refs.num_rows:
-            parts.append(self._parts(refs, ph, refs["user"].to_numpy(zero_copy_only=False)))
+        if refs is not None and len(refs):
+            parts.append(self._parts(refs, ph, refs.cols["user"]))
         for p in parts:
             self.stats.stack_events += len(p)
             self._frag.append(_Parts(p))
 
     @staticmethod
-    def _parts(t: pa.Table, frag: np.ndarray, user: np.ndarray) -> Columns:
-        return Columns({"cpu": t["cpu"].to_numpy(), "event_ts": t["event_ts"].to_numpy(),
-                        "tid": t["tid"].to_numpy(), "pid": t["pid"].to_numpy(), "frag": frag,
-                        "user": user.astype(bool), "seq": t["seq"].to_numpy()})
+    def _parts(t: Columns, frag: np.ndarray, user: np.ndarray) -> Columns:
+        c = t.cols
+        return Columns({"cpu": c["cpu"], "event_ts": c["event_ts"], "tid": c["tid"], "pid": c["pid"], "frag": frag,
+                        "user": user.astype(bool, copy=False), "seq": c["seq"]})
 
     def _key(self, ts: np.ndarray, cpu: np.ndarray) -> np.ndarray:
         return ((ts - self.base) << CPU_BITS) | cpu.astype(np.int64)

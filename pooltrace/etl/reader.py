@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pooltrace.errors import TraceError
 from pooltrace.etl.buffers import (
@@ -76,52 +75,61 @@ class ReadStats:
 class Batch:
     """Decoded events released together, each table sorted by (ts, cpu, seq). Table names: pool,
     stacks, key_refs, key_defs, image, process, thread, header_extension, kernel_base, ktc_image_id,
-    ktc_rsds. A name is absent when the batch has no such event."""
+    ktc_rsds. A name is absent when the batch has no such event. Tables are Arrow, but for the
+    high-volume ones when the reader was asked for numpy Columns."""
 
-    tables: dict[str, pa.Table]
+    tables: dict[str, pa.Table | Columns]
 
-    def get(self, name: str) -> pa.Table | None:
+    def get(self, name: str) -> pa.Table | Columns | None:
         return self.tables.get(name)
 
+    def last_ts(self) -> int:
+        """The latest timestamp in the batch."""
+        return max(_ts_at(t, -1) for t in self.tables.values())
 
-def _time_order(t: Columns, idx: np.ndarray | None) -> np.ndarray | None:
-    """Rows `idx` of t (all with None) in (ts, cpu, seq) order, as indices into t; None when that is all
-    of t in its own order. Rows come in read order (seq ascending), so the usual sort is one stable sort
-    of a combined (ts, cpu) key, nearly sorted already; the three-key sort is the fallback."""
+
+def _ts_at(t: pa.Table | Columns, i: int) -> int:
+    return int(t.cols["ts"][i]) if isinstance(t, Columns) else int(t["ts"][i].as_py())
+
+
+def _time_order(t: Columns) -> np.ndarray | None:
+    """The rows of t in (ts, cpu, seq) order, as indices; None when t is in that order already.
+
+    The usual input is the rows left from the last release (in that order) followed by a chunk's rows in
+    read order (seq ascending, later than every row left): a stable sort of one combined (ts, cpu) key
+    then orders rows of equal (ts, cpu) by seq, which is checked on the result; the three-key sort is
+    the fallback (timestamps too far apart for the combined key, or rows in another order)."""
     c = t.cols
-    ts, cpu, seq = (c["ts"], c["cpu"], c["seq"]) if idx is None else (c["ts"][idx], c["cpu"][idx], c["seq"][idx])
+    ts, cpu, seq = c["ts"], c["cpu"], c["seq"]
     if len(ts) < 2:
-        return idx
+        return None
     lo, hi = int(ts.min()), int(ts.max())
-    if hi - lo < 1 << 50 and int(cpu.max()) < 1 << 12 and bool((seq[1:] > seq[:-1]).all()):
+    if hi - lo < 1 << 50 and int(cpu.max()) < 1 << 12:
         key = ((ts - lo) << 12) | cpu.astype(np.int64)
         order = None if bool((key[1:] >= key[:-1]).all()) else np.argsort(key, kind="stable")
-    else:
-        order = np.lexsort((seq, cpu, ts))
-        if not (np.diff(order) < 0).any():
-            order = None
-    if order is None:
-        return idx
-    return order if idx is None else idx[order]
+        skey, sseq = (key, seq) if order is None else (key[order], seq[order])
+        tie = np.flatnonzero(skey[1:] == skey[:-1])
+        if not len(tie) or bool((sseq[tie + 1] > sseq[tie]).all()):
+            return order
+    order = np.lexsort((seq, cpu, ts))
+    return None if not (np.diff(order) < 0).any() else order
 
 
-def _split(parts: list, wm: int, everything: bool = False):
-    """Rows released at watermark `wm` (ts < wm, sorted by ts, cpu, seq, as Arrow) and the rest."""
+def _split(parts: list, wm: int, everything: bool = False, arrow: bool = True):
+    """Rows released at watermark `wm` (ts < wm, sorted by ts, cpu, seq) and the rest, also sorted. Numpy
+    Columns are released as Arrow unless `arrow` is False."""
     if isinstance(parts[0], Columns):
         t = Columns.concat(parts)
-        ts = t.cols["ts"]
-        ready, rest = None, None
-        if not everything and len(ts) and ts.max() >= wm:
-            mask = ts < wm
-            ready = np.flatnonzero(mask)
-            if not len(ready):
-                return None, t
-            if len(ready) < len(ts):
-                rest = t.take(np.flatnonzero(~mask))
-            else:
-                ready = None
-        order = _time_order(t, ready)
-        return (t if order is None else t.take(order)).to_arrow(), rest
+        order = _time_order(t)
+        if order is not None:
+            t = t.take(order)
+        n = len(t) if everything else int(np.searchsorted(t.cols["ts"], wm, side="left"))
+        if not n:
+            return None, t
+        ready, rest = (t, None) if n == len(t) else (t.slice(0, n), t.slice(n, len(t)))
+        return (ready.to_arrow() if arrow else ready), rest
+    import pyarrow.compute as pc  # here only: importing it costs ~0.1 s, and the usual tables are Columns
+
     t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
     if everything:
         return t.sort_by(SORT_KEYS), None
@@ -230,13 +238,14 @@ class EtlReader:
     # -- streaming -------------------------------------------------------------------------------
 
     def batches(self, progress: Callable[[int, int], None] | None = None,
-                fragments: FragmentStore | None = None, jobs: int = 1) -> Iterator[Batch]:
+                fragments: FragmentStore | None = None, jobs: int = 1, columns: bool = False) -> Iterator[Batch]:
         """Decoded events in global time order, a batch at a time. Single pass; stats fill as it goes.
         `progress(done, total)` is called with buffers read so far after every chunk. With `fragments`,
         the frames of Stack events are interned there as each chunk is decoded, and the stacks table
         carries `frag` (fragment id) and `user` (a user-mode part) instead of `frames`: the time merge
         then moves fixed-width columns only. With `jobs` > 1, chunks are decoded in that many worker
-        processes (parallel.py); the batches are the same for every `jobs`."""
+        processes (parallel.py); the batches are the same for every `jobs`. With `columns`, the high-volume
+        tables (pool, stacks, key_refs, key_defs) stay numpy Columns instead of becoming Arrow."""
         self._fragments = fragments
         idx = self.index
         st = self.stats
@@ -270,20 +279,20 @@ class EtlReader:
             out = {}
             for name, parts in pending.items():
                 if parts:
-                    now, rest = _split(parts, wm)
+                    now, rest = _split(parts, wm, arrow=not columns)
                     pending[name] = [rest] if rest is not None else []
                     if now is not None:
                         out[name] = now
             if out:
-                lo = min(int(t["ts"][0].as_py()) for t in out.values())
+                lo = min(_ts_at(t, 0) for t in out.values())
                 if lo < last_ts:
                     st.time_inversions += 1
-                last_ts = max(int(t["ts"][-1].as_py()) for t in out.values())
+                last_ts = max(_ts_at(t, -1) for t in out.values())
                 yield Batch(out)
         rest = {}
         for name, parts in pending.items():
             if parts:
-                now, _ = _split(parts, np.iinfo(np.int64).max, everything=True)
+                now, _ = _split(parts, np.iinfo(np.int64).max, everything=True, arrow=not columns)
                 rest[name] = now
         if rest:
             yield Batch(rest)
