@@ -155,6 +155,9 @@ def _next_slots(chunk: Chunk, lo: int = 0, hi: int | None = None) -> np.ndarray:
     return nxt
 
 
+_FLAGS_BYTE, _FLAGS_C0 = np.uint64(0xFF000000), np.uint64(0xC0000000)  # byte 3 of a slot read as a u64
+
+
 def _likely_starts(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
     """Slots that look like record starts under a strict test, and where the next record would start.
 
@@ -162,14 +165,14 @@ def _likely_starts(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
     least the header's; for kernel headers a small version and a known hook group — is first run on the
     flags byte alone (one byte per slot), then on the few slots that pass. Payload bytes almost never
     pass it, so in most buffers these slots are exactly the record chain; walk() proves that."""
-    cand = np.flatnonzero(chunk.data.reshape(-1, 8)[:, 3] == 0xC0)
-    w = chunk.u16.reshape(-1, 4)
-    w0, w1 = w[cand, 0], w[cand, 1]
+    cand = np.flatnonzero((chunk.u64 & _FLAGS_BYTE) == _FLAGS_C0)
+    h16 = chunk.u64[cand].view(np.uint16).reshape(len(cand), 4)  # each candidate's first 8 bytes, as 4 words
+    w0, w1 = h16[:, 0], h16[:, 1]
     kind = MARKER_KIND[w1]
     kernel = kind == 1
-    size = np.where(kernel, w[cand, 2], w0).astype(np.int64)
+    size = np.where(kernel, h16[:, 2], w0).astype(np.int64)
     ok = (kernel | (kind == 2)) & (size >= MARKER_MIN_SIZE[w1])
-    ok &= ~kernel | (((w0 & 0x78FF) < 16) & ((w[cand, 3] >> 8) < 0x40))
+    ok &= ~kernel | (((w0 & 0x78FF) < 16) & ((h16[:, 3] >> 8) < 0x40))
     cand = cand[ok]
     return cand, cand + ((size[ok] + 7) >> 3)
 
@@ -196,6 +199,8 @@ def walk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str
         fast &= cand[first] == starts
         fast &= broken[last] - broken[first] == 0
         fast &= nxt_c[last] == ends
+        if fast.all() and (lo[1:] == hi[:-1]).all():  # every buffer proven (the usual case): no loop
+            return cand[lo[0]:hi[-1]], np.repeat(np.arange(len(n), dtype=np.int64), n), []
     parts = []
     counts = []
     problems = []
@@ -283,8 +288,63 @@ def _walk_slow(chunk: Chunk) -> np.ndarray:
 
 def decode_headers(chunk: Chunk) -> tuple[Records, list[tuple[int, int, str]], int]:
     """Decode every record header of the chunk. Returns the records, the walk problems and the number
-    of records dropped because their header and payload sizes disagree."""
+    of records dropped because their header and payload sizes disagree.
+
+    Nearly all records of a pool trace have a SYSTEM/COMPACT/PERFINFO header: their fields are computed for
+    every record from the header's first three 8-byte slots (three gathers, then arithmetic on them); the
+    other records (classic, EVENT_HEADER, WPP messages) are decoded again by _other_headers and replace them."""
     slots, owner, problems = walk(chunk)
+    n = len(slots)
+    pos = slots * 8
+    head = chunk.u64[slots]  # bytes 0-7: version/size words, header type, flags, hook
+    h16 = head.view(np.uint16).reshape(n, 4)
+    h8 = head.view(np.uint8).reshape(n, 8)
+    htype = h8[:, 2].astype(np.int64)
+    w0 = h16[:, 0].astype(np.int64)
+    size = h16[:, 2].astype(np.int64)
+    hook = h16[:, 3].astype(np.int64)
+    # PMC counters (bits 8-10, 8 bytes each) and a PEBS index (bit 15) sit between header and payload.
+    hlen = HEADER_LEN_LUT[htype] + (((w0 >> 5) & 0x38) + ((w0 >> 12) & 8))
+    version = w0 & 0x78FF
+    second, third = chunk.u64[slots + 1], chunk.u64[slots + 2]
+    perfinfo = (htype | 1) == PERFINFO64  # PERFINFO headers: timestamp in slot 1, no thread/process
+    ts = np.where(perfinfo, second, third).view(np.int64)
+    ids = second.view(np.uint32).reshape(n, 2)
+    tid = np.where(perfinfo, np.uint32(NO_ID), ids[:, 0])
+    pid = np.where(perfinfo, np.uint32(NO_ID), ids[:, 1])
+    opcode = np.full(n, -1, dtype=np.int64)
+    guid = np.zeros((n, 2), dtype=np.uint64)
+    message = None
+    other = np.flatnonzero(~SYSLIKE_LUT[htype] | ((h8[:, 3] & 0xD0) == 0x90))
+    if len(other):
+        message = np.zeros(n, dtype=bool)
+        (htype[other], size[other], hook[other], version[other], ts[other], tid[other], pid[other], hlen[other],
+         opcode[other], guid[other], message[other]) = _other_headers(chunk, slots[other])
+    plen = size - hlen
+    good = plen >= 0
+    if message is not None:
+        good |= message
+    dropped = n - int(np.count_nonzero(good))
+    if dropped:
+        keep = np.flatnonzero(good)
+        pos, htype, size, hook, version, ts, tid, pid, hlen, plen, opcode, guid, owner = (
+            a[keep] for a in (pos, htype, size, hook, version, ts, tid, pid, hlen, plen, opcode, guid, owner))
+        if message is not None:
+            message = message[keep]
+    if message is not None and message.any():
+        plen = np.where(message, 0, plen)
+    recs = Records(
+        pos=pos, htype=htype, size=size, hook=hook, version=version, ts=ts, tid=tid, pid=pid,
+        pointer_size=PTR_LUT[htype], payload=pos + hlen, payload_len=plen, cpu=chunk.cpus[owner], opcode=opcode,
+        guid=guid,
+    )
+    return recs, problems, dropped
+
+
+def _other_headers(chunk: Chunk, slots: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Header fields of any records (decode_headers uses it for those without a SYSTEM/COMPACT/PERFINFO
+    header): htype, size, hook, version, ts, tid, pid, header length, opcode, guid and whether each is a
+    WPP message (whose size is at +0 and whose payload is empty)."""
     pos = slots * 8
     b = chunk.data
     htype = b[pos + 2].astype(np.int64)
@@ -295,7 +355,6 @@ def decode_headers(chunk: Chunk) -> tuple[Records, list[tuple[int, int, str]], i
     htype = np.where(message, MESSAGE, htype)
     size = np.where(message, w0, size)
     hook = np.where(syslike, chunk.u16[slots * 4 + 3].astype(np.int64), -1)
-    # PMC counters (bits 8-10, 8 bytes each) and a PEBS index (bit 15) sit between header and payload.
     ext = np.where(syslike, ((w0 >> 8) & 7).astype(np.int64) + ((w0 >> 15) & 1), 0)
     version = np.where(syslike, w0 & 0x78FF, 0).astype(np.int64)
     hlen = HEADER_LEN_LUT[htype] + 8 * ext
@@ -307,7 +366,7 @@ def decode_headers(chunk: Chunk) -> tuple[Records, list[tuple[int, int, str]], i
     classic = IS_CLASSIC[htype]
     event = IS_EVENT[htype]
     opcode = np.where(classic, b[pos + 4].astype(np.int64), np.where(event, b[pos + 0x2D].astype(np.int64), -1))
-    version = np.where(classic, chunk.u16[slots * 4 + 3], np.where(event, b[pos + 0x2A], version))
+    version = np.where(classic, chunk.u16[slots * 4 + 3], np.where(event, b[pos + 0x2A], version)).astype(np.int64)
     g = classic | event
     guid = np.zeros((len(slots), 2), dtype=np.uint64)
     guid[g, 0] = chunk.u64[slots[g] + 3]
@@ -328,17 +387,4 @@ def decode_headers(chunk: Chunk) -> tuple[Records, list[tuple[int, int, str]], i
                 if not link & 1:
                     break
             hlen[i] = p - int(pos[i])
-    plen = size - hlen
-    good = (plen >= 0) | message
-    dropped = int((~good).sum())
-    if dropped:
-        keep = np.flatnonzero(good)
-        pos, htype, size, hook, version, ts, tid, pid, hlen, plen, opcode, guid, owner, message = (
-            a[keep] for a in (pos, htype, size, hook, version, ts, tid, pid, hlen, plen, opcode, guid, owner,
-                              message))
-    recs = Records(
-        pos=pos, htype=htype, size=size, hook=hook, version=version.astype(np.int64), ts=ts, tid=tid, pid=pid,
-        pointer_size=PTR_LUT[htype], payload=pos + hlen, payload_len=np.where(message, 0, plen),
-        cpu=chunk.cpus[owner], opcode=opcode, guid=guid,
-    )
-    return recs, problems, dropped
+    return htype, size, hook, version, ts, tid, pid, hlen, opcode, guid, message
