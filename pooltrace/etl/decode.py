@@ -57,6 +57,7 @@ def in_set(lut: np.ndarray, hooks: np.ndarray) -> np.ndarray:
 
 
 _U = {1: ("data", np.uint8), 2: ("u16", np.uint16), 4: ("u32", np.uint32), 8: ("u64", np.uint64)}
+_SHIFT = {1: 0, 2: 1, 4: 2, 8: 3}
 
 
 def gather(chunk: Chunk, offsets: np.ndarray, size: int) -> np.ndarray:
@@ -64,8 +65,8 @@ def gather(chunk: Chunk, offsets: np.ndarray, size: int) -> np.ndarray:
     view, dtype = _U[size]
     if len(offsets) == 0:
         return np.zeros(0, dtype=dtype)
-    if size == 1 or not (offsets % size).any():
-        return getattr(chunk, view)[offsets // size].astype(dtype, copy=False)
+    if size == 1 or not (offsets & (size - 1)).any():
+        return getattr(chunk, view)[offsets >> _SHIFT[size]].astype(dtype, copy=False)
     out = np.zeros(len(offsets), dtype=np.uint64)
     for k in range(size):  # unaligned: assemble byte by byte
         out |= chunk.data[offsets + k].astype(np.uint64) << np.uint64(8 * k)
@@ -76,6 +77,30 @@ def _field(chunk: Chunk, base: np.ndarray, layout: Layout, name: str) -> np.ndar
     f = layout.field(name)
     size = layout.pointer_size if f.type == "ptr" else f.size
     return gather(chunk, base + f.offset, size)
+
+
+def _fields(chunk: Chunk, base: np.ndarray, layout: Layout, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Fields `names` of the payloads at byte offsets `base`, as gather() reads them. When every payload
+    starts on 8 bytes (kernel headers are multiples of 8 long) and every field lies at a multiple of its size,
+    the 8-byte words that hold them are gathered once per record and each field is read from those rows:
+    one random access per word instead of one per field. Reads up to 7 bytes past the last field, which
+    SLACK covers at the end of a chunk."""
+    fields = [layout.field(n) for n in names]
+    sizes = [layout.pointer_size if f.type == "ptr" else f.size for f in fields]
+    if not len(base) or (base & 7).any() or any(f.offset % s for f, s in zip(fields, sizes, strict=True)):
+        return {n: gather(chunk, base + f.offset, s) for n, f, s in zip(names, fields, sizes, strict=True)}
+    words = (max(f.offset + s for f, s in zip(fields, sizes, strict=True)) + 7) >> 3
+    rows = chunk.u64[(base >> 3)[:, None] + np.arange(words)]
+    return {n: np.ascontiguousarray(rows.view(_U[s][1])[:, f.offset // s])
+            for n, f, s in zip(names, fields, sizes, strict=True)}
+
+
+def _select(recs: Records, lut: np.ndarray) -> np.ndarray:
+    """Indices of the records whose HookId is in a _hook_set table (records without one never are)."""
+    hooks = getattr(recs, "_hook16", None)
+    if hooks is None:  # computed once per chunk, for every decoder: -1 (no HookId) becomes 0xFFFF
+        hooks = recs._hook16 = (recs.hook & 0xFFFF).astype(np.uint16)
+    return np.flatnonzero(lut[hooks])
 
 
 def _common(recs: Records, idx: np.ndarray, seq0: int) -> dict[str, np.ndarray]:
@@ -104,11 +129,18 @@ class Decoded:
     malformed: Counter = field(default_factory=Counter)
 
 
-def _per_pointer_size(recs: Records, mask: np.ndarray):
-    for ptr in (8, 4):
-        idx = np.flatnonzero(mask & (recs.pointer_size == ptr))
-        if len(idx):
-            yield ptr, idx
+def _per_pointer_size(recs: Records, idx: np.ndarray):
+    """The records `idx` split by pointer size: the 8-byte ones, then the 4-byte ones (others never)."""
+    if not len(idx):
+        return
+    ptr = recs.pointer_size[idx]
+    if ptr[0] == 8 and (ptr == 8).all():
+        yield 8, idx
+        return
+    for size in (8, 4):
+        part = idx[ptr == size]
+        if len(part):
+            yield size, part
 
 
 def _columns(parts: list[dict], valid: list[dict] | None = None, lists: str | None = None) -> Columns | None:
@@ -124,23 +156,22 @@ def _columns(parts: list[dict], valid: list[dict] | None = None, lists: str | No
 
 def decode_pool(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts, valid = [], []
-    for ptr, idx in _per_pointer_size(recs, in_set(IS_POOL, recs.hook)):
-        session = in_set(IS_SESSION, recs.hook[idx])
+    for ptr, idx in _per_pointer_size(recs, _select(recs, IS_POOL)):
+        hook = recs.hook[idx]
+        session = IS_SESSION[hook]
         need = np.where(session, D.layout("pool_session", ptr).fixed_size, D.layout("pool", ptr).fixed_size)
         short = recs.payload_len[idx] < need
         if short.any():
             malformed["pool"] += int(short.sum())
-            idx, session = idx[~short], session[~short]
+            idx, session, hook = idx[~short], session[~short], hook[~short]
         lay = D.layout("pool_session", ptr)
-        base = recs.payload[idx]
+        f = _fields(chunk, recs.payload[idx], lay, ("pool_type", "tag", "size", "entry", "session_id"))
         col = _common(recs, idx, seq0)
-        col["hook"] = recs.hook[idx].astype(np.uint16)
+        col["hook"] = hook.astype(np.uint16)
         for name in ("pool_type", "tag", "size", "entry"):
-            col[name] = _field(chunk, base, lay, name).astype(np.uint32 if name in ("pool_type", "tag") else
-                                                              np.uint64)
-        sid_off = base + lay.field("session_id").offset
-        sid = gather(chunk, np.where(session, sid_off, base), 4)
-        col["session_id"] = sid.astype(np.uint32)
+            col[name] = f[name].astype(np.uint32 if name in ("pool_type", "tag") else np.uint64)
+        # outside session events the column is null (valid below); its values are then the pool type
+        col["session_id"] = np.where(session, f["session_id"].astype(np.uint32), col["pool_type"])
         col["tid"] = recs.tid[idx]
         col["pid"] = recs.pid[idx]
         parts.append(col)
@@ -148,12 +179,12 @@ def decode_pool(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> C
     return _columns(parts, valid)
 
 
-def _valid(recs: Records, mask: np.ndarray, layout: str, malformed: Counter):
-    """Per pointer size: (layout, record indices, frame counts) of the records in `mask` that fit the
+def _valid(recs: Records, which: np.ndarray, layout: str, malformed: Counter):
+    """Per pointer size: (layout, record indices, frame counts) of the records `which` that fit the
     layout — long enough, and with 1 to 192 frames where it has frames; the others are counted."""
-    for ptr, idx in _per_pointer_size(recs, mask):
+    for ptr, idx in _per_pointer_size(recs, which):
         lay = D.layout(layout, ptr)
-        n = (recs.payload_len[idx] - lay.fixed_size) // ptr
+        n = (recs.payload_len[idx] - lay.fixed_size) >> _SHIFT[ptr]  # floor division, as //
         bad = ((n < 1) | (n > MAX_FRAMES)) if lay.frames else (recs.payload_len[idx] < lay.fixed_size)
         if bad.any():
             malformed[layout] += int(bad.sum())
@@ -163,11 +194,11 @@ def _valid(recs: Records, mask: np.ndarray, layout: str, malformed: Counter):
 
 def _stack_head(chunk: Chunk, recs: Records, idx: np.ndarray, seq0: int, lay: Layout) -> dict:
     """Columns shared by Stack events and stack-key references: owner timestamp, process, thread."""
-    base = recs.payload[idx]
+    f = _fields(chunk, recs.payload[idx], lay, ("event_ts", "pid", "tid"))
     col = _common(recs, idx, seq0)
-    col["event_ts"] = _field(chunk, base, lay, "event_ts").view(np.int64)
-    col["pid"] = _field(chunk, base, lay, "pid")
-    col["tid"] = _field(chunk, base, lay, "tid")
+    col["event_ts"] = f["event_ts"].view(np.int64)
+    col["pid"] = f["pid"]
+    col["tid"] = f["tid"]
     return col
 
 
@@ -175,7 +206,7 @@ def decode_stacks(chunk: Chunk, recs: Records, seq0: int, malformed: Counter, sp
     """Stack events with their frames; with `spans`, where the frames are instead (`frame_at`: byte offset in
     the chunk, `frame_n`: count, `frame_ptr`: pointer size), for a caller that hashes them in place."""
     parts = []
-    for lay, idx, n in _valid(recs, recs.hook == STACK_HOOK, "stack", malformed):
+    for lay, idx, n in _valid(recs, np.flatnonzero(recs.hook == STACK_HOOK), "stack", malformed):
         col = _stack_head(chunk, recs, idx, seq0, lay)
         at = recs.payload[idx] + lay.fixed_size
         if spans:
@@ -203,7 +234,7 @@ def stack_frames(chunk: Chunk, at: np.ndarray, n: np.ndarray, ptr: np.ndarray) -
 
 def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
-    for lay, idx, _ in _valid(recs, in_set(IS_KEY_REF, recs.hook), "stack_key_ref", malformed):
+    for lay, idx, _ in _valid(recs, _select(recs, IS_KEY_REF), "stack_key_ref", malformed):
         col = _stack_head(chunk, recs, idx, seq0, lay)
         col["key"] = _field(chunk, recs.payload[idx], lay, "key").astype(np.uint64)
         col["user"] = recs.hook[idx] == H["StackKeyUser"]
@@ -213,7 +244,7 @@ def decode_key_refs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) 
 
 def decode_key_defs(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> Columns | None:
     parts = []
-    for lay, idx, n in _valid(recs, in_set(IS_KEY_DEF, recs.hook), "stack_key_def", malformed):
+    for lay, idx, n in _valid(recs, _select(recs, IS_KEY_DEF), "stack_key_def", malformed):
         base = recs.payload[idx]
         col = _common(recs, idx, seq0)
         col["hook"] = recs.hook[idx].astype(np.uint16)
@@ -285,9 +316,9 @@ def decode_fields(spec_fields: list, ptr: int, buf: bytes, pos: int, end: int,
 
 def decode_rare(chunk: Chunk, recs: Records, seq0: int, malformed: Counter) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
-    kernel = np.flatnonzero(in_set(IS_RARE, recs.hook))
-    classic = IS_CLASSIC[recs.htype]
-    ktc = np.flatnonzero(classic & (recs.guid[:, 0] == KTC_GUID_HALVES[0]) & (recs.guid[:, 1] == KTC_GUID_HALVES[1]))
+    kernel = _select(recs, IS_RARE)
+    classic = np.flatnonzero(IS_CLASSIC[recs.htype])
+    ktc = classic[(recs.guid[classic, 0] == KTC_GUID_HALVES[0]) & (recs.guid[classic, 1] == KTC_GUID_HALVES[1])]
     if not len(kernel) and not len(ktc):
         return rows
     raw = chunk.data  # indexing a numpy array per byte is slow: work on a bytes copy of the needed span
@@ -373,7 +404,7 @@ def decode_snapshots(chunk: Chunk, recs: Records, seq0: int, malformed: Counter)
     """PoolSnap (per-tag counters, SYSTEM_POOLTAG) and BigPoolSnap (big blocks, SYSTEM_BIGPOOL_ENTRY)
     events, global and per session, as one row per entry."""
     rows: dict[str, list[dict]] = {}
-    for i in np.flatnonzero(in_set(IS_SNAPSHOT, recs.hook)).tolist():
+    for i in _select(recs, IS_SNAPSHOT).tolist():
         hook = int(recs.hook[i])
         name = SNAPSHOT_LAYOUTS[hook]
         head = D.layout(name, 4).fixed_size
