@@ -235,3 +235,24 @@ def test_gather_unaligned(size):
 
     got = decode.gather(ch, np.array([3, 5]), size)
     assert got.tolist() == [int.from_bytes(bytes(range(o, o + size)), "little") for o in (3, 5)]
+
+
+@pytest.mark.parametrize("shift", [0, 4, 3])
+def test_fields_read_from_gathered_rows_equal_gathers(shift):
+    """_fields reads kernel payload fields from 8-byte words gathered once per record when every payload is
+    8-aligned, and by one gather per field otherwise: both give the bytes the layout places there."""
+    import numpy as np
+
+    from pooltrace.definitions import definitions
+
+    lay = definitions().layout("pool_session", 8)
+    payloads = [struct.pack("<IIQQI", 0x201 + k, 0x6B61654C ^ k, 0x1000 * k, 0xFFFFA00012345670 + k, k)
+                for k in range(5)]
+    raw = b"".join(b"\xee" * shift + pad8(p) for p in payloads)
+    ch = Chunk([raw + b"\x00" * 8], [0])
+    base = np.array([shift + k * (len(pad8(payloads[0])) + shift) for k in range(5)])
+    got = decode._fields(ch, base, lay, ("pool_type", "tag", "size", "entry", "session_id"))
+    assert [dict(zip(got, vals, strict=True)) for vals in zip(*(v.tolist() for v in got.values()), strict=True)] == \
+        [dict(zip(("pool_type", "tag", "size", "entry", "session_id"), struct.unpack("<IIQQI", p), strict=True))
+         for p in payloads]
+    assert all(v.flags.c_contiguous for v in got.values())
