@@ -2,9 +2,12 @@
 real trace.
 
     python benchmarks/bench_report.py [--rows 10000000] [--stacks 5000] [--dataset DIR] [--trace T.etl]
+                                      [--no-summary]
 
 Writes a dataset directory directly (allocations/stacks/modules Parquet + trace.json, with the schema of
-`pooltrace pair`; into DIR with --dataset, reused when DIR already holds one), then times `pooltrace report
+`pooltrace pair`, and its summary.npz as `pair` writes it, see pooltrace.summary; into DIR with --dataset,
+reused when DIR already holds one; --no-summary: without summary.npz, so that the reports read the rows, as
+on a dataset of an older version), then times `pooltrace report
 DIR` (JSON and text, --by stack and --by function) in a fresh process each. With --trace, also `pooltrace
 report T.etl` on its cached dataset: the trace is linked into a temporary directory, paired there once (the
 cache `report` reuses), then reported. Each run prints wall seconds end to end (interpreter start
@@ -32,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from pooltrace import __version__  # noqa: E402
 from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA  # noqa: E402
+from pooltrace.summary import NAME as SUMMARY  # noqa: E402
+from pooltrace.summary import write_summary  # noqa: E402
 
 K = 0xFFFFF80412000000
 
@@ -111,6 +116,7 @@ def main() -> None:
     ap.add_argument("--dataset", type=Path, help="build the dataset here (reused when it holds one)")
     ap.add_argument("--trace", type=Path, help="also time report on this trace's cached dataset")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each command")
+    ap.add_argument("--no-summary", action="store_true", help="the dataset without summary.npz (the rows path)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ds = args.dataset or Path(tmp) / "big.pooltrace"
@@ -119,6 +125,11 @@ def main() -> None:
             build(ds, args.rows, args.stacks)
             print(f"dataset: {args.rows:,} allocations, {args.stacks:,} stacks, built in "
                   f"{time.perf_counter() - t0:.0f} s")
+        if args.no_summary and (ds / SUMMARY).exists():
+            sys.exit(f"--no-summary: {ds / SUMMARY} exists; give another --dataset DIR")
+        if not args.no_summary and not (ds / SUMMARY).exists():
+            write_summary(ds)  # as `pair` does
+        print(f"dataset {ds}: {'without' if args.no_summary else 'with'} {SUMMARY}")
         rows = json.loads((ds / "trace.json").read_text())["pairing"]["allocs"]
         for extra in (["--format", "json"], ["--by", "function", "--format", "json"], []):
             timed(["report", str(ds), "--no-symbols", *extra], f"report {rows:,} allocations "
@@ -128,6 +139,8 @@ def main() -> None:
             trace.symlink_to(args.trace.resolve())
             subprocess.run([sys.executable, "-m", "pooltrace", "pair", str(trace), "--quiet"], check=True, cwd=ROOT,
                            stdout=subprocess.DEVNULL)
+            if args.no_summary:  # the cache is this run's own
+                trace.with_suffix(".pooltrace").joinpath(SUMMARY).unlink(missing_ok=True)
             meta = json.loads(trace.with_suffix(".pooltrace").joinpath("trace.json").read_text())
             what = f"{meta['records']:,} records, {meta['pairing']['allocs']:,} allocations"
             for extra in (["--format", "json"], []):

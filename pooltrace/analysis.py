@@ -178,47 +178,71 @@ def outstanding_groups(ds: Dataset, sel: np.ndarray, by: str, render: FrameRende
                        top: int | None = None) -> list[Group]:
     """Group the rows `sel` (indices) by `by`; filters on call-site module and min bytes; sorted by bytes."""
     r = ds.rows
-    return _groups(ds, sel, {name: r[name][sel] for name in OUT_COLUMNS}, by, render, f, top)
+    out = {name: r[name][sel] for name in OUT_COLUMNS}
+    return _groups(ds, per_key(sel, out, by, ds.tags), by, render, f, top)
 
 
 OUT_COLUMNS = ["alloc_stack", "size", "tag", "pid", "alloc_ns"]  # what grouping needs of the outstanding rows
 
 
-def _groups(ds: Dataset, sel: np.ndarray, out: dict[str, np.ndarray], by: str, render: FrameRenderer, f: Filters,
-            top: int | None = None) -> list[Group]:
-    """outstanding_groups from the OUT_COLUMNS of the rows `sel`."""
+@dataclass
+class PerKey:
+    """The outstanding rows reduced per group key (a stack id; a tag index with --by tag): what grouping
+    needs of them. A dataset's summary (pooltrace.summary) holds the one by stack of the default report."""
+    keys: np.ndarray  # int64, the distinct keys, ascending
+    counts: np.ndarray  # int64, rows per key
+    nbytes: np.ndarray  # int64, their bytes
+    first_row: np.ndarray  # int64, each key's first outstanding row (its row number in the dataset) ...
+    stack: np.ndarray  # int64, ... and that row's stack,
+    pid: np.ndarray  # uint32, pid
+    alloc_ns: np.ndarray  # int64, and allocation time
+    pair_key: np.ndarray  # int64, (key, tag) pairs, ascending: index into `keys`,
+    pair_tag: np.ndarray  # int64, index into `tag_names`,
+    pair_bytes: np.ndarray  # int64, and the pair's bytes
+    tag_names: list[str]
+
+
+def per_key(sel: np.ndarray, out: dict[str, np.ndarray], by: str, tag_names: list[str]) -> PerKey:
+    """PerKey of the outstanding rows `sel` from their OUT_COLUMNS `out` (tag: indices into `tag_names`)."""
     stack = out["alloc_stack"]
     size = out["size"].astype(np.int64)
     tags = out["tag"]
     gkey = tags.astype(np.int64) if by == "tag" else stack
     uniq, first, inv = _unique(gkey, first=True)
-    counts = np.bincount(inv, minlength=len(uniq))
+    counts = np.bincount(inv, minlength=len(uniq)).astype(np.int64)
     nbytes = np.bincount(inv, weights=size, minlength=len(uniq)).astype(np.int64)
     # per-(group, tag) bytes
-    tag_pairs = inv.astype(np.int64) * (len(ds.tags) + 1) + tags
+    tag_pairs = inv.astype(np.int64) * (len(tag_names) + 1) + tags
     tp, _, tp_inv = _unique(tag_pairs)
     tp_bytes = np.bincount(tp_inv, weights=size, minlength=len(tp)).astype(np.int64)
+    pair_key, pair_tag = np.divmod(tp.astype(np.int64), len(tag_names) + 1)
+    return PerKey(uniq.astype(np.int64), counts, nbytes, sel[first].astype(np.int64), stack[first].astype(np.int64),
+                  out["pid"][first], out["alloc_ns"][first], pair_key, pair_tag, tp_bytes, tag_names)
+
+
+def _groups(ds: Dataset, pk: PerKey, by: str, render: FrameRenderer, f: Filters,
+            top: int | None = None) -> list[Group]:
+    """The groups of the outstanding rows reduced per key (`pk`); filters on call-site module and min
+    bytes; sorted by bytes."""
+    names = pk.tag_names
     group_tags: dict[int, dict[str, int]] = {}
-    for code, b in zip(tp.tolist(), tp_bytes.tolist(), strict=True):
-        g, t = divmod(code, len(ds.tags) + 1)
-        group_tags.setdefault(g, {})[ds.tags[t]] = b
-    pid = out["pid"]
-    ans = out["alloc_ns"]
+    for g, t, b in zip(pk.pair_key.tolist(), pk.pair_tag.tolist(), pk.pair_bytes.tolist(), strict=True):
+        group_tags.setdefault(g, {})[names[t]] = b
+    pid = pk.pid
+    ans = pk.alloc_ns
     if by != "tag":  # every group's stack rendered in one pass, with its representative row's pid and time
-        rep_pids = pid[first].astype(np.int64)
-        rep_ns = ans[first]
-        render.prepare(stack[first], np.where(rep_pids != 0xFFFFFFFF, rep_pids, 0), np.where(rep_ns != NULL_NS,
-                                                                                            rep_ns, 0))
+        rep_pids = pid.astype(np.int64)
+        render.prepare(pk.stack, np.where(rep_pids != 0xFFFFFFFF, rep_pids, 0), np.where(ans != NULL_NS, ans, 0))
     groups: dict[tuple, Group] = {}
     want_mod = {m.lower() for m in f.modules}
     # per group, as Python ints: its representative row's pid, time, stack and row number, its key, totals
-    per_group = zip(pid[first].tolist(), ans[first].tolist(), stack[first].tolist(), sel[first].tolist(),
-                    uniq.tolist(), counts.tolist(), nbytes.tolist(), strict=True)
+    per_group = zip(pid.tolist(), ans.tolist(), pk.stack.tolist(), pk.first_row.tolist(),
+                    pk.keys.tolist(), pk.counts.tolist(), pk.nbytes.tolist(), strict=True)
     for g, (rep_pid, rep_ns, sid, row, code, count, size_g) in enumerate(per_group):
         rep_pid = rep_pid if rep_pid != 0xFFFFFFFF else 0
         rep_ns = rep_ns if rep_ns != NULL_NS else 0
         if by == "tag":
-            key = [ds.tags[code]]
+            key = [names[code]]
             mod_name = None
         else:
             site, mod_name = render.call_site(sid, rep_pid, rep_ns)
@@ -257,7 +281,7 @@ class Report:
     outstanding_bytes: int
     by: str
     groups: list[Group]
-    rows: np.ndarray  # indices of the outstanding rows (after filters)
+    rows: np.ndarray | None  # indices of the outstanding rows (after filters); None: not read (summary)
     times_ns: list[int] = field(default_factory=list)  # the time of each point of the groups' growth series
     sort: str = "bytes"
     likely: list[Group] = field(default_factory=list)  # likely leaks among ALL groups (leak, then growing)
@@ -370,30 +394,58 @@ def _group_of_key(ds: Dataset, groups: list[Group], by: str) -> np.ndarray:
     return lookup
 
 
+def _summary(ds: Dataset, window: Window, by: str, f: Filters, warn: Callable[[str], None] | None):
+    """The dataset's summary (pooltrace.summary) when it answers this report: by stack, function or module,
+    the whole trace, no tag, pool or pid filter (the group filters apply to its groups as to any)."""
+    duration = ds.trace.get("duration_ns")
+    if by == "tag" or f.tags or f.pool is not None or f.pids or not ds.whole or duration is None \
+            or window != parse_window(None, duration):
+        return None
+    if ds.summary is False:  # not read yet
+        from pooltrace.summary import read_summary
+
+        ds.summary, problem = read_summary(ds)
+        if problem and warn is not None:
+            warn(f"{problem}; the report reads the allocation rows instead (re-run `pooltrace pair`)")
+    s = ds.summary
+    return s if s is not None and s.window == Window(window.start_ns, effective_end(ds, window)) else None
+
+
 def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, render: FrameRenderer,
-                 top: int | None, sort: str = "bytes") -> Report:
-    scan = _scan(ds, window, by, filters)
-    sel, size_sel = scan.sel, scan.out["size"]
-    every = _groups(ds, sel, scan.out, by, render, replace(filters, min_bytes=0), None)
-    for g, gr in zip(every, scan.growth.growth(_group_of_key(ds, every, by), len(every)), strict=True):
+                 top: int | None, sort: str = "bytes", summary: bool = True,
+                 warn: Callable[[str], None] | None = None) -> Report:
+    """The report. `summary`: may read the dataset's summary instead of its rows where it answers the same
+    (_summary); the Report's `rows` (the outstanding rows) is then None."""
+    s = _summary(ds, window, by, filters, warn) if summary else None
+    if s is not None:
+        end_ns, n_cls, b_cls, pk, growth, sel = s.window.end_ns, s.lifetime_counts, s.lifetime_bytes, s.per_key, \
+            s.growth, None
+    else:
+        scan = _scan(ds, window, by, filters)
+        end_ns, n_cls, b_cls, growth, sel = scan.end_ns, scan.counts, scan.nbytes, scan.growth, scan.sel
+        pk = per_key(scan.sel, scan.out, by, ds.tags)
+    every = _groups(ds, pk, by, render, replace(filters, min_bytes=0), None)
+    for g, gr in zip(every, growth.growth(_group_of_key(ds, every, by), len(every)), strict=True):
         g.growth = gr
-    times_ns = times(window.start_ns, scan.end_ns).tolist()
+    times_ns = times(window.start_ns, end_ns).tolist()
     groups = [g for g in every if g.bytes >= filters.min_bytes]
     likely = [g for g in sort_groups(groups, "growth") if g.growth.cls in ("leak", "growing")][:LIKELY_LEAKS]
     groups = sort_groups(groups, sort)
+    total_count, total_bytes = int(pk.counts.sum()), int(pk.nbytes.sum())
     if filters.modules or filters.min_bytes:  # totals follow the group filters
         keep = set()
         for g in groups:
             keep.update(g.stack_ids)
         if by != "tag" and filters.modules:
-            kept = np.isin(scan.out["alloc_stack"], list(keep))
-            sel, size_sel = sel[kept], size_sel[kept]
-    total_bytes = int(size_sel.astype(np.int64).sum())
+            kept = np.isin(pk.keys, list(keep))
+            total_count, total_bytes = int(pk.counts[kept].sum()), int(pk.nbytes[kept].sum())
+            if sel is not None:
+                sel = sel[np.isin(scan.out["alloc_stack"], list(keep))]
     shown = groups[:top] if top else groups
     reasons = ([f"--min-bytes {filters.min_bytes:,}"] if len(groups) < len(every) else []) + \
         ([f"--top {top}"] if len(shown) < len(groups) else [])
     hidden = len(every) - len(shown)
-    return Report(ds.trace, window, _totals(scan.counts, scan.nbytes), len(sel), total_bytes, by, shown, sel,
+    return Report(ds.trace, window, _totals(n_cls, b_cls), total_count, total_bytes, by, shown, sel,
                   times_ns, sort, likely, render.rvas, hidden,
                   sum(g.bytes for g in every) - sum(g.bytes for g in shown), ", ".join(reasons))
 

@@ -49,15 +49,18 @@ def make_symbolizer(ds: Dataset, input_path: Path, symbols: str | None = None, n
 def analyze(ds: Dataset, input_path: Path, *, by: str = "stack", window: str | None = None,
             filters: Filters | None = None, symbols: str | None = None, no_symbols: bool = False,
             top: int | None = None, quiet: bool = True, warn: Warn | None = None,
-            render: FrameRenderer | None = None, sort: str = "bytes") -> tuple[Report, FrameRenderer]:
+            render: FrameRenderer | None = None, sort: str = "bytes",
+            rows: bool = False) -> tuple[Report, FrameRenderer]:
     """The outstanding report of one dataset, as `pooltrace report` builds it, and its frame renderer
-    (`render`: reuse one, with its symbols, across calls on the same dataset); `sort`: bytes or growth."""
+    (`render`: reuse one, with its symbols, across calls on the same dataset); `sort`: bytes or growth;
+    `rows`: the Report's outstanding rows are wanted (else they may stay unread: the dataset's summary)."""
     if by not in BY:
         raise PooltraceError(f"by={by!r}: one of {', '.join(BY)}")
     if render is None:
         render = FrameRenderer(ds, make_symbolizer(ds, input_path, symbols, no_symbols, quiet, warn))
     rep = build_report(ds, window=parse_window(window, ds.trace.get("duration_ns")), by=by,
-                       filters=filters or Filters(), render=render, top=top, sort=sort)
+                       filters=filters or Filters(), render=render, top=top, sort=sort, summary=not rows,
+                       warn=warn)
     return rep, render
 
 

@@ -47,6 +47,7 @@ from pooltrace.pairing import (
 )
 from pooltrace.sidecar import load_sidecar, merge_pdb_identities, tag_counters
 from pooltrace.stackjoin import StackJoiner
+from pooltrace.summary import write_summary
 from pooltrace.tags import format_tag
 from pooltrace.traceinfo import POOL_BIT, POOL_BIT_INDEX, events_by_kind
 from pooltrace.verdicts import no_pool_verdict
@@ -284,6 +285,7 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
         with EtlReader(trace, chunk_bytes=CHUNK_BYTES) as reader:
             meta = _pair(reader, tmp, window_s, progress, decode_jobs(jobs, reader.stats.file_size))
         (tmp / "trace.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_summary(tmp)  # the default report's figures (pooltrace.summary)
         if existing:
             install_dataset(tmp, out_dir)
         else:

@@ -152,7 +152,7 @@ def read_row_groups(path: Path, columns: list[str], read_dictionary: list[str] |
 def check_stacks(ds: Path, stack_id: np.ndarray, referenced: np.ndarray) -> None:
     """stack ids are 0..n-1 (each once) and every stack an allocation refers to exists."""
     n = len(stack_id)
-    if n and (stack_id.min() != 0 or stack_id.max() != n - 1 or len(np.unique(stack_id)) != n):
+    if n and (stack_id.min() != 0 or stack_id.max() != n - 1 or np.bincount(stack_id, minlength=n).max() != 1):
         raise rerun_error(ds / "stacks.parquet", "stack_id is not 0..n-1")
     check_references(ds, n, referenced)
 

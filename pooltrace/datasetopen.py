@@ -36,7 +36,7 @@ COLUMNS = ["tag", "pool_type", "paged", "session", "session_id", "size", "addres
            "pid", "tid", "cpu", "alloc_stack"]
 
 
-OPENED = ["tag"]  # read when a dataset is opened: filters name tags before anything else is read
+OPENED: list[str] = []  # read when a dataset is opened (tags: when first used, e.g. by a tag filter)
 SCAN = ["size", "alloc_ns", "free_ns", "pid", "alloc_stack"]  # what a report reads, part by part (Rows.blocks)
 NOT_NULL = ["tag", "fate", "pool_type", "size", "address", "pid", "tid", "cpu", "paged", "session"]
 FATE_FLAGS = {"outstanding_at_end": "outstanding", "lost_free": "lost_free"}  # rows[flag]: fate == value
@@ -70,6 +70,8 @@ class Rows(dict):
         others read and converted one part at a time into buffers reused from part to part (valid until the
         next part; memory for one part, not for every row); checked like `load` (nulls; the stack
         references of each part before it is given out: stack ids index per-stack arrays)."""
+        if "tag" in names and "tag" not in self:  # whole: its codes index self.tags
+            self.load(["tag"])
         todo = [name for name in names if name not in self]
         if not todo:
             yield 0, {name: self[name] for name in names}
@@ -100,7 +102,7 @@ class Rows(dict):
 
     def __missing__(self, name: str) -> np.ndarray:
         column = "fate" if name in FATE_FLAGS else name
-        if column not in COLUMNS or column == "tag":
+        if column not in COLUMNS:
             raise KeyError(name)
         self.load([column])
         return dict.__getitem__(self, name)
@@ -197,9 +199,17 @@ class Dataset:
     path: Path
     trace: dict
     rows: Rows  # allocation columns as numpy, read when first used (see Rows)
-    tags: list[str]  # tag strings; rows["tag"] holds indices into this list
     stacks: pa.ListArray
     modules: pa.Table
+    whole: bool = False  # every row of its allocations.parquet (load_dataset), so its summary may answer
+    summary: object = False  # its pooltrace.summary.Summary once read (None: none to use); False: not read yet
+
+    @property
+    def tags(self) -> list[str]:
+        """The tag strings; rows["tag"] holds indices into this list (the tag column is read when first used)."""
+        if "tag" not in self.rows:
+            self.rows.load(["tag"])
+        return self.rows.tags
 
     @property
     def n(self) -> int:
@@ -271,7 +281,9 @@ def load_dataset(path: Path) -> Dataset:
     modules = read_parquet(path / "modules.parquet")
     check_no_nulls(path / "stacks.parquet", stacks, ["stack_id"])
     check_no_nulls(path / "modules.parquet", modules, MODULE_KEYS)
-    return _dataset(path, trace, Rows(allocations, parquet_rows(allocations), parts), stacks, modules)
+    ds = _dataset(path, trace, Rows(allocations, parquet_rows(allocations), parts), stacks, modules)
+    ds.whole = True
+    return ds
 
 
 def dataset_from_tables(path: Path, trace: dict, table: pa.Table, stacks: pa.Table, modules: pa.Table) -> Dataset:
@@ -286,8 +298,8 @@ def _dataset(path: Path, trace: dict, rows: Rows, stacks: pa.Table, modules: pa.
     stack_id = stacks["stack_id"].to_numpy()
     check_stacks(path, stack_id, np.zeros(0, dtype=np.int64))  # references: when alloc_stack is read
     rows.stacks = len(stack_id)
-    order = np.argsort(stack_id)
-    frames = stacks["frames"].combine_chunks().take(pa.array(order)) if stacks.num_rows else \
-        pa.array([], pa.list_(pa.uint64()))
-    return Dataset(path, trace, rows, rows.tags, frames, modules)
+    frames = stacks["frames"].combine_chunks() if stacks.num_rows else pa.array([], pa.list_(pa.uint64()))
+    if (np.diff(stack_id) < 0).any():  # in stack id order (as `pair` writes them, with no take)
+        frames = frames.take(pa.array(np.argsort(stack_id)))
+    return Dataset(path, trace, rows, frames, modules)
 

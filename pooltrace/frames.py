@@ -117,7 +117,10 @@ class FrameRenderer:
         """Validity, offsets and values of the stacks column as numpy, made once."""
         if self._lists is None:
             arr = self.ds.stacks
-            self._lists = (arr.is_valid().to_numpy(zero_copy_only=False), arr.offsets.to_numpy(),
+            n, bits = len(arr), arr.buffers()[0]
+            valid = np.ones(n, dtype=bool) if bits is None or not arr.null_count else np.unpackbits(
+                np.frombuffer(bits, dtype=np.uint8), count=n + arr.offset, bitorder="little")[arr.offset:].view(bool)
+            self._lists = (valid, arr.offsets.to_numpy(),
                            arr.values.to_numpy(zero_copy_only=False).astype(np.uint64, copy=False))
         return self._lists
 

@@ -128,6 +128,15 @@ class GrowthCounts:
         self.up_w, self.up_c = np.zeros(2 * n), np.zeros(2 * n, dtype=np.int64)
         self.down_w, self.down_c = np.zeros(n), np.zeros(n, dtype=np.int64)
 
+    @classmethod
+    def from_arrays(cls, keys: int, start_ns: int, end_ns: int, null_ns: int, up_w: np.ndarray, up_c: np.ndarray,
+                    down_w: np.ndarray, down_c: np.ndarray, points: int = POINTS) -> GrowthCounts:
+        """Counts added before (a dataset's summary keeps them): the four arrays of the same shapes."""
+        counts = cls(0, start_ns, end_ns, null_ns, points)
+        counts.keys = keys
+        counts.up_w, counts.up_c, counts.down_w, counts.down_c = up_w, up_c, down_w, down_c
+        return counts
+
     def add(self, alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, key: np.ndarray) -> None:
         """Count rows: `key` is each row's key, < 0 for a row not counted."""
         n = len(self.down_c)

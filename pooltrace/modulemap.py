@@ -32,6 +32,12 @@ class _Space:
     index: np.ndarray  # row in the modules table
 
 
+def _filled(modules: pa.Table, name: str, null: int) -> np.ndarray:
+    """An int64 column of the (small) modules table with `null` for nulls, without pyarrow.compute (whose
+    import a report would otherwise pay for this alone)."""
+    return np.array([null if v is None else v for v in modules[name].to_pylist()], dtype=np.int64)
+
+
 class ModuleMap:
     def __init__(self, modules: pa.Table, pointer_size: int = 8):
         self.modules = modules
@@ -40,13 +46,12 @@ class ModuleMap:
         base = modules["base"].to_numpy().astype(np.uint64) if modules.num_rows else np.zeros(0, np.uint64)
         size = modules["size"].to_numpy().astype(np.uint64) if modules.num_rows else np.zeros(0, np.uint64)
         pid = modules["pid"].to_numpy() if modules.num_rows else np.zeros(0, np.uint32)
-        load = (modules["load_ns"].fill_null(np.iinfo(np.int64).min).to_numpy() if modules.num_rows
-                else np.zeros(0, np.int64))
-        unload = modules["unload_ns"].fill_null(NEVER).to_numpy() if modules.num_rows else np.zeros(0, np.int64)
+        load = _filled(modules, "load_ns", np.iinfo(np.int64).min)
+        unload = _filled(modules, "unload_ns", NEVER)
         kernel = np.isin(pid, KERNEL_PIDS) | (base >= self.kernel_start)
         self._spaces: dict[int, _Space] = {}
         self._kernel = self._space(np.flatnonzero(kernel), base, size, load, unload)
-        for p in np.unique(pid[~kernel]).tolist():
+        for p in sorted(set(pid[~kernel].tolist())):
             self._spaces[p] = self._space(np.flatnonzero(~kernel & (pid == p)), base, size, load, unload)
 
     @staticmethod
@@ -66,7 +71,7 @@ class ModuleMap:
         self._fill(self._kernel, addr, ns, np.flatnonzero(kernel), mod)
         user = np.flatnonzero(~kernel)
         if len(user):
-            for p in np.unique(pid[user]).tolist():
+            for p in sorted(set(pid[user].tolist())):
                 space = self._spaces.get(p)
                 if space is not None:
                     self._fill(space, addr, ns, user[pid[user] == p], mod)

@@ -19,7 +19,7 @@ from typing import IO
 
 from pooltrace.errors import OutputError, PooltraceError
 
-DATASET_FILES = ("allocations.parquet", "stacks.parquet", "modules.parquet", "trace.json")
+DATASET_FILES = ("allocations.parquet", "stacks.parquet", "modules.parquet", "summary.npz", "trace.json")
 TMP_PREFIX = ".pooltrace-tmp-"  # short: a long trace name must not make the temporary name too long
 NOT_OURS = "not a pooltrace dataset; choose a new or empty directory"
 

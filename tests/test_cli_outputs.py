@@ -81,7 +81,7 @@ def test_pair_into_the_current_empty_directory_and_again(trace, tmp_path):
         assert r.exit_code == 0, r.output
         assert r.stdout.startswith(f"{out}: ")  # the absolute path, not "."
     assert sorted(p.name for p in out.iterdir()) == ["allocations.parquet", "modules.parquet", "stacks.parquet",
-                                                     "trace.json"]
+                                                     "summary.npz", "trace.json"]
     assert json.loads((out / "trace.json").read_text())["source"]["path"] == str(trace.resolve())
 
 

@@ -108,7 +108,7 @@ def test_existing_dataset_is_replaced_atomically(tmp_path):
     (out / "notes.txt").write_text("mine")  # a user's file in a dataset directory is not pooltrace's to delete
     pair_trace(TRACES / "sample-leak.etl", out)
     assert sorted(p.name for p in out.iterdir()) == ["allocations.parquet", "modules.parquet", "notes.txt",
-                                                     "stacks.parquet", "trace.json"]
+                                                     "stacks.parquet", "summary.npz", "trace.json"]
     assert json.loads((out / "trace.json").read_text())["source"]["path"].endswith("sample-leak.etl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 

@@ -49,7 +49,7 @@ def test_layout_and_catalogue(store):
         CATALOGUE, "run_id=b1", "run_id=b2", "run_id=b3"])
     for k in (1, 2, 3):
         assert sorted(p.name for p in (store / f"run_id=b{k}").iterdir()) == [
-            "allocations.parquet", "modules.parquet", "stacks.parquet", "trace.json"]
+            "allocations.parquet", "modules.parquet", "stacks.parquet", "summary.npz", "trace.json"]
     rows = runs(store)
     assert [r["run_id"] for r in rows] == ["b1", "b2", "b3"]
     assert rows[0]["labels"] == {"build": "1231", "machine": "lab7"}

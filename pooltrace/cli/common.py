@@ -227,6 +227,8 @@ def size_option_value(_ctx, param, value):
 def tag_values(_ctx, _param, values):
     """Click callback: every --tag checked by the one pool-tag parser `whose` uses for its TAG (1 to 4
     single-byte characters, \\xNN escapes, ? and * wildcards)."""
+    if not values:  # no --tag: the parser's module (and pyarrow.compute) is not loaded
+        return values
     from pooltrace.owners import tag_slots
 
     for v in values:

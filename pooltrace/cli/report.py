@@ -182,7 +182,7 @@ def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_byt
     if top is None and fmt == "text":
         top = 20
     rep, render = api.analyze(ds, input_path, by=by, window=window, filters=filters, symbols=symbols,
-                              no_symbols=no_symbols, top=top, quiet=quiet, warn=warn, sort=sort)
+                              no_symbols=no_symbols, top=top, quiet=quiet, warn=warn, sort=sort, rows=list_blocks)
     win = rep.window
     blocks, hidden_blocks = _blocks(ds, rep, render, win) if list_blocks else (None, None)
     rep.notices = notices_of(ds, render)
