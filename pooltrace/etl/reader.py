@@ -76,20 +76,29 @@ class Batch:
     """Decoded events released together, each table sorted by (ts, cpu, seq). Table names: pool,
     stacks, key_refs, key_defs, image, process, thread, header_extension, kernel_base, ktc_image_id,
     ktc_rsds. A name is absent when the batch has no such event. Tables are Arrow, but for the
-    high-volume ones when the reader was asked for numpy Columns."""
+    high-volume ones when the reader was asked for numpy Columns; then the stacks table (stack parts, which
+    the joiner matches by owner and orders by seq itself) holds the right rows in no particular order."""
 
     tables: dict[str, pa.Table | Columns]
 
     def get(self, name: str) -> pa.Table | Columns | None:
         return self.tables.get(name)
 
+    def first_ts(self) -> int:
+        """The earliest timestamp in the batch."""
+        return min(_ts_span(t)[0] for t in self.tables.values())
+
     def last_ts(self) -> int:
         """The latest timestamp in the batch."""
-        return max(_ts_at(t, -1) for t in self.tables.values())
+        return max(_ts_span(t)[1] for t in self.tables.values())
 
 
-def _ts_at(t: pa.Table | Columns, i: int) -> int:
-    return int(t.cols["ts"][i]) if isinstance(t, Columns) else int(t["ts"][i].as_py())
+def _ts_span(t: pa.Table | Columns) -> tuple[int, int]:
+    """Earliest and latest timestamp of a released table (Arrow tables are in time order)."""
+    if isinstance(t, Columns):
+        ts = t.cols["ts"]
+        return int(ts.min()), int(ts.max())
+    return int(t["ts"][0].as_py()), int(t["ts"][-1].as_py())
 
 
 def _time_order(t: Columns) -> np.ndarray | None:
@@ -115,11 +124,13 @@ def _time_order(t: Columns) -> np.ndarray | None:
     return None if not (np.diff(order) < 0).any() else order
 
 
-def _split(parts: list, wm: int, everything: bool = False, arrow: bool = True):
+def _split(parts: list, wm: int, everything: bool = False, arrow: bool = True, ordered: bool = True):
     """Rows released at watermark `wm` (ts < wm, sorted by ts, cpu, seq) and the rest, also sorted. Numpy
-    Columns are released as Arrow unless `arrow` is False."""
+    Columns are released as Arrow unless `arrow` is False; they are not sorted unless `ordered`."""
     if isinstance(parts[0], Columns):
         t = Columns.concat(parts)
+        if not ordered:
+            return _cut(t, wm, everything)
         order = _time_order(t)
         if order is not None:
             t = t.take(order)
@@ -137,6 +148,19 @@ def _split(parts: list, wm: int, everything: bool = False, arrow: bool = True):
     now = t.filter(ready)
     rest = t.filter(pc.invert(ready))
     return (now.sort_by(SORT_KEYS) if now.num_rows else None), (rest if rest.num_rows else None)
+
+
+def _cut(t: Columns, wm: int, everything: bool) -> tuple[Columns | None, Columns | None]:
+    """Rows of t before `wm` and the others, each in t's order."""
+    if everything:
+        return t, None
+    early = t.cols["ts"] < wm
+    n = int(np.count_nonzero(early))
+    if n == len(t):
+        return t, None
+    if not n:
+        return None, t
+    return t.take(np.flatnonzero(early)), t.take(np.flatnonzero(~early))
 
 
 def _not_regular(mode: int) -> str | None:
@@ -279,20 +303,21 @@ class EtlReader:
             out = {}
             for name, parts in pending.items():
                 if parts:
-                    now, rest = _split(parts, wm, arrow=not columns)
+                    now, rest = _split(parts, wm, arrow=not columns, ordered=not columns or name != "stacks")
                     pending[name] = [rest] if rest is not None else []
                     if now is not None:
                         out[name] = now
             if out:
-                lo = min(_ts_at(t, 0) for t in out.values())
-                if lo < last_ts:
+                batch = Batch(out)
+                if batch.first_ts() < last_ts:
                     st.time_inversions += 1
-                last_ts = max(_ts_at(t, -1) for t in out.values())
-                yield Batch(out)
+                last_ts = batch.last_ts()
+                yield batch
         rest = {}
         for name, parts in pending.items():
             if parts:
-                now, _ = _split(parts, np.iinfo(np.int64).max, everything=True, arrow=not columns)
+                now, _ = _split(parts, np.iinfo(np.int64).max, everything=True, arrow=not columns,
+                                ordered=not columns or name != "stacks")
                 rest[name] = now
         if rest:
             yield Batch(rest)
