@@ -8,10 +8,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pooltrace import dataset
 from pooltrace.dataset import decode_jobs, pair_trace
+from pooltrace.etl.columns import Columns
 from pooltrace.etl.writer import TraceWriter
 from tests.conftest import ROOT
 
@@ -99,3 +101,93 @@ def test_a_script_without_main_guard_is_not_run_again_by_the_workers(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["paired"]
+
+
+def _plan(reader) -> list[tuple[list[int], int]]:
+    from pooltrace.etl.buffers import reading_order
+
+    order, watermark = reading_order(reader.index, skip=1)
+    plan, group, acc = [([0], 0)], [], 0
+    for k, b in enumerate(order.tolist()):
+        group.append(b)
+        acc += int(reader.index.filled[b])
+        if acc >= reader.chunk_bytes or k == len(order) - 1:
+            plan.append((group, int(watermark[k])))
+            group, acc = [], 0
+    return plan
+
+
+def _same_chunk(got, want) -> None:
+    assert got.counts == want.counts
+    assert set(got.tables) == set(want.tables)
+    for name, t in want.tables.items():
+        g = got.tables[name]
+        if isinstance(t, Columns):
+            assert set(g.cols) == set(t.cols) and set(g.valid) == set(t.valid)
+            for k in t.cols:
+                assert np.array_equal(g.cols[k], t.cols[k]) and g.cols[k].dtype == t.cols[k].dtype, (name, k)
+            for k in t.valid:
+                assert np.array_equal(g.valid[k], t.valid[k]), (name, k)
+            for k, (offsets, values) in t.lists.items():
+                assert np.array_equal(g.lists[k][0], offsets) and np.array_equal(g.lists[k][1], values)
+        else:
+            assert g.equals(t)
+    assert (got.digest is None) == (want.digest is None)
+    for k in ("h1", "h2", "offsets", "values") if want.digest is not None else ():
+        assert np.array_equal(getattr(got.digest, k), getattr(want.digest, k)), k
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_reused_blocks_are_never_written_while_the_reader_holds_their_arrays(tmp_path, monkeypatch, hold):
+    """The reader's shared-memory blocks are lent again only once every array made from them is freed: a
+    consumer that keeps every decoded chunk (hold) gets chunks in blocks of their own once the blocks run
+    out, one that drops them gets the same blocks again; either way every chunk equals its decoding in this
+    process, checked after all of them were decoded."""
+    from pooltrace.etl import parallel
+    from pooltrace.etl.chunks import decode_buffers
+    from pooltrace.etl.reader import EtlReader
+
+    reused = []
+    take = parallel._take
+    monkeypatch.setattr(parallel, "_take", lambda result, blocks=None: reused.append(result[1]) or
+                        take(result, blocks))
+    trace = _keyed_trace(tmp_path / "keys.etl")
+    with EtlReader(trace, chunk_bytes=16 << 10) as r:
+        plan = _plan(r)
+        assert len(plan) > 3 * (2 * parallel.AHEAD + parallel.SPARE_BLOCKS)
+        got = []
+        for dc in parallel.decode_in_workers(r, plan, 2, digest_stacks=True):
+            got.append(dc if hold else _copied(dc))
+            del dc
+        for (buffers, _wm), dc in zip(plan, got, strict=True):
+            _same_chunk(dc, decode_buffers(r.source, r.index, buffers, int(r.user_limit), True))
+    blocks = 2 * parallel.AHEAD + parallel.SPARE_BLOCKS
+    if hold:  # the first chunks took every block (a chunk without columns gives it back), later ones had their own
+        empty = sum(not any(isinstance(t, Columns) for t in dc.tables.values()) for dc in got)
+        assert empty < blocks and reused[:blocks] == [True] * blocks and reused.count(True) == blocks + empty
+    else:
+        assert all(reused)
+
+
+def _copied(dc):
+    from pooltrace.etl.chunks import DecodedChunk
+    from pooltrace.etl.fragments import Digest
+
+    tables = {n: Columns({k: v.copy() for k, v in t.cols.items()}, {k: v.copy() for k, v in t.valid.items()},
+                         {k: (o.copy(), v.copy()) for k, (o, v) in t.lists.items()}) if isinstance(t, Columns) else t
+              for n, t in dc.tables.items()}
+    d = dc.digest
+    return DecodedChunk(tables, dc.counts, d and Digest(d.h1.copy(), d.h2.copy(), d.offsets.copy(), d.values.copy(),
+                                                        inverse=None))
+
+
+def test_chunks_whose_columns_do_not_fit_a_block_get_their_own(tmp_path, monkeypatch, small_chunks):
+    from pooltrace.etl import parallel
+
+    reused = []  # (in a reader's block, with columns) per chunk
+    take = parallel._take
+    monkeypatch.setattr(parallel, "_take", lambda result, blocks=None: reused.append((result[1], bool(result[2])))
+                        or take(result, blocks))
+    monkeypatch.setattr(parallel, "block_size", lambda chunk_bytes: 64)
+    _assert_identical(_pair_all(_keyed_trace(tmp_path / "keys.etl"), tmp_path, (1, 2)))
+    assert len(reused) > 3 and (False, True) in reused and (True, True) not in reused

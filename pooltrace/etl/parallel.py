@@ -6,6 +6,12 @@ shared-memory block; only a small manifest (names, dtypes, offsets) and the rare
 rows) travel through the pipe, so nothing is pickled per record. The reader takes the results in
 chunk order, so its batches, statistics and warnings are the same for any number of workers.
 
+The blocks are made once by the reader and reused (Blocks): each process maps a block once, so its pages
+are allocated and faulted in once, not for every chunk. The reader's arrays are views of the block (no
+copy); it goes back to the free list when the last of them is freed. When no block is free (the reader
+still holds columns of earlier chunks) or a chunk's columns do not fit, the worker makes a block for that
+chunk alone, which the reader unlinks at once and unmaps with the arrays.
+
 At most two chunks per worker are decoded ahead of the reader: memory stays bounded when the reader
 (stack attachment, pairing, writing) is slower than the decoders.
 """
@@ -13,10 +19,12 @@ At most two chunks per worker are decoded ahead of the reader: memory stays boun
 from __future__ import annotations
 
 import contextlib
+import mmap
 import multiprocessing as mp
 import os
 import sys
 import types
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +38,7 @@ from pooltrace.etl.columns import Columns
 from pooltrace.etl.fragments import Digest
 
 AHEAD = 2  # chunks in flight per worker
+SPARE_BLOCKS = 2  # reusable blocks beyond one per chunk in flight: the reader may still hold a chunk or two
 
 _worker: dict = {}
 
@@ -69,7 +78,10 @@ def _arrays(dc: DecodedChunk):
             yield ("", "digest", k, 0), getattr(dc.digest, k)
 
 
-def _work(buffers: list[int], digest_stacks: bool):
+def _work(buffers: list[int], digest_stacks: bool, block: str | None = None):
+    """Decode a chunk and write its columns into the reader's block `block` (mapped once per worker), or,
+    with None or when they do not fit, into a block made for this chunk. Returns (block name, whether it is
+    the reader's, manifest, rare tables, table shapes, counts)."""
     dc = decode_buffers(_worker["source"], _worker["index"], buffers, _worker["user_limit"], digest_stacks)
     manifest, total, arrays = [], 0, []
     for place, arr in _arrays(dc):
@@ -77,37 +89,96 @@ def _work(buffers: list[int], digest_stacks: bool):
         manifest.append((place, arr.dtype.str, arr.shape, total))
         arrays.append(arr)
         total += (arr.nbytes + 7) & ~7
-    shm = shared_memory.SharedMemory(create=True, size=max(total, 8))
+    mapped = _worker.setdefault("blocks", {})
+    shm = None
+    if block is not None:
+        shm = mapped.get(block)
+        if shm is None:
+            shm = mapped[block] = shared_memory.SharedMemory(name=block)
+        if shm.size < total:
+            shm = None
+    reused = shm is not None
+    if shm is None:
+        shm = shared_memory.SharedMemory(create=True, size=max(total, 8))
     try:
         for (_p, _d, _s, off), arr in zip(manifest, arrays, strict=True):
             shm.buf[off:off + arr.nbytes] = arr.reshape(-1).view(np.uint8)
         name = shm.name
     finally:
-        shm.close()
+        if not reused:
+            shm.close()
     # everything but the numpy columns (rare-event Arrow tables, counts, warnings) goes by pickle
     rest = {n: t for n, t in dc.tables.items() if not isinstance(t, Columns)}
     shapes = {n: (list(t.cols), list(t.valid), list(t.lists)) for n, t in dc.tables.items() if isinstance(t, Columns)}
-    return name, manifest, rest, shapes, dc.counts
+    return name, reused, manifest, rest, shapes, dc.counts
 
 
-def _take(result) -> DecodedChunk:
-    """Rebuild a decoded chunk from a worker's shared-memory block. The block's name is removed at once;
-    the arrays are views of its mapping, which lives as long as they do (no copy). Where the mapping
-    cannot be handed to the arrays (SharedMemory without its usual attributes), they are copied out."""
-    name, manifest, rest, shapes, counts = result
-    shm = shared_memory.SharedMemory(name=name)
-    try:
-        mapping = _detach(shm)
-        whole = memoryview(mapping) if mapping is not None else shm.buf
-        got = {}
-        for place, dtype, shape, off in manifest:
-            dt = np.dtype(dtype)
-            n = int(np.prod(shape)) if shape else 1
-            arr = np.frombuffer(whole, dtype=dt, count=n, offset=off).reshape(shape)
-            got[place] = arr if mapping is not None else arr.copy()
-    finally:
-        shm.close()
-        shm.unlink()
+class Blocks:
+    """The reader's reusable shared-memory blocks: `count` blocks of `size` bytes, each free or lent to the
+    arrays of one decoded chunk. A block is free again when the last array made from it is freed. Where
+    SharedMemory cannot hand its mapping over (_detach), there are none: every chunk gets its own block."""
+
+    def __init__(self, count: int, size: int):
+        self.size = size
+        self.blocks: dict[str, tuple[shared_memory.SharedMemory, mmap.mmap]] = {}
+        self.free: deque[str] = deque()
+        for _ in range(count):
+            shm = shared_memory.SharedMemory(create=True, size=size)
+            mapping = _detach(shm)
+            if mapping is None:
+                shm.close()
+                shm.unlink()
+                break
+            self.blocks[shm.name] = (shm, mapping)
+            self.free.append(shm.name)
+
+    def lend(self) -> str | None:
+        """A free block's name, taken off the free list; None when every block is lent."""
+        return self.free.popleft() if self.free else None
+
+    def view(self, name: str, total: int) -> np.ndarray:
+        """The first `total` bytes of a lent block as one array; the block is free again once that array and
+        every view made from it are freed."""
+        whole = np.frombuffer(self.blocks[name][1], dtype=np.uint8, count=total)
+        weakref.finalize(whole, self.free.append, name)
+        return whole
+
+    def give_back(self, name: str) -> None:
+        """A lent block that the worker did not use (the chunk's columns did not fit)."""
+        self.free.append(name)
+
+    def close(self) -> None:
+        """Unlink every block and unmap those no array uses any more (the others are unmapped with their
+        last array)."""
+        for shm, mapping in self.blocks.values():
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+            shm.close()  # its file descriptor; the mapping is ours
+            with contextlib.suppress(BufferError):  # arrays still use it: unmapped when they are freed
+                mapping.close()
+        self.blocks.clear()
+        self.free.clear()
+
+
+def _take(result, blocks: Blocks | None = None) -> DecodedChunk:
+    """Rebuild a decoded chunk from a worker's shared-memory block, without copying: the arrays are views
+    of a reader's block (free again when they are all freed), or of a block made for this chunk, whose name
+    is removed at once and whose mapping lives as long as they do. Where that mapping cannot be handed to
+    the arrays (SharedMemory without its usual attributes), they are copied out."""
+    name, reused, manifest, rest, shapes, counts = result
+    total = max((off + (int(np.prod(shape)) if shape else 1) * np.dtype(dtype).itemsize
+                 for _p, dtype, shape, off in manifest), default=0)
+    if reused:
+        got = _views(blocks.view(name, total), manifest, copy=False)
+    else:
+        shm = shared_memory.SharedMemory(name=name)
+        try:
+            mapping = _detach(shm)
+            whole = memoryview(mapping) if mapping is not None else shm.buf
+            got = _views(np.frombuffer(whole, dtype=np.uint8, count=total), manifest, copy=mapping is None)
+        finally:
+            shm.close()
+            shm.unlink()
     tables: dict = {}
     for tname, (cols, valid, lists) in shapes.items():
         tables[tname] = Columns({k: got[(tname, "cols", k, 0)] for k in cols},
@@ -118,6 +189,16 @@ def _take(result) -> DecodedChunk:
     if ("", "digest", "h1", 0) in got:
         dig = Digest(*(got[("", "digest", k, 0)] for k in ("h1", "h2", "offsets", "values")), inverse=None)
     return DecodedChunk(tables, counts, dig)
+
+
+def _views(whole: np.ndarray, manifest: list, copy: bool) -> dict:
+    got = {}
+    for place, dtype, shape, off in manifest:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) if shape else 1
+        arr = whole[off:off + n * dt.itemsize].view(dt).reshape(shape)
+        got[place] = arr.copy() if copy else arr
+    return got
 
 
 def _detach(shm: shared_memory.SharedMemory):
@@ -170,28 +251,49 @@ def decode_in_workers(reader, plan: list[tuple[list[int], int]], jobs: int, dige
                       ) -> Iterator[DecodedChunk]:
     """Decoded chunks of `plan`, in plan order, decoded by `jobs` worker processes."""
     src = reader.source
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_init,
-                             initargs=(str(reader.path), reader.index, src.max_area, int(reader.user_limit))) as ex:
-        todo = iter(plan)
-        inflight: deque = deque()
+    blocks = Blocks(jobs * AHEAD + SPARE_BLOCKS, block_size(reader.chunk_bytes))
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_init,
+                                 initargs=(str(reader.path), reader.index, src.max_area,
+                                           int(reader.user_limit))) as ex:
+            yield from _run(ex, blocks, plan, jobs, digest_stacks)
+    finally:
+        blocks.close()
 
-        def submit() -> None:
-            for buffers, _wm in todo:
-                with _caller_script_hidden():  # the first submissions start the workers
-                    inflight.append(ex.submit(_work, buffers, digest_stacks))
-                if len(inflight) >= jobs * AHEAD:
-                    return
 
-        submit()
-        try:
-            while inflight:
-                result = inflight.popleft().result()
-                submit()
-                yield _take(result)
-        finally:
-            for f in inflight:  # stopped early (an error, or the consumer stopped): drop what is queued
-                f.cancel()
-            for f in inflight:
-                if not f.cancelled():
-                    with contextlib.suppress(Exception):  # only freeing shared memory here
-                        _take(f.result())
+def block_size(chunk_bytes: int) -> int:
+    """Bytes of a reusable block: a chunk's columns are smaller than its records (a pool trace's are about
+    half); a chunk whose columns do not fit gets a block of its own."""
+    return chunk_bytes + (chunk_bytes >> 1)
+
+
+def _run(ex: ProcessPoolExecutor, blocks: Blocks, plan: list[tuple[list[int], int]], jobs: int,
+         digest_stacks: bool) -> Iterator[DecodedChunk]:
+    todo = iter(plan)
+    inflight: deque = deque()  # (future, the block lent to it)
+
+    def submit() -> None:
+        for buffers, _wm in todo:
+            block = blocks.lend()
+            with _caller_script_hidden():  # the first submissions start the workers
+                inflight.append((ex.submit(_work, buffers, digest_stacks, block), block))
+            if len(inflight) >= jobs * AHEAD:
+                return
+
+    submit()
+    try:
+        while inflight:
+            future, block = inflight.popleft()
+            result = future.result()
+            if block is not None and not result[1]:
+                blocks.give_back(block)  # the worker made a block of its own (the columns did not fit)
+            dc = _take(result, blocks)
+            submit()
+            yield dc
+    finally:
+        for f, _block in inflight:  # stopped early (an error, or the consumer stopped): drop what is queued
+            f.cancel()
+        for f, _block in inflight:
+            if not f.cancelled():
+                with contextlib.suppress(Exception):  # only freeing shared memory here
+                    _take(f.result(), blocks)
