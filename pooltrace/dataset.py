@@ -158,13 +158,14 @@ class _RowWriter:
         kind = c["kind"]
         fate = pa.DictionaryArray.from_arrays(pa.array(kind.astype(np.int8)), pa.array([FATES[k] for k in range(4)]))
         table = pa.Table.from_arrays([
-            tag_arr.cast(pa.string()), pa.array(c["pool_type"].astype(np.uint32)),
+            tag_arr.cast(pa.string()), pa.array(c["pool_type"].astype(np.uint32, copy=False)),
             pa.array((c["pool_type"] & 1).astype(bool)), pa.array(session),
-            pa.array(c["session_id"].astype(np.uint32), mask=~session), pa.array(c["size"].astype(np.uint64)),
-            pa.array(c["address"].astype(np.uint64)), pa.array(alloc_ns.astype(np.int64), mask=~alloc_known),
-            pa.array(free_ns.astype(np.int64), mask=~free_known), fate,
-            pa.array(c["pid"].astype(np.uint32)), pa.array(c["tid"].astype(np.uint32)),
-            pa.array(c["cpu"].astype(np.uint16)), pa.array(c["alloc_stack"], mask=~has_stack),
+            pa.array(c["session_id"].astype(np.uint32, copy=False), mask=~session),
+            pa.array(c["size"].astype(np.uint64, copy=False)), pa.array(c["address"].astype(np.uint64, copy=False)),
+            pa.array(alloc_ns.astype(np.int64, copy=False), mask=~alloc_known),
+            pa.array(free_ns.astype(np.int64, copy=False), mask=~free_known), fate,
+            pa.array(c["pid"].astype(np.uint32, copy=False)), pa.array(c["tid"].astype(np.uint32, copy=False)),
+            pa.array(c["cpu"].astype(np.uint16, copy=False)), pa.array(c["alloc_stack"], mask=~has_stack),
             pa.array(c["free_stack"], mask=c["free_stack"] == NO_STACK),
         ], schema=ALLOCATIONS_SCHEMA)
         self.writer.write_table(table)

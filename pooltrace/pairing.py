@@ -72,10 +72,59 @@ def _empty_rows() -> Columns:
 
 @dataclass
 class _Open:
-    """Open allocations of one namespace, sorted by address."""
+    """Open allocations of one namespace, sorted by address, and where their attributes are in the store."""
 
     address: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
-    rows: Columns | None = None  # alloc attributes, same order
+    row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # row in the _Store
+
+
+class _Store:
+    """The allocation attributes (ALLOC_FIELDS) of open allocations, appended as they open and found by row
+    number, so that a batch moves the open set's addresses and row numbers only, not every attribute.
+    Rows of closed allocations are dropped when the store holds `ratio` times the open ones (compact)."""
+
+    min_rows = 1 << 16  # never compacted below this size
+    ratio = 4
+
+    def __init__(self) -> None:
+        self.cols: dict[str, np.ndarray] = {}
+        self.n = 0
+
+    def append(self, ev: PoolEvents, events: np.ndarray) -> np.ndarray:
+        """Store the attributes of `events` (indices into ev); returns their row numbers."""
+        k = len(events)
+        if not k:
+            return np.zeros(0, dtype=np.int64)
+        if self.n + k > self.capacity:
+            grown = max(2 * self.capacity, self.n + k, 1 << 12)
+            for name, field_ in _FROM_ALLOC.items():
+                old = self.cols.get(name)
+                col = np.empty(grown, dtype=getattr(ev, field_).dtype)
+                if old is not None:
+                    col[:self.n] = old[:self.n]
+                self.cols[name] = col
+        for name, field_ in _FROM_ALLOC.items():
+            self.cols[name][self.n:self.n + k] = getattr(ev, field_)[events]
+        self.n += k
+        return np.arange(self.n - k, self.n, dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.cols["alloc_ts"]) if self.cols else 0
+
+    def compact(self, opens: list[_Open]) -> None:
+        """Keep only the rows of `opens` (renumbered in place)."""
+        live = sum(len(o.row) for o in opens)
+        if self.n < self.min_rows or self.n < self.ratio * live:
+            return
+        rows = np.concatenate([o.row for o in opens]) if opens else np.zeros(0, dtype=np.int64)
+        self.cols = {name: np.concatenate([col[rows], np.empty(live, dtype=col.dtype)])
+                     for name, col in self.cols.items()}
+        self.n = live
+        at = 0
+        for o in opens:
+            o.row = np.arange(at, at + len(o.row), dtype=np.int64)
+            at += len(o.row)
 
 
 def _key_order(addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +160,7 @@ class Pairer:
     def __init__(self) -> None:
         self.stats = PairStats()
         self._open: dict[int, _Open] = {}
+        self._store = _Store()
 
     def open_count(self) -> int:
         return sum(len(o.address) for o in self._open.values())
@@ -128,6 +178,7 @@ class Pairer:
             out = [self._feed_namespace(int(ns_all[0]), ev, None)]
         else:
             out = [self._feed_namespace(ns, ev, np.flatnonzero(ns_all == ns)) for ns in np.unique(ns_all).tolist()]
+        self._store.compact(list(self._open.values()))
         out = [o for o in out if len(o)]
         return Columns.concat(out) if out else _empty_rows()
 
@@ -160,8 +211,8 @@ class Pairer:
         self.stats.freed += n_freed
         self.stats.lost_free += len(k_old) + len(k_new) - n_freed
         self.stats.free_without_alloc += len(k_fwa)
-        rows = self._rows(st, ev, pos[k_old], idx[k_new - 1], idx[np.concatenate([k_old, k_new])], is_alloc[
-            np.concatenate([k_old, k_new])], idx[k_fwa])
+        rows = self._rows(self._store, st.row[pos[k_old]], ev, idx[k_new - 1],
+                          idx[np.concatenate([k_old, k_new])], is_alloc[np.concatenate([k_old, k_new])], idx[k_fwa])
         # --- new open set: old keys not touched, plus keys whose last event is an allocation (no key is in both)
         touched = np.zeros(len(st.address), dtype=bool)
         touched[pos[from_old]] = True
@@ -170,27 +221,21 @@ class Pairer:
         old_addr = st.address[keep]
         at_new, is_new = _merged(old_addr, ev.address[live])
         address = np.empty(len(is_new), dtype=np.uint64)
-        address[is_new] = ev.address[live]
+        address[at_new] = ev.address[live]
         address[~is_new] = old_addr
-        cols = {}
-        for name, field_ in _FROM_ALLOC.items():
-            src = getattr(ev, field_)
-            col = np.empty(len(is_new), dtype=src.dtype)
-            col[at_new] = src[live]
-            if st.rows is not None:
-                col[~is_new] = st.rows.cols[name][keep]
-            cols[name] = col
-        st.address = address
-        st.rows = Columns(cols)
+        row = np.empty(len(is_new), dtype=np.int64)
+        row[at_new] = self._store.append(ev, live)
+        row[~is_new] = st.row[keep]
+        st.address, st.row = address, row
         return rows
 
     @staticmethod
-    def _rows(st: _Open, ev: PoolEvents, old_at: np.ndarray, new_from: np.ndarray, closer: np.ndarray,
+    def _rows(store: _Store, old_rows: np.ndarray, ev: PoolEvents, new_from: np.ndarray, closer: np.ndarray,
               closer_alloc: np.ndarray, fwa: np.ndarray) -> Columns:
-        """The closed rows, in this order: open allocations of earlier batches (at `old_at` in the open set),
+        """The closed rows, in this order: open allocations of earlier batches (`old_rows` of the store),
         allocations of this batch (events `new_from`) — each closed by its event in `closer` — then frees
         without an allocation (events `fwa`)."""
-        n1, n2, n3 = len(old_at), len(new_from), len(fwa)
+        n1, n2, n3 = len(old_rows), len(new_from), len(fwa)
         n = n1 + n2 + n3
         if not n:
             return _empty_rows()
@@ -199,7 +244,7 @@ class Pairer:
             src = getattr(ev, field_)
             col = np.empty(n, dtype=src.dtype)
             if n1:
-                col[:n1] = st.rows.cols[name][old_at]
+                col[:n1] = store.cols[name][old_rows]
             col[n1:n1 + n2] = src[new_from]
             if name == "alloc_ts":
                 col[n1 + n2:] = NO_TS
@@ -224,8 +269,8 @@ class Pairer:
         """The allocations still open: outstanding at the end of the trace."""
         out = []
         for st in self._open.values():
-            if st.rows is not None and len(st.address):
-                cols = dict(st.rows.cols)
+            if len(st.address):
+                cols = {name: col[st.row] for name, col in self._store.cols.items()}
                 n = len(st.address)
                 cols["free_ts"] = np.full(n, NO_TS, dtype=np.int64)
                 cols["free_stack"] = np.full(n, NO_STACK, dtype=cols["alloc_stack"].dtype)
@@ -235,4 +280,5 @@ class Pairer:
                 self.stats.outstanding += n
                 self.stats.outstanding_bytes += int(cols["size"].sum())
         self._open.clear()
+        self._store = _Store()
         return Columns.concat(out) if out else _empty_rows()

@@ -188,8 +188,21 @@ def reference_in_order(evs, bounds):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(event, max_size=60), st.lists(st.integers(0, 60), max_size=4))
-def test_rows_come_in_the_documented_order(evs, cuts):
+@given(st.lists(event, max_size=60), st.lists(st.integers(0, 60), max_size=6), st.booleans())
+def test_rows_come_in_the_documented_order(evs, cuts, compact_often):
+    """Also with the attribute store of open allocations compacted after every batch."""
+    from pooltrace.pairing import _Store
+
+    saved = _Store.min_rows, _Store.ratio
+    if compact_often:
+        _Store.min_rows, _Store.ratio = 0, 1
+    try:
+        _check_documented_order(evs, cuts)
+    finally:
+        _Store.min_rows, _Store.ratio = saved
+
+
+def _check_documented_order(evs, cuts):
     bounds = [0, *sorted({c % (len(evs) + 1) for c in cuts}), len(evs)]
     p = Pairer()
     got = [p.feed(make_events(evs[lo:hi], ts0=lo)) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]

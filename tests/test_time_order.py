@@ -34,3 +34,23 @@ def test_time_order_is_the_three_key_sort(left, r, seq_order, huge_ts, rnd):
     got = _time_order(t)
     got = np.arange(len(t)) if got is None else got
     assert np.array_equal(got, want)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([1_000, 3_579_545, 10_000_000, 14_318_180, 1_000_000_000, 2_500_000_000, 25_000_000]),
+       st.lists(st.integers(-(1 << 62), 1 << 62), max_size=20), st.integers(0, 1 << 60))
+def test_ticks_to_ns_shortcut_is_the_division(freq, ticks, start):
+    """Frequencies that divide 1e9 (10 MHz: 100 ns per tick) multiply instead of dividing: the same values,
+    wrap-around included, as the exact division formula."""
+    import dataclasses
+
+    from pooltrace.etl.reader import EtlReader
+    from tests.conftest import ROOT
+
+    with EtlReader(ROOT / "traces" / "sample-leak.etl") as r:
+        h = dataclasses.replace(r.header, clock_type=1, perf_freq=freq, start_ticks=start)
+    t = np.array(ticks, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        q, rem = np.divmod(t - np.int64(start), np.int64(freq))
+        want = q * np.int64(1_000_000_000) + (rem * np.int64(1_000_000_000)) // np.int64(freq)
+    assert np.array_equal(h.ticks_to_ns(t), want)

@@ -119,6 +119,8 @@ class LogfileHeader:
             raise ValueError(f"cannot convert timestamps: clock type {self.clock_type}, frequency unknown")
         if isinstance(ticks, np.ndarray):
             delta = ticks.astype(np.int64) - np.int64(self.start_ticks)
+            if 1_000_000_000 % freq == 0:  # a whole number of ns per tick (10 MHz: 100): the same, no division
+                return delta * np.int64(1_000_000_000 // freq)
             q, r = np.divmod(delta, np.int64(freq))
             return q * np.int64(1_000_000_000) + (r * np.int64(1_000_000_000)) // np.int64(freq)
         q, r = divmod(int(ticks) - self.start_ticks, freq)
