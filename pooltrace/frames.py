@@ -5,6 +5,8 @@ call site of a stack (its first frame outside the pool allocator).
 
 from __future__ import annotations
 
+from itertools import compress
+
 import numpy as np
 
 from pooltrace.datasetopen import Dataset
@@ -18,6 +20,9 @@ class FrameRenderer:
         self.ds = ds
         self.map = ModuleMap(ds.modules, ds.trace.get("pointer_size", 8))
         self.sym = symbolizer
+        # a disabled symbolizer (--no-symbols) resolves nothing: it is not asked (its status lists "disabled"
+        # modules, which no notice shows)
+        self._lookup = symbolizer is not None and getattr(symbolizer, "enabled", True)
         self._cache: dict[int, tuple[list[str], list[int]]] = {}
         self.rvas: dict[str, int] = {}  # frame text -> module-relative address (frames inside a module)
         self._lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # stacks: valid, offsets, values
@@ -32,7 +37,7 @@ class FrameRenderer:
         addrs = self._addresses(stack_id)
         mod, rva = self.map.locate(addrs, pid, ns)
         syms = None
-        if self.sym is not None and len(addrs):
+        if self._lookup and len(addrs):
             ret = np.ones(len(addrs), dtype=bool)
             ret[0] = False  # frame 0 is the instruction pointer; the others are return addresses
             syms = self.sym.lookup(mod, rva, return_address=ret)
@@ -70,17 +75,17 @@ class FrameRenderer:
         mods, rvas, alist = mod.tolist(), rva.tolist(), addrs.tolist()
         names = self.map.names
         spans = list(zip(todo, (ends - lens).tolist(), ends.tolist(), strict=True))
-        syms_of = self._symbols(spans, mods, mod, rva) if self.sym is not None else {}
+        syms_of = self._symbols(spans, mods, mod, rva) if self._lookup else {}
+        per_frame = [None] * len(mods)  # each frame's symbol (or None)
         for sid, a, b in spans:
             syms = syms_of.get(sid)
-            texts = []
-            for k in range(a, b):
-                m, r = mods[k], rvas[k]
-                name = names[m] if m != NONE else None
-                texts.append(frame_text(name, r, alist[k], syms[k - a] if syms else None))
-                if name is not None:
-                    self.rvas[texts[-1]] = r
-            self._cache[sid] = (texts, mods[a:b])
+            if syms:
+                per_frame[a:b] = syms
+        in_module = [m != NONE for m in mods]
+        texts = list(map(frame_text, [names[m] if m != NONE else None for m in mods], rvas, alist, per_frame))
+        self.rvas.update(zip(compress(texts, in_module), compress(rvas, in_module), strict=True))  # frame order
+        for sid, a, b in spans:
+            self._cache[sid] = (texts[a:b], mods[a:b])
 
     def _symbols(self, spans: list[tuple[int, int, int]], mods: list[int], mod: np.ndarray,
                  rva: np.ndarray) -> dict[int, list]:

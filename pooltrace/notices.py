@@ -81,7 +81,7 @@ def unmatched_modules(names: list[str], modules: list[str]) -> list[str]:
 
 def unmatched_filters(datasets: list[Dataset], f: Filters) -> list[str]:
     """Filters that match nothing in any of `datasets` (a tag gone from one side of a diff is fine)."""
-    tags = sorted({t for ds in datasets for t in ds.tags})
+    tags = sorted({t for ds in datasets for t in ds.tags}) if f.tags else []  # the tag column: only when asked
     mods: set[str] = set()
     for ds in datasets:
         if ds.modules.num_rows:

@@ -20,6 +20,7 @@ import hashlib
 import os
 import zipfile
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,19 @@ class _Stale(Exception):
 
 
 def _read(ds: Dataset, path: Path) -> Summary:
+    with ThreadPoolExecutor(1, thread_name_prefix="pooltrace-crc") as pool:  # read while the summary is checked
+        identity = pool.submit(_identity, ds.path / "allocations.parquet")
+        return _checked(ds, path, identity)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        return allocations_identity(path)
+    except OSError:  # the rows' reader will say why
+        return None
+
+
+def _checked(ds: Dataset, path: Path, identity: Future) -> Summary:
     with np.load(path, allow_pickle=False) as z:
         names = set(z.files)
         want = set(ARRAYS) | {"digest"}
@@ -154,7 +168,7 @@ def _read(ds: Dataset, path: Path) -> Summary:
     if int(a["version"][0]) != VERSION:
         raise _Stale  # written by another version: not this one's to read
     size, crc, rows = a["allocations"].tolist()
-    if (size, crc) != allocations_identity(ds.path / "allocations.parquet") or rows != ds.n:
+    if identity.result() != (size, crc) or rows != ds.n:
         raise _Stale
     stacks = int(a["stacks"][0])
     if stacks != len(ds.stacks):

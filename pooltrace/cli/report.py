@@ -25,8 +25,7 @@ from pooltrace.cli.common import (
 from pooltrace.datasetopen import NULL_NS, open_input
 from pooltrace.errors import PooltraceError
 from pooltrace.notices import Hidden, missing_symbols, pool_verdict, trace_warnings, unmatched_filters
-from pooltrace.reporters import structured, text
-from pooltrace.reporters.text import _site
+from pooltrace.reporters import structured
 
 FORMATS = ("text", "json", "csv", "folded", "pprof", "html")
 LIST_FORMATS = ("text", "json")
@@ -194,6 +193,8 @@ def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_byt
         if rep.notices["symbols"]:
             click.echo(f"note: {rep.notices['symbols']}", err=True)
     if fmt == "text":
+        from pooltrace.reporters import text  # rich: loaded by the formats that draw with it
+
         render_text(lambda con: text.render(rep, con, blocks, hidden_blocks), output)
         return
     if fmt == "pprof":
@@ -222,6 +223,8 @@ def report(input_path: Path, by: str, window, tags, pool, pids, modules, min_byt
 def _blocks(ds, rep, render, win) -> tuple[list[dict], Hidden]:
     """The outstanding blocks of the shown groups, in the report's group order, largest first within a
     group; at most LIST_LIMIT, with what is left out counted."""
+    from pooltrace.reporters.text import _site
+
     r = ds.rows
     rows = rep.rows
     rank = np.full(len(rows), len(rep.groups), dtype=np.int64)
