@@ -1,10 +1,19 @@
 """Reader throughput and memory on a generated x64 pool trace with stacks.
 
     python benchmarks/bench_reader.py [--events 1000000] [--compressed] [--keep] [--trace FILE] [--jobs N]
+                                      [--stage reader|decode]
 
 Generates the classic-leak scenario scaled to about --events records (pool alloc/free + stacks + rundown),
-then, in a fresh subprocess, reads it with EtlReader (every buffer decoded into typed tables, in time
-order) and reports records/s and peak RSS. Not a test: run it by hand and quote the figures.
+then, in a fresh subprocess, reads it and reports records/s and peak RSS. Not a test: run it by hand and
+quote the figures.
+
+--stage reader (default): EtlReader.batches — every buffer decoded into typed tables, stack frames digested,
+and the rows merged into time order in the reading process — from opening the trace to its last batch.
+--stage decode: the decode stage alone, as pair runs it — every chunk of buffers read, decoded and its stack
+frames digested (chunks.decode_buffers), in this process with --jobs 1 or in N worker processes started the
+way pair starts them (parallel.start_early, then decode_in_workers) and handed back — from opening the trace
+to the last decoded chunk received; no time merge. The peak RSS is the reading process's (decode workers
+are separate processes).
 """
 
 from __future__ import annotations
@@ -42,6 +51,35 @@ print(json.dumps({"seconds": t, "records": records, "rows": rows, "peak_rss_mb":
 """
 
 
+STAGE = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from pooltrace.arrowprobe import skip_pandas_probe
+skip_pandas_probe()  # as the CLI does: pyarrow's first conversion would import pandas
+t0 = time.perf_counter()
+jobs = int(sys.argv[4])
+if jobs > 1:
+    from pooltrace.etl.parallel import decode_in_workers, start_early
+    start_early()  # as pair does: the workers' server loads while the buffer index is read
+from pooltrace.etl.chunks import decode_buffers, plan_chunks
+from pooltrace.etl.reader import EtlReader
+with EtlReader(sys.argv[1], chunk_bytes=int(sys.argv[3]) << 20) as r:
+    plan = plan_chunks(r.index, r.chunk_bytes)
+    if jobs > 1:
+        chunks = decode_in_workers(r, plan, jobs, digest_stacks=True)
+    else:
+        chunks = (decode_buffers(r.source, r.index, b, int(r.user_limit), True) for b, _wm in plan)
+    records, rows = 0, {}
+    for dc in chunks:
+        records += dc.counts.records
+        for n, t in dc.tables.items():
+            rows[n] = rows.get(n, 0) + len(t)
+t = time.perf_counter() - t0
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"seconds": t, "records": records, "rows": rows, "peak_rss_mb": int(hwm) / 1024}))
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=1_000_000)
@@ -51,6 +89,8 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=int, default=4, help="reader chunk size")
     ap.add_argument("--trace", help="read this trace instead of generating one")
     ap.add_argument("--jobs", type=int, default=1, help="decode processes (as pair --jobs)")
+    ap.add_argument("--stage", choices=["reader", "decode"], default="reader",
+                    help="reader: decode and time merge (EtlReader.batches); decode: the decode stage alone")
     args = ap.parse_args()
     from pooltrace.synthetic import classic_leak
 
@@ -72,12 +112,13 @@ def main() -> None:
         print(f"generated {truth.records:,} records, {size / 1e6:.1f} MB in {gen:.1f} s -> {path}")
     runs = []
     for _ in range(args.repeat):
-        res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(ROOT), str(args.chunk_mb), str(args.jobs)],
+        child = CHILD if args.stage == "reader" else STAGE
+        res = subprocess.run([sys.executable, "-c", child, str(path), str(ROOT), str(args.chunk_mb), str(args.jobs)],
                              capture_output=True, text=True, check=True)
         runs.append(json.loads(res.stdout))
     runs.sort(key=lambda r: r["seconds"])
     best = runs[len(runs) // 2]  # the median run
-    print(f"reader (--jobs {args.jobs}, median of {len(runs)}): {best['records']:,} records in "
+    print(f"{args.stage} (--jobs {args.jobs}, median of {len(runs)}): {best['records']:,} records in "
           f"{best['seconds']:.2f} s = "
           f"{best['records'] / best['seconds'] / 1e6:.2f} M records/s "
           f"({size / best['seconds'] / 1e6:.0f} MB/s); peak RSS {best['peak_rss_mb']:.0f} MB; rows {best['rows']}")

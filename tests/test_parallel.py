@@ -103,20 +103,6 @@ def test_a_script_without_main_guard_is_not_run_again_by_the_workers(tmp_path):
     assert out.stdout.split() == ["paired"]
 
 
-def _plan(reader) -> list[tuple[list[int], int]]:
-    from pooltrace.etl.buffers import reading_order
-
-    order, watermark = reading_order(reader.index, skip=1)
-    plan, group, acc = [([0], 0)], [], 0
-    for k, b in enumerate(order.tolist()):
-        group.append(b)
-        acc += int(reader.index.filled[b])
-        if acc >= reader.chunk_bytes or k == len(order) - 1:
-            plan.append((group, int(watermark[k])))
-            group, acc = [], 0
-    return plan
-
-
 def _same_chunk(got, want) -> None:
     assert got.counts == want.counts
     assert set(got.tables) == set(want.tables)
@@ -144,7 +130,7 @@ def test_reused_blocks_are_never_written_while_the_reader_holds_their_arrays(tmp
     out, one that drops them gets the same blocks again; either way every chunk equals its decoding in this
     process, checked after all of them were decoded."""
     from pooltrace.etl import parallel
-    from pooltrace.etl.chunks import decode_buffers
+    from pooltrace.etl.chunks import decode_buffers, plan_chunks
     from pooltrace.etl.reader import EtlReader
 
     reused = []
@@ -153,7 +139,7 @@ def test_reused_blocks_are_never_written_while_the_reader_holds_their_arrays(tmp
                         take(result, blocks))
     trace = _keyed_trace(tmp_path / "keys.etl")
     with EtlReader(trace, chunk_bytes=16 << 10) as r:
-        plan = _plan(r)
+        plan = plan_chunks(r.index, r.chunk_bytes)
         assert len(plan) > 3 * (2 * parallel.AHEAD + parallel.SPARE_BLOCKS)
         got = []
         for dc in parallel.decode_in_workers(r, plan, 2, digest_stacks=True):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pooltrace.etl.buffers import BUFFER_HEADER_SIZE, BufferIndex, BufferSource
+from pooltrace.etl.buffers import BUFFER_HEADER_SIZE, BufferIndex, BufferSource, reading_order
 from pooltrace.etl.columns import Columns
 from pooltrace.etl.decode import decode_chunk, stack_frames
 from pooltrace.etl.fragments import Digest, digest, digest_spans
@@ -58,6 +58,25 @@ class DecodedChunk:
     tables: dict[str, Columns | pa.Table]
     counts: ChunkCounts
     digest: Digest | None = None
+
+
+def plan_chunks(index: BufferIndex, chunk_bytes: int) -> list[tuple[list[int], int]]:
+    """The reader's units of work, as (buffers, watermark): the first buffer (the logfile header) alone,
+    then the others in reading order (buffers.reading_order) in groups of at least `chunk_bytes` filled
+    bytes (the last one smaller), each with the watermark after its last buffer: every event read after
+    the group is at or after it."""
+    order, watermark = reading_order(index, skip=1)
+    first_wm = int(index.first_ts[order].min()) if len(order) else np.iinfo(np.int64).max
+    plan: list[tuple[list[int], int]] = [([0], first_wm)]
+    group: list[int] = []
+    acc = 0
+    for k, b in enumerate(order.tolist()):
+        group.append(b)
+        acc += int(index.filled[b])
+        if acc >= chunk_bytes or k == len(order) - 1:
+            plan.append((group, int(watermark[k])))
+            group, acc = [], 0
+    return plan
 
 
 def _guid_str(lo: int, hi: int) -> str:

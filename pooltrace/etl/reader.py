@@ -25,10 +25,9 @@ from pooltrace.etl.buffers import (
     FLAG_EVENTS_LOST,
     BufferSource,
     FileBytes,
-    reading_order,
     scan_buffers,
 )
-from pooltrace.etl.chunks import DecodedChunk, decode_buffers
+from pooltrace.etl.chunks import DecodedChunk, decode_buffers, plan_chunks
 from pooltrace.etl.columns import Columns
 from pooltrace.etl.fragments import FragmentStore
 from pooltrace.etl.logfile import LogfileHeader
@@ -277,17 +276,7 @@ class EtlReader:
         st.compressed_buffers = int((idx.flags & FLAG_COMPRESSED).astype(bool).sum())
         st.buffers_flagged_events_lost = int((idx.flags & FLAG_EVENTS_LOST).astype(bool).sum())
         st.buffers_flagged_buffer_lost = int((idx.flags & FLAG_BUFFER_LOST).astype(bool).sum())
-        order, watermark = reading_order(idx, skip=1)
-        first_wm = int(idx.first_ts[order].min()) if len(order) else np.iinfo(np.int64).max
-        plan: list[tuple[list[int], int]] = [([0], first_wm)]
-        group: list[int] = []
-        acc = 0
-        for k, b in enumerate(order.tolist()):
-            group.append(b)
-            acc += int(idx.filled[b])
-            if acc >= self.chunk_bytes or k == len(order) - 1:
-                plan.append((group, int(watermark[k])))
-                group, acc = [], 0
+        plan = plan_chunks(idx, self.chunk_bytes)
         pending: dict[str, list] = {}
         seq0 = 0
         last_ts = np.iinfo(np.int64).min
