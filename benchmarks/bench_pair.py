@@ -5,16 +5,18 @@
 Generates the classic-leak scenario scaled to about --events records unless --trace is given (for the
 speed targets: a trace from benchmarks/make_trace.py), then runs `pooltrace pair --jobs N` in a fresh
 process per run and reports the median run's records/s end to end (interpreter start included), its peak
-RSS (the pair process; decode workers are separate processes of about one chunk each) and the
-diagnostics. With --jobs N > 1 it also times the decode stage alone at --jobs 1 and N (bench_reader's
-measure) and prints the speed-up. --profile runs pair_trace under cProfile in-process instead. Not a
-test: run it by hand and quote the figures.
+RSS (the pair process; decode workers are separate processes of about one chunk each), the pair
+process's own CPU time (user + sys of that process alone, all its threads, decode workers not included:
+with --jobs N it shares the cores with them) and the diagnostics. With --jobs N > 1 it also times the
+decode stage alone at --jobs 1 and N (bench_reader's measure) and prints the speed-up. --profile runs
+pair_trace under cProfile in-process instead. Not a test: run it by hand and quote the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,18 @@ if prof:
     s = io.StringIO(); pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12); top = s.getvalue()
 print(json.dumps({"seconds": t, "records": meta["records"], "pairing": meta["pairing"],
                   "peak_rss_mb": int(hwm) / 1024, "profile": top}))
+"""
+
+# `python -m pooltrace ...`, then this process's own CPU time (RUSAGE_SELF: every thread, no child) to a file
+RUN = r"""
+import atexit, os, resource, runpy, sys
+def _cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    with open(os.environ["POOLTRACE_BENCH_CPU"], "w") as f:
+        f.write(f"{r.ru_utime} {r.ru_stime}")
+atexit.register(_cpu)
+sys.argv = ["pooltrace", *sys.argv[1:]]
+runpy.run_module("pooltrace", run_name="__main__", alter_sys=True)
 """
 
 
@@ -75,14 +89,18 @@ def main() -> None:
                                       "1", str(args.jobs)], capture_output=True, text=True, check=True)
                 runs.append(json.loads(res.stdout))
                 continue
+            cpu_file = Path(tmp) / "cpu"
             t0 = time.perf_counter()
-            res = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "pooltrace", "pair", str(path),
+            res = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-c", RUN, "pair", str(path),
                                   "-o", str(Path(tmp) / "ds"), "-q", "--json", "--jobs", str(args.jobs)],
-                                 capture_output=True, text=True, check=True, cwd=ROOT)
+                                 capture_output=True, text=True, check=True, cwd=ROOT,
+                                 env={**os.environ, "POOLTRACE_BENCH_CPU": str(cpu_file)})
             seconds = time.perf_counter() - t0
             meta = json.loads(res.stdout)
+            user, sys_ = (float(x) for x in cpu_file.read_text().split())
             runs.append({"seconds": seconds, "records": meta["records"], "pairing": meta["pairing"],
-                         "peak_rss_mb": int(res.stderr.strip().splitlines()[-1]) / 1024, "profile": ""})
+                         "peak_rss_mb": int(res.stderr.strip().splitlines()[-1]) / 1024, "profile": "",
+                         "cpu": (user, sys_)})
     runs.sort(key=lambda r: r["seconds"])
     best = runs[len(runs) // 2]  # the median run
     p = best["pairing"]
@@ -92,6 +110,11 @@ def main() -> None:
           f"{p['distinct_stacks']:,} stacks")
     if args.profile:
         print(best["profile"])
+    else:
+        cpu = sorted(sum(r["cpu"]) for r in runs)[len(runs) // 2]
+        user, sys_ = best["cpu"]
+        print(f"pair process's own CPU (median of {len(runs)}): {cpu:.2f} s (median run: user {user:.2f} s, "
+              f"sys {sys_:.2f} s; decode workers not included)")
     if args.jobs > 1 and not args.profile:
         decode_speedup(path, args.jobs, args.repeat)
 
