@@ -9,7 +9,10 @@ RSS (the pair process; decode workers are separate processes of about one chunk 
 process's own CPU time (user + sys of that process alone, all its threads, decode workers not included:
 with --jobs N it shares the cores with them) and the diagnostics. With --jobs N > 1 it also times the
 decode stage alone at --jobs 1 and N (bench_reader's measure) and prints the speed-up. --profile runs
-pair_trace under cProfile in-process instead. Not a test: run it by hand and quote the figures.
+pair_trace under cProfile in-process instead. --main-only times the main process's own work alone: the
+chunks are decoded once beforehand (held in memory, about 0.1 KB per record), then the time merge, stack
+attachment, pairing and the row writer (its Parquet thread included) run over them, CPU time per run. Not a
+test: run it by hand and quote the figures.
 """
 
 from __future__ import annotations
@@ -58,6 +61,37 @@ sys.argv = ["pooltrace", *sys.argv[1:]]
 runpy.run_module("pooltrace", run_name="__main__", alter_sys=True)
 """
 
+# the main process's work alone over chunks decoded beforehand: CPU seconds (all threads) per run, as JSON
+MAIN_ONLY = r"""
+import copy, json, shutil, sys, tempfile, time
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from pooltrace.arrowprobe import skip_pandas_probe
+skip_pandas_probe()
+from pooltrace import dataset
+from pooltrace.etl.reader import EtlReader
+chunks, decode = [], EtlReader._chunks
+def keep(self, plan, jobs):
+    for dc in decode(self, plan, 1):
+        chunks.append(copy.deepcopy(dc))
+        yield dc
+EtlReader._chunks = keep
+out = Path(tempfile.mkdtemp())
+with EtlReader(sys.argv[1], chunk_bytes=dataset.CHUNK_BYTES) as r:
+    dataset._pair(r, out, dataset.DEFAULT_WINDOW_S, None)
+runs = []
+for _ in range(int(sys.argv[3])):
+    todo = copy.deepcopy(chunks)  # the reader numbers rows in place
+    EtlReader._chunks = lambda self, plan, jobs: iter(todo)
+    shutil.rmtree(out)
+    out.mkdir()
+    with EtlReader(sys.argv[1], chunk_bytes=dataset.CHUNK_BYTES) as r:
+        t0 = time.process_time()
+        dataset._pair(r, out, dataset.DEFAULT_WINDOW_S, None)
+        runs.append(time.process_time() - t0)
+print(json.dumps(runs))
+"""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -67,6 +101,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=1, help="pair --jobs")
     ap.add_argument("--profile", action="store_true", help="print where the time goes (slower)")
+    ap.add_argument("--main-only", action="store_true", help="time the main process's work alone")
     args = ap.parse_args()
     if args.trace:
         path = Path(args.trace)
@@ -81,6 +116,13 @@ def main() -> None:
         writer.save(path)
         print(f"generated {truth.records:,} records, {path.stat().st_size / 1e6:.0f} MB in "
               f"{time.perf_counter() - t0:.0f} s -> {path}")
+    if args.main_only:
+        res = subprocess.run([sys.executable, "-c", MAIN_ONLY, str(path), str(ROOT), str(args.repeat)],
+                             capture_output=True, text=True, check=True)
+        runs = sorted(json.loads(res.stdout))
+        print(f"main process's work alone (time merge, stacks, pairing, row writer; chunks decoded beforehand): "
+              f"{runs[len(runs) // 2]:.2f} s CPU, median of {len(runs)} (min {runs[0]:.2f} s)")
+        return
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat):
