@@ -425,7 +425,9 @@ def build_report(ds: Dataset, *, window: Window, by: str, filters: Filters, rend
         end_ns, n_cls, b_cls, growth, sel = scan.end_ns, scan.counts, scan.nbytes, scan.growth, scan.sel
         pk = per_key(scan.sel, scan.out, by, ds.tags)
     every = _groups(ds, pk, by, render, replace(filters, min_bytes=0), None)
-    for g, gr in zip(every, growth.growth(_group_of_key(ds, every, by), len(every)), strict=True):
+    lookup = _group_of_key(ds, every, by)
+    for g, gr in zip(every, growth.growth(s.growth_keys(lookup) if s is not None else lookup, len(every)),
+                     strict=True):
         g.growth = gr
     times_ns = times(window.start_ns, end_ns).tolist()
     groups = [g for g in every if g.bytes >= filters.min_bytes]

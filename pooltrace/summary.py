@@ -1,6 +1,7 @@
 """The default report's figures, precomputed by `pair` (`summary.npz` in the dataset): lifetime totals, the
-outstanding allocations reduced per stack (count, bytes, bytes per tag, first row) and the growth counts per
-stack, all over the default window (the whole trace). A report by stack, function or module over the whole
+outstanding allocations reduced per stack (count, bytes, bytes per tag, first row) and the growth counts of
+those stacks (a stack without outstanding allocations is in no group: its counts are never summed), all over
+the default window (the whole trace). A report by stack, function or module over the whole
 trace without tag, pool or pid filters reads them instead of decoding every allocation row; the groups, the
 growth and the totals come out of the same code either way (analysis.build_report), so the output is the same
 byte for byte.
@@ -31,7 +32,7 @@ from pooltrace.datasetopen import NULL_NS, Dataset
 from pooltrace.growth import POINTS, GrowthCounts
 
 NAME = "summary.npz"
-VERSION = 1
+VERSION = 2  # 2: growth counts of the outstanding stacks only
 _I64, _U32, _F64, _U8 = np.dtype("<i8"), np.dtype("<u4"), np.dtype("<f8"), np.dtype("u1")
 # every array of the file and its dtype (all one-dimensional)
 ARRAYS = {
@@ -52,7 +53,12 @@ class Summary:
     lifetime_counts: np.ndarray  # rows per lifetime class + 1 (analysis._Scan.counts)
     lifetime_bytes: np.ndarray
     per_key: PerKey  # the outstanding rows per stack
-    growth: GrowthCounts  # per stack (len(stacks) + 1 keys: the last, no stack)
+    growth: GrowthCounts  # per key of per_key, in its order
+
+    def growth_keys(self, group_of_stack: np.ndarray) -> np.ndarray:
+        """analysis._group_of_key's lookup (per stack id, no stack last) as one per key of `growth`."""
+        keys = self.per_key.keys
+        return group_of_stack[np.where(keys >= 0, keys, len(group_of_stack) - 1)]
 
 
 class Damaged(Exception):
@@ -96,6 +102,9 @@ def write_summary(ds_dir: Path) -> bool:
     size, crc = allocations_identity(ds_dir / "allocations.parquet")
     text = [t.encode("utf-8", "surrogatepass") for t in pk.tag_names]
     g = scan.growth
+    rows = np.where(pk.keys >= 0, pk.keys, g.keys - 1)  # the growth keys of the outstanding stacks (-1: last)
+    up_w, up_c = (x.reshape(g.keys + 1, -1)[rows] for x in (g.up_w, g.up_c))
+    down_w, down_c = (x.reshape(g.keys + 1, -1)[rows] for x in (g.down_w, g.down_c))
     arrays = {
         "version": [VERSION], "allocations": [size, crc, ds.n], "stacks": [len(ds.stacks)],
         "window": [g.start_ns, g.end_ns], "points": [g.points],
@@ -103,7 +112,7 @@ def write_summary(ds_dir: Path) -> bool:
         "keys": pk.keys, "counts": pk.counts, "nbytes": pk.nbytes, "first_row": pk.first_row, "pid": pk.pid,
         "alloc_ns": pk.alloc_ns, "pair_key": pk.pair_key, "pair_tag": pk.pair_tag, "pair_bytes": pk.pair_bytes,
         "tag_text": np.frombuffer(b"".join(text), dtype=np.uint8), "tag_ends": np.cumsum([len(t) for t in text]),
-        "up_w": g.up_w, "up_c": g.up_c, "down_w": g.down_w, "down_c": g.down_c,
+        "up_w": up_w, "up_c": up_c, "down_w": down_w, "down_c": down_c,
     }
     arrays = {name: np.asarray(v, dtype=ARRAYS[name]).reshape(-1) for name, v in arrays.items()}
     arrays["digest"] = np.frombuffer(_digest(arrays), dtype=np.uint8)
@@ -179,7 +188,7 @@ def _checked(ds: Dataset, path: Path, identity: Future) -> Summary:
     k = len(a["keys"])
     p = len(a["pair_key"])
     ends = a["tag_ends"]
-    bins = (stacks + 2) * (points + 1)
+    bins = k * (points + 1)
     lengths = {**dict.fromkeys(_PER_KEY, k), **dict.fromkeys(_PAIRS, p), "up_w": 2 * bins, "up_c": 2 * bins,
                "down_w": bins, "down_c": bins}
     for name, n in lengths.items():
@@ -214,6 +223,8 @@ def _checked(ds: Dataset, path: Path, identity: Future) -> Summary:
     start, end = a["window"].tolist()
     pk = PerKey(keys, a["counts"], a["nbytes"], a["first_row"], keys, a["pid"], a["alloc_ns"], a["pair_key"],
                 a["pair_tag"], a["pair_bytes"], names)
-    growth = GrowthCounts.from_arrays(stacks + 1, start, end, NULL_NS, a["up_w"], a["up_c"], a["down_w"],
-                                      a["down_c"], points)
+    extra = (points + 1) * 2  # the key of rows not counted: nothing
+    growth = GrowthCounts.from_arrays(k, start, end, NULL_NS, *(np.concatenate([a[name], np.zeros(
+        extra if name.startswith("up") else extra // 2, a[name].dtype)]) for name in ("up_w", "up_c", "down_w",
+                                                                                      "down_c")), points)
     return Summary(Window(start, end), counts, nbytes, pk, growth)

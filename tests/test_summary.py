@@ -195,3 +195,19 @@ def test_write_summary_needs_a_duration(pairs, tmp_path):
     meta["duration_ns"] = None
     (out / "trace.json").write_text(json.dumps(meta))
     assert write_summary(out) is False and not (out / NAME).exists()
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_the_summary_holds_the_stacks_of_the_outstanding_allocations(pairs, name):
+    """Its keys are the stacks the rows' report groups (each group's stacks), and its growth counts one row of
+    bins per key; the rows' report and the summary's give every group the same growth."""
+    ds_path, _ = pairs[name]
+    ds = load_dataset(ds_path)
+    summary, problem = read_summary(ds)
+    assert summary is not None and problem is None
+    rows_ds = load_dataset(ds_path)
+    rep, _ = api.analyze(rows_ds, ds_path, no_symbols=True, rows=True)
+    assert sorted(sid for g in rep.groups for sid in g.stack_ids) == summary.per_key.keys.tolist()
+    assert summary.growth.keys == len(summary.per_key.keys)
+    quick, _ = api.analyze(ds, ds_path, no_symbols=True)
+    assert [g.growth for g in quick.groups] == [g.growth for g in rep.groups]
