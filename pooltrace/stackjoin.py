@@ -275,9 +275,14 @@ class StackJoiner:
             return None
         if limit is None:
             n_ready = sum(len(b) for b in self._pool)
-        else:  # the first event at or after the limit, as one search over the pending events' times
-            ts = np.concatenate([b.cols["ts"] for b in self._pool]) if len(self._pool) > 1 else self._pool[0].cols["ts"]
-            n_ready = int(np.searchsorted(ts, limit, side="left"))
+        else:  # the first event at or after the limit: blocks wholly before it, then a search in the next one
+            n_ready = 0
+            for b in self._pool:
+                ts = b.cols["ts"]
+                if ts[-1] >= limit:
+                    n_ready += int(np.searchsorted(ts, limit, side="left"))
+                    break
+                n_ready += len(ts)
         if n_ready == 0:
             self._drop_parts(limit)
             return None
@@ -398,8 +403,9 @@ class StackJoiner:
         user = c["user"][got]
         missing = tid[own_all] == NO_ID  # thread and process of PERFINFO events come from their stack
         # arrival order decides only between parts of one owner: sort by it only when some owner has two
-        repeats = _repeats(own_all[~user], len(tid)) or _repeats(own_all[user], len(tid)) or \
-            _repeats(own_all[missing], len(tid))
+        # (an owner twice among kernel parts or among user parts: one search over owner * 2 + user)
+        repeats = _repeats(own_all * 2 + user, 2 * len(tid)) or \
+            (bool(missing.any()) and _repeats(own_all[missing], len(tid)))
         if repeats:
             seq = c["seq"][got]
             if not _sorted(seq):
