@@ -36,7 +36,9 @@ CLASSES = ("ok", "bad-input", "traceback", "hang", "memory", "silent-damage")
 TRACE_KINDS = ("truncate", "truncate-at-buffer", "bit-flips", "buffer-header", "record-header",
                "compressed-data", "logfile-header")
 OTHER_KINDS = ("dataset", "sidecar", "odd-path")
-KINDS = TRACE_KINDS + OTHER_KINDS
+# the kinds the campaign drew from before the dataset had a summary.npz: its seeds replay with these
+FIRST_KINDS = TRACE_KINDS + OTHER_KINDS
+KINDS = FIRST_KINDS + ("summary",)
 
 # buffer header fields (etl-format.md §1.2): offset, struct format
 BUFFER_FIELDS = {"BufferSize": (0x00, "<I"), "SavedOffset": (0x04, "<I"), "CurrentOffset": (0x08, "<I"),
@@ -253,6 +255,45 @@ def mutate_dataset(rng: random.Random, ds: Path) -> str:
     return desc
 
 
+def mutate_summary(rng: random.Random, ds: Path, others: list[Path]) -> str:
+    """Damage the dataset's summary.npz, or make it another dataset's (a user copying files between dataset
+    folders): the report must then come from the rows, the same as without a summary."""
+    p = ds / "summary.npz"
+    what = rng.choice(["truncate", "bit-flips", "delete", "directory", "foreign", "foreign-rows", "empty"])
+    if what == "truncate":
+        raw = p.read_bytes()
+        cut = rng.randrange(0, len(raw))
+        p.write_bytes(raw[:cut])
+        return f"summary.npz truncated at {cut} of {len(raw)}"
+    if what == "bit-flips":
+        raw = bytearray(p.read_bytes())
+        for _ in range(rng.choice([1, 4, 32])):
+            b = rng.randrange(len(raw) * 8)
+            raw[b // 8] ^= 1 << (b % 8)
+        p.write_bytes(bytes(raw))
+        return "summary.npz bits flipped"
+    if what == "delete":
+        p.unlink()
+        return "summary.npz deleted"
+    if what == "directory":
+        p.unlink()
+        p.mkdir()
+        return "summary.npz an empty directory"
+    if what == "empty":
+        p.write_bytes(b"")
+        return "summary.npz empty"
+    if not others:
+        p.unlink()
+        return "summary.npz deleted (no other dataset)"
+    other = rng.choice(others)
+    if what == "foreign":
+        shutil.copyfile(other / "summary.npz", p)
+        return f"summary.npz of {other.name}"
+    for name in ("allocations.parquet", "stacks.parquet", "modules.parquet", "trace.json"):
+        shutil.copyfile(other / name, ds / name)
+    return f"the rows of {other.name} beside this summary"
+
+
 # ---- sidecar mutations ------------------------------------------------------------------------------------
 
 def good_sidecar(trace_name: str) -> dict:
@@ -370,6 +411,11 @@ def make_case(seed: int, samples: list[Sample], work: Path, kinds: tuple[str, ..
         shutil.copyfile(s.path, trace)
         label = mutate_sidecar(rng, trace.with_name(trace.name + ".pooltrace.json"), trace.name)
         return Case(seed, kind, label, s, trace=trace)
+    if kind == "summary":
+        ds = work / "ds"
+        shutil.copytree(s.dataset, ds)
+        others = [o.dataset for o in samples if o.dataset != s.dataset]
+        return Case(seed, kind, mutate_summary(rng, ds, others), s, dataset=ds)
     label, args = odd_path(rng, s, work)
     return Case(seed, kind, label, s, args=args)
 
@@ -378,9 +424,10 @@ def make_case(seed: int, samples: list[Sample], work: Path, kinds: tuple[str, ..
 class Run:
     args: list[str]
     exit_code: int
-    output: str
+    output: str  # stdout and stderr as a terminal shows them
     error: str | None  # the escaped exception, if any
     seconds: float
+    stdout: str = ""  # stdout alone
 
 
 def invoke(args: list[str]) -> Run:
@@ -394,7 +441,7 @@ def invoke(args: list[str]) -> Run:
     err = None
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         err = f"{type(r.exception).__name__}: {r.exception}"
-    return Run(args, r.exit_code, r.output, err, time.monotonic() - t0)
+    return Run(args, r.exit_code, r.output, err, time.monotonic() - t0, r.stdout)
 
 
 def _json(text: str):
@@ -475,6 +522,15 @@ def run_case(case: Case, work: Path, run: Callable[[list[str]], Run] = invoke,
                 go(["report", s, "--by", "tag", "--format", "csv"]), go(["tags", s]),
                 go(["diff", str(intact.dataset), s])]
         go(["whose", "Leak", s, "--no-scan", "--no-symbols"])
+        if case.kind == "summary":  # whatever happened to the summary, the report is the rows' report
+            rows = work / "rows"
+            shutil.copytree(ds, rows, ignore=shutil.ignore_patterns("summary.npz"))
+            for args in (["report"], ["report", "--format", "json"], ["report", "--by", "function"],
+                         ["report", "--by", "module", "--format", "csv"]):
+                a, b = go([args[0], s, *args[1:]]), go([args[0], str(rows), *args[1:]])
+                if (a.exit_code, a.stdout) != (b.exit_code, b.stdout):
+                    problems.append(f"silent-damage: {' '.join(args)} differs from the report of the rows "
+                                    "(the same dataset without its summary)")
         if notices and warnings:
             for r in outs:
                 text = r.output
