@@ -177,3 +177,47 @@ def test_chunks_whose_columns_do_not_fit_a_block_get_their_own(tmp_path, monkeyp
     monkeypatch.setattr(parallel, "block_size", lambda chunk_bytes: 64)
     _assert_identical(_pair_all(_keyed_trace(tmp_path / "keys.etl"), tmp_path, (1, 2)))
     assert len(reused) > 3 and (False, True) in reused and (True, True) not in reused
+
+
+def test_a_worker_error_reaches_the_reader_and_every_worker_stops(tmp_path):
+    """A chunk a worker cannot decode raises the worker's exception in the reading process; the workers
+    are stopped and the blocks a worker made for chunks it decoded meanwhile are removed."""
+    import multiprocessing as mp
+
+    from pooltrace.etl import parallel
+    from pooltrace.etl.chunks import plan_chunks
+    from pooltrace.etl.reader import EtlReader
+
+    with EtlReader(_keyed_trace(tmp_path / "keys.etl"), chunk_bytes=16 << 10) as r:
+        plan = plan_chunks(r.index, r.chunk_bytes)
+        plan[3] = ([len(r.index) + 5], plan[3][1])  # a buffer that is not in the file
+        got = []
+        with pytest.raises(IndexError):
+            for dc in parallel.decode_in_workers(r, plan, 2, digest_stacks=True):
+                got.append(dc.counts.records)
+    assert len(got) == 3 and not mp.active_children()
+
+
+def test_a_reader_that_stops_early_stops_the_workers(tmp_path, monkeypatch):
+    import multiprocessing as mp
+    from multiprocessing import shared_memory
+
+    from pooltrace.etl import parallel
+    from pooltrace.etl.chunks import plan_chunks
+    from pooltrace.etl.reader import EtlReader
+
+    taken, made = [], []  # every result taken; the blocks the workers made for a chunk of their own
+    take = parallel._take
+    monkeypatch.setattr(parallel, "_take", lambda result, blocks=None: taken.append(result) or
+                        (None if result[1] else made.append(result[0])) or take(result, blocks))
+    monkeypatch.setattr(parallel, "block_size", lambda chunk_bytes: 64)  # every chunk makes its own
+    with EtlReader(_keyed_trace(tmp_path / "keys.etl"), chunk_bytes=16 << 10) as r:
+        chunks = parallel.decode_in_workers(r, plan_chunks(r.index, r.chunk_bytes), 2, digest_stacks=True)
+        next(chunks)
+        next(chunks)
+        chunks.close()
+    assert not mp.active_children()
+    assert len(taken) == 2 + 2 * parallel.AHEAD and made  # two read, then the four in flight when it stopped
+    for name in made:  # removed, those of the chunks taken and of those in flight when it stopped
+        with pytest.raises(FileNotFoundError):
+            shared_memory.SharedMemory(name=name)

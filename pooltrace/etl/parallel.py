@@ -4,7 +4,10 @@ Each worker opens the trace itself and runs chunks.decode_buffers on the chunks 
 columns of a decoded chunk (pool, stacks, stack keys, the digested stack fragments) are copied into one
 shared-memory block; only a small manifest (names, dtypes, offsets) and the rare events (a few Arrow
 rows) travel through the pipe, so nothing is pickled per record. The reader takes the results in
-chunk order, so its batches, statistics and warnings are the same for any number of workers.
+chunk order, so its batches, statistics and warnings are the same for any number of workers. Each worker
+has its own pipe (Workers): the reader sends chunk k to worker k % jobs and reads the answers in turn
+itself, with no helper thread (a process pool's manager and feeder threads competed with the reader for
+the GIL and the cores).
 
 The blocks are made once by the reader and reused (Blocks): each process maps a block once, so its pages
 are allocated and faulted in once, not for every chunk. The reader's arrays are views of the block (no
@@ -27,7 +30,6 @@ import types
 import weakref
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -252,12 +254,11 @@ def decode_in_workers(reader, plan: list[tuple[list[int], int]], jobs: int, dige
     """Decoded chunks of `plan`, in plan order, decoded by `jobs` worker processes."""
     src = reader.source
     blocks = Blocks(jobs * AHEAD + SPARE_BLOCKS, block_size(reader.chunk_bytes))
+    workers = Workers(jobs, (str(reader.path), reader.index, src.max_area, int(reader.user_limit)))
     try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_init,
-                                 initargs=(str(reader.path), reader.index, src.max_area,
-                                           int(reader.user_limit))) as ex:
-            yield from _run(ex, blocks, plan, jobs, digest_stacks)
+        yield from _run(workers, blocks, plan, digest_stacks)
     finally:
+        workers.close()
         blocks.close()
 
 
@@ -267,33 +268,109 @@ def block_size(chunk_bytes: int) -> int:
     return chunk_bytes + (chunk_bytes >> 1)
 
 
-def _run(ex: ProcessPoolExecutor, blocks: Blocks, plan: list[tuple[list[int], int]], jobs: int,
-         digest_stacks: bool) -> Iterator[DecodedChunk]:
-    todo = iter(plan)
-    inflight: deque = deque()  # (future, the block lent to it)
+class WorkerError(RuntimeError):
+    """A decode worker stopped without answering (killed, or out of memory)."""
+
+
+def _serve(conn, initargs: tuple) -> None:
+    """A worker's loop: decode the chunks sent on `conn` in the order they come and send each result back,
+    or the exception that stopped it; None, a closed pipe or Ctrl-C (which the reader gets too) end it."""
+    with contextlib.suppress(KeyboardInterrupt, EOFError, BrokenPipeError):
+        try:
+            _init(*initargs)
+            failed = None
+        except Exception as exc:  # said in answer to the first chunk
+            failed = exc
+        while (task := conn.recv()) is not None:
+            try:
+                if failed is not None:
+                    raise failed
+                answer = ("ok", _work(*task))
+            except Exception as exc:
+                answer = ("error", exc)
+            try:
+                conn.send(answer)
+            except (EOFError, BrokenPipeError):
+                raise
+            except Exception as exc:  # the exception does not pickle: say what it was
+                conn.send(("error", RuntimeError(f"decode worker: {type(exc).__name__}: {exc}")))
+
+
+class Workers:
+    """`jobs` decode processes, each fed by its own pipe: chunk k goes to worker k % jobs, so results are
+    read back in plan order by reading the workers in turn. The reading process runs no helper thread:
+    it sends and receives on the pipes itself."""
+
+    def __init__(self, jobs: int, initargs: tuple):
+        ctx = _context()
+        self.conns, self.procs = [], []
+        for _ in range(jobs):
+            mine, theirs = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=_serve, args=(theirs, initargs), daemon=True)
+            with _caller_script_hidden():  # spawn/forkserver would import the caller's script again
+                proc.start()
+            theirs.close()
+            self.conns.append(mine)
+            self.procs.append(proc)
+
+    def send(self, k: int, task: tuple) -> None:
+        self.conns[k % len(self.conns)].send(task)
+
+    def receive(self, k: int, timeout: float | None = None):
+        """Worker k % jobs's next result; raises what the worker raised, or WorkerError when it is gone
+        (or says nothing for `timeout` seconds)."""
+        conn = self.conns[k % len(self.conns)]
+        try:
+            if timeout is not None and not conn.poll(timeout):
+                raise WorkerError("a decode worker did not answer")
+            status, value = conn.recv()
+        except (EOFError, OSError):
+            raise WorkerError("a decode worker stopped (killed, or out of memory?)") from None
+        if status == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+
+
+def _run(workers: Workers, blocks: Blocks, plan: list[tuple[list[int], int]], digest_stacks: bool
+         ) -> Iterator[DecodedChunk]:
+    jobs = len(workers.conns)
+    inflight: deque = deque()  # (chunk number, the block lent to it)
+    sent = 0
 
     def submit() -> None:
-        for buffers, _wm in todo:
+        nonlocal sent
+        while sent < len(plan) and len(inflight) < jobs * AHEAD:
             block = blocks.lend()
-            with _caller_script_hidden():  # the first submissions start the workers
-                inflight.append((ex.submit(_work, buffers, digest_stacks, block), block))
-            if len(inflight) >= jobs * AHEAD:
-                return
+            workers.send(sent, (plan[sent][0], digest_stacks, block))
+            inflight.append((sent, block))
+            sent += 1
 
     submit()
     try:
         while inflight:
-            future, block = inflight.popleft()
-            result = future.result()
+            k, block = inflight[0]
+            result = workers.receive(k)
+            inflight.popleft()
             if block is not None and not result[1]:
                 blocks.give_back(block)  # the worker made a block of its own (the columns did not fit)
             dc = _take(result, blocks)
             submit()
             yield dc
     finally:
-        for f, _block in inflight:  # stopped early (an error, or the consumer stopped): drop what is queued
-            f.cancel()
-        for f, _block in inflight:
-            if not f.cancelled():
-                with contextlib.suppress(Exception):  # only freeing shared memory here
-                    _take(f.result(), blocks)
+        # stopped early (an error, or the consumer stopped): take what the workers still send, so that
+        # blocks they made for it are removed
+        for k, _block in inflight:
+            with contextlib.suppress(Exception):
+                _take(workers.receive(k, timeout=30), blocks)
