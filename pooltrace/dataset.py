@@ -131,16 +131,19 @@ class _RowWriter:
             done.result()
 
     def _tags(self, tags: np.ndarray) -> pa.DictionaryArray:
-        """Tag names of a row group as a dictionary array over every tag seen so far (a few dozen): a search
-        in the sorted known tags, no sort of the rows."""
-        pos = np.searchsorted(self._known, tags)
+        """Tag names of a row group as a dictionary array over every tag seen so far (a few dozen): the row
+        group's distinct tags found by Arrow's hash (dictionary_encode), only those searched in the sorted
+        known tags, no sort of the rows."""
+        enc = pa.array(tags, type=pa.uint32()).dictionary_encode()
+        distinct = enc.dictionary.to_numpy()
+        pos = np.searchsorted(self._known, distinct)
         found = pos < len(self._known)
-        found[found] = self._known[pos[found]] == tags[found]
+        found[found] = self._known[pos[found]] == distinct[found]
         if not found.all():
-            self._known = np.union1d(self._known, tags[~found]).astype(np.uint32)
+            self._known = np.union1d(self._known, distinct[~found]).astype(np.uint32)
             self._names = pa.array([format_tag(t) for t in self._known.tolist()])
-            pos = np.searchsorted(self._known, tags)
-        return pa.DictionaryArray.from_arrays(pa.array(pos.astype(np.int32)), self._names)
+            pos = np.searchsorted(self._known, distinct)
+        return pa.DictionaryArray.from_arrays(pa.array(pos.astype(np.int32)[enc.indices.to_numpy()]), self._names)
 
     def _write_group(self, parts: list[Columns]) -> None:
         rows = Columns.concat(parts)
