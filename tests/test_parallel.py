@@ -20,6 +20,15 @@ from tests.conftest import ROOT
 FILES = ("allocations.parquet", "stacks.parquet", "modules.parquet")
 
 
+@pytest.fixture(autouse=True)
+def workers_only(monkeypatch):
+    """Every chunk decoded by the workers: the reader would otherwise decode most chunks of these small
+    traces itself while the workers start (test_chunks_are_decoded_here_while_the_workers_start)."""
+    from pooltrace.etl import parallel
+
+    monkeypatch.setattr(parallel, "DECODE_WHILE_STARTING", False)
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(dataset, "CHUNK_BYTES", 96 << 10)
@@ -133,10 +142,10 @@ def test_reused_blocks_are_never_written_while_the_reader_holds_their_arrays(tmp
     from pooltrace.etl.chunks import decode_buffers, plan_chunks
     from pooltrace.etl.reader import EtlReader
 
-    reused = []
+    reused, empty = [], []  # per chunk decoded by a worker: in a reader's block; without columns
     take = parallel._take
     monkeypatch.setattr(parallel, "_take", lambda result, blocks=None: reused.append(result[1]) or
-                        take(result, blocks))
+                        empty.append(not result[2]) or take(result, blocks))
     trace = _keyed_trace(tmp_path / "keys.etl")
     with EtlReader(trace, chunk_bytes=16 << 10) as r:
         plan = plan_chunks(r.index, r.chunk_bytes)
@@ -148,9 +157,9 @@ def test_reused_blocks_are_never_written_while_the_reader_holds_their_arrays(tmp
         for (buffers, _wm), dc in zip(plan, got, strict=True):
             _same_chunk(dc, decode_buffers(r.source, r.index, buffers, int(r.user_limit), True))
     blocks = 2 * parallel.AHEAD + parallel.SPARE_BLOCKS
+    assert len(reused) > 2 * blocks  # (the first chunks may be decoded here while the workers start)
     if hold:  # the first chunks took every block (a chunk without columns gives it back), later ones had their own
-        empty = sum(not any(isinstance(t, Columns) for t in dc.tables.values()) for dc in got)
-        assert empty < blocks and reused[:blocks] == [True] * blocks and reused.count(True) == blocks + empty
+        assert reused[:blocks] == [True] * blocks and reused.count(True) == blocks + sum(empty)
     else:
         assert all(reused)
 
@@ -213,11 +222,42 @@ def test_a_reader_that_stops_early_stops_the_workers(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel, "block_size", lambda chunk_bytes: 64)  # every chunk makes its own
     with EtlReader(_keyed_trace(tmp_path / "keys.etl"), chunk_bytes=16 << 10) as r:
         chunks = parallel.decode_in_workers(r, plan_chunks(r.index, r.chunk_bytes), 2, digest_stacks=True)
-        next(chunks)
-        next(chunks)
+        while len(taken) < 2:  # (the first chunks may be decoded here while the workers start)
+            next(chunks)
         chunks.close()
     assert not mp.active_children()
     assert len(taken) == 2 + 2 * parallel.AHEAD and made  # two read, then the four in flight when it stopped
     for name in made:  # removed, those of the chunks taken and of those in flight when it stopped
         with pytest.raises(FileNotFoundError):
             shared_memory.SharedMemory(name=name)
+
+
+def test_chunks_are_decoded_here_while_the_workers_start(tmp_path, monkeypatch, small_chunks):
+    """Starting a worker waits for the workers' server; meanwhile the reader decodes the first chunks itself
+    (here a server made slow on purpose): the dataset is the same."""
+    import time
+
+    from pooltrace.etl import parallel
+
+    ctx = parallel._context()
+
+    class SlowStart:
+        def __getattr__(self, name):
+            return getattr(ctx, name)
+
+        def Pipe(self, duplex):  # noqa: N802 - the multiprocessing context's names
+            return ctx.Pipe(duplex=duplex)
+
+        def Process(self, **kw):  # noqa: N802
+            proc = ctx.Process(**kw)
+            start = proc.start
+            proc.start = lambda: time.sleep(0.3) or start()
+            return proc
+
+    here = []
+    decode = parallel.decode_buffers
+    monkeypatch.setattr(parallel, "DECODE_WHILE_STARTING", True)
+    monkeypatch.setattr(parallel, "_context", SlowStart)
+    monkeypatch.setattr(parallel, "decode_buffers", lambda *a: here.append(a[2]) or decode(*a))
+    _assert_identical(_pair_all(_keyed_trace(tmp_path / "keys.etl"), tmp_path, (1, 2)))
+    assert len(here) > 2

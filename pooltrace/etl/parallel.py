@@ -26,6 +26,7 @@ import mmap
 import multiprocessing as mp
 import os
 import sys
+import threading
 import types
 import weakref
 from collections import deque
@@ -40,6 +41,7 @@ from pooltrace.etl.columns import Columns
 from pooltrace.etl.fragments import Digest
 
 AHEAD = 2  # chunks in flight per worker
+DECODE_WHILE_STARTING = True  # the reader decodes the first chunks itself while the workers start
 SPARE_BLOCKS = 2  # reusable blocks beyond one per chunk in flight: the reader may still hold a chunk or two
 
 _worker: dict = {}
@@ -254,9 +256,11 @@ def decode_in_workers(reader, plan: list[tuple[list[int], int]], jobs: int, dige
     """Decoded chunks of `plan`, in plan order, decoded by `jobs` worker processes."""
     src = reader.source
     blocks = Blocks(jobs * AHEAD + SPARE_BLOCKS, block_size(reader.chunk_bytes))
-    workers = Workers(jobs, (str(reader.path), reader.index, src.max_area, int(reader.user_limit)))
+    workers = Workers(jobs, (str(reader.path), reader.index, src.max_area, int(reader.user_limit)),
+                      background=True)
     try:
-        yield from _run(workers, blocks, plan, digest_stacks)
+        here = (src, reader.index, int(reader.user_limit)) if DECODE_WHILE_STARTING else None
+        yield from _run(workers, blocks, plan, digest_stacks, here)
     finally:
         workers.close()
         blocks.close()
@@ -298,20 +302,48 @@ def _serve(conn, initargs: tuple) -> None:
 
 class Workers:
     """`jobs` decode processes, each fed by its own pipe: chunk k goes to worker k % jobs, so results are
-    read back in plan order by reading the workers in turn. The reading process runs no helper thread:
-    it sends and receives on the pipes itself."""
+    read back in plan order by reading the workers in turn. The reading process sends and receives on the
+    pipes itself, with no helper thread once the workers have started.
 
-    def __init__(self, jobs: int, initargs: tuple):
+    With `background`, the processes are started by a short-lived thread: starting one waits until the
+    workers' server has imported the decoders (about 0.3 s), and meanwhile the reader can decode chunks
+    itself (started() says when it can stop)."""
+
+    def __init__(self, jobs: int, initargs: tuple, background: bool = False):
         ctx = _context()
-        self.conns, self.procs = [], []
-        for _ in range(jobs):
-            mine, theirs = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_serve, args=(theirs, initargs), daemon=True)
-            with _caller_script_hidden():  # spawn/forkserver would import the caller's script again
-                proc.start()
-            theirs.close()
-            self.conns.append(mine)
-            self.procs.append(proc)
+        pipes = [ctx.Pipe(duplex=True) for _ in range(jobs)]
+        self.conns = [mine for mine, _theirs in pipes]
+        self.procs: list = []
+        self._failed: BaseException | None = None
+        self._started = threading.Event()
+
+        def start() -> None:
+            try:
+                with _caller_script_hidden():  # spawn/forkserver would import the caller's script again
+                    for _mine, theirs in pipes:
+                        proc = ctx.Process(target=_serve, args=(theirs, initargs), daemon=True)
+                        proc.start()
+                        self.procs.append(proc)
+            except BaseException as exc:  # raised in the reader by wait_started()
+                self._failed = exc
+            finally:
+                for _mine, theirs in pipes:  # the workers hold their ends now
+                    theirs.close()
+                self._started.set()
+
+        if background:
+            threading.Thread(target=start, name="pooltrace-decode-start", daemon=True).start()
+        else:
+            start()
+
+    def started(self) -> bool:
+        """The worker processes have been started (or starting them failed)."""
+        return self._started.is_set()
+
+    def wait_started(self) -> None:
+        self._started.wait()
+        if self._failed is not None:
+            raise self._failed
 
     def send(self, k: int, task: tuple) -> None:
         self.conns[k % len(self.conns)].send(task)
@@ -331,6 +363,7 @@ class Workers:
         return value
 
     def close(self) -> None:
+        self._started.wait()
         for conn in self.conns:
             with contextlib.suppress(OSError):
                 conn.send(None)
@@ -343,17 +376,29 @@ class Workers:
             conn.close()
 
 
-def _run(workers: Workers, blocks: Blocks, plan: list[tuple[list[int], int]], digest_stacks: bool
-         ) -> Iterator[DecodedChunk]:
+def _run(workers: Workers, blocks: Blocks, plan: list[tuple[list[int], int]], digest_stacks: bool,
+         here: tuple | None = None) -> Iterator[DecodedChunk]:
+    """The chunks of `plan` in order: with `here` (source, index, user limit), the first ones decoded in
+    this process until the workers have started, the others by the workers (the n-th of those by worker
+    n % jobs)."""
+    first = 0
+    if here is not None:
+        source, index, user_limit = here
+        while first < len(plan) and not workers.started():
+            yield decode_buffers(source, index, plan[first][0], user_limit, digest_stacks)
+            first += 1
+    if first == len(plan):
+        return
+    workers.wait_started()
     jobs = len(workers.conns)
-    inflight: deque = deque()  # (chunk number, the block lent to it)
+    inflight: deque = deque()  # (number among the chunks sent to the workers, the block lent to it)
     sent = 0
 
     def submit() -> None:
         nonlocal sent
-        while sent < len(plan) and len(inflight) < jobs * AHEAD:
+        while first + sent < len(plan) and len(inflight) < jobs * AHEAD:
             block = blocks.lend()
-            workers.send(sent, (plan[sent][0], digest_stacks, block))
+            workers.send(sent, (plan[first + sent][0], digest_stacks, block))
             inflight.append((sent, block))
             sent += 1
 
