@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,35 @@ def test_chunks_are_decoded_here_while_the_workers_start(tmp_path, monkeypatch, 
     monkeypatch.setattr(parallel, "decode_buffers", lambda *a: here.append(a[2]) or decode(*a))
     _assert_identical(_pair_all(_keyed_trace(tmp_path / "keys.etl"), tmp_path, (1, 2)))
     assert len(here) > 2
+
+
+def test_a_killed_worker_ends_pair_in_one_line_and_leaves_no_dataset(tmp_path, small_chunks, monkeypatch):
+    """A decode worker killed mid-run (the OOM killer, a user's kill): `pair` says so in one line, exits 2
+    and leaves no dataset behind; nothing else in the output's folder is touched."""
+    from click.testing import CliRunner
+
+    from pooltrace.cli import cli
+    from pooltrace.etl import parallel
+
+    receive = parallel.Workers.receive
+
+    def kill_then_receive(self, k, timeout=None):
+        for proc in self.procs:
+            proc.kill()
+            proc.join()
+        return receive(self, k, timeout)
+
+    monkeypatch.setattr(parallel.Workers, "receive", kill_then_receive)
+    (tmp_path / "keep.txt").write_text("mine")
+    out = tmp_path / "ds"
+    shm = Path("/dev/shm")
+    before = set(shm.iterdir()) if shm.is_dir() else set()
+    r = CliRunner().invoke(cli, ["pair", str(_keyed_trace(tmp_path / "keys.etl")), "-o", str(out), "--jobs", "2"])
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert r.stderr.strip().splitlines() == [
+        "pooltrace: error: a decode worker stopped (killed, or out of memory?); run again, or with --jobs 1 to "
+        "decode in this process"]
+    assert not out.exists() and (tmp_path / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "keys.etl"]
+    assert (set(shm.iterdir()) if shm.is_dir() else set()) <= before  # no shared memory left behind

@@ -35,6 +35,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from pooltrace.errors import PooltraceError
 from pooltrace.etl.buffers import BufferIndex, BufferSource, FileBytes
 from pooltrace.etl.chunks import DecodedChunk, decode_buffers
 from pooltrace.etl.columns import Columns
@@ -272,8 +273,8 @@ def block_size(chunk_bytes: int) -> int:
     return chunk_bytes + (chunk_bytes >> 1)
 
 
-class WorkerError(RuntimeError):
-    """A decode worker stopped without answering (killed, or out of memory)."""
+class WorkerError(PooltraceError):
+    """A decode worker stopped without answering (killed, or out of memory): said in one line, exit 2."""
 
 
 def _serve(conn, initargs: tuple) -> None:
@@ -354,10 +355,12 @@ class Workers:
         conn = self.conns[k % len(self.conns)]
         try:
             if timeout is not None and not conn.poll(timeout):
-                raise WorkerError("a decode worker did not answer")
+                raise WorkerError("a decode worker did not answer; run again, or with --jobs 1 to decode in "
+                                  "this process")
             status, value = conn.recv()
         except (EOFError, OSError):
-            raise WorkerError("a decode worker stopped (killed, or out of memory?)") from None
+            raise WorkerError("a decode worker stopped (killed, or out of memory?); run again, or with --jobs 1 "
+                              "to decode in this process") from None
         if status == "error":
             raise value
         return value
