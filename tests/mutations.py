@@ -208,18 +208,8 @@ def mutate_dataset(rng: random.Random, ds: Path) -> str:
         return f"trace.json {choice}"
     name = rng.choice(pq_files)
     p = ds / name
-    if what == "truncate":
-        raw = p.read_bytes()
-        cut = rng.randrange(0, len(raw))
-        p.write_bytes(raw[:cut])
-        return f"{name} truncated at {cut} of {len(raw)}"
-    if what == "bit-flips":
-        raw = bytearray(p.read_bytes())
-        for _ in range(rng.choice([1, 4, 32])):
-            b = rng.randrange(len(raw) * 8)
-            raw[b // 8] ^= 1 << (b % 8)
-        p.write_bytes(bytes(raw))
-        return f"{name} bits flipped"
+    if what in ("truncate", "bit-flips"):
+        return _damage_file(rng, p, what)
     if what == "replace":
         p.unlink()
         if rng.random() < 0.5:
@@ -255,23 +245,28 @@ def mutate_dataset(rng: random.Random, ds: Path) -> str:
     return desc
 
 
+def _damage_file(rng: random.Random, p: Path, what: str) -> str:
+    """Cut the file `p` at a random length ("truncate") or flip 1, 4 or 32 random bits in it ("bit-flips")."""
+    if what == "truncate":
+        raw = p.read_bytes()
+        cut = rng.randrange(0, len(raw))
+        p.write_bytes(raw[:cut])
+        return f"{p.name} truncated at {cut} of {len(raw)}"
+    raw = bytearray(p.read_bytes())
+    for _ in range(rng.choice([1, 4, 32])):
+        b = rng.randrange(len(raw) * 8)
+        raw[b // 8] ^= 1 << (b % 8)
+    p.write_bytes(bytes(raw))
+    return f"{p.name} bits flipped"
+
+
 def mutate_summary(rng: random.Random, ds: Path, others: list[Path]) -> str:
     """Damage the dataset's summary.npz, or make it another dataset's (a user copying files between dataset
     folders): the report must then come from the rows, the same as without a summary."""
     p = ds / "summary.npz"
     what = rng.choice(["truncate", "bit-flips", "delete", "directory", "foreign", "foreign-rows", "empty"])
-    if what == "truncate":
-        raw = p.read_bytes()
-        cut = rng.randrange(0, len(raw))
-        p.write_bytes(raw[:cut])
-        return f"summary.npz truncated at {cut} of {len(raw)}"
-    if what == "bit-flips":
-        raw = bytearray(p.read_bytes())
-        for _ in range(rng.choice([1, 4, 32])):
-            b = rng.randrange(len(raw) * 8)
-            raw[b // 8] ^= 1 << (b % 8)
-        p.write_bytes(bytes(raw))
-        return "summary.npz bits flipped"
+    if what in ("truncate", "bit-flips"):
+        return _damage_file(rng, p, what)
     if what == "delete":
         p.unlink()
         return "summary.npz deleted"
