@@ -408,9 +408,8 @@ def _run(workers: Workers, blocks: Blocks, plan: list[tuple[list[int], int]], di
     submit()
     try:
         while inflight:
-            k, block = inflight[0]
+            k, block = inflight.popleft()  # before receiving: an error answer is this chunk's answer too
             result = workers.receive(k)
-            inflight.popleft()
             if block is not None and not result[1]:
                 blocks.give_back(block)  # the worker made a block of its own (the columns did not fit)
             dc = _take(result, blocks)
