@@ -249,13 +249,15 @@ def _name_max(parent: Path) -> int:
 
 
 def decode_jobs(jobs: int | None, trace_bytes: int) -> int:
-    """Decode processes for a trace: `jobs` (default: the processors this process may use), but one for
+    """Decode processes for a trace: `jobs`, at most the processors this process may use (the default;
+    more would only take memory: a worker and its shared-memory blocks are tens of MB each), but one for
     traces under PARALLEL_MIN_BYTES, where starting workers costs more than it saves."""
     from pooltrace.etl.parallel import default_jobs
 
     if trace_bytes < PARALLEL_MIN_BYTES:
         return 1
-    return max(1, default_jobs() if jobs is None else jobs)
+    cores = default_jobs()
+    return max(1, cores if jobs is None else min(jobs, cores))
 
 
 def _size(path: Path) -> int:

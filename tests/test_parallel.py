@@ -81,7 +81,10 @@ def _keyed_trace(path, damage: bool = False):
     return path
 
 
-def test_generated_trace_with_stack_keys_identical_for_every_jobs(tmp_path, small_chunks):
+def test_generated_trace_with_stack_keys_identical_for_every_jobs(tmp_path, small_chunks, monkeypatch):
+    from pooltrace.etl import parallel
+
+    monkeypatch.setattr(parallel, "default_jobs", lambda: 3)  # 3 workers even on a 2-core machine
     out = _pair_all(_keyed_trace(tmp_path / "keys.etl"), tmp_path, (1, 2, 3))
     _assert_identical(out)
     meta = json.loads(out[2][1])
@@ -96,9 +99,31 @@ def test_damaged_trace_same_warnings_for_every_jobs(tmp_path, small_chunks):
 
 
 def test_small_traces_stay_in_one_process(monkeypatch):
+    from pooltrace.etl import parallel
+
     monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(parallel, "default_jobs", lambda: 8)
     assert decode_jobs(8, 1000) == 1
-    assert decode_jobs(8, 2 << 20) == 8 and decode_jobs(1, 2 << 20) == 1 and decode_jobs(None, 2 << 20) >= 1
+    assert decode_jobs(8, 2 << 20) == 8 and decode_jobs(1, 2 << 20) == 1 and decode_jobs(None, 2 << 20) == 8
+
+
+def test_no_more_workers_than_processors_or_chunks(monkeypatch, tmp_path):
+    """`--jobs 999` (typed, or copied from a bigger machine) starts no more workers than there are
+    processors, nor more than chunks to decode: more would only take memory."""
+    from pooltrace.etl import parallel
+    from pooltrace.etl.chunks import plan_chunks
+    from pooltrace.etl.reader import EtlReader
+
+    monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(parallel, "default_jobs", lambda: 3)
+    assert decode_jobs(999, 2 << 20) == 3 and decode_jobs(2, 2 << 20) == 2
+    started = []
+    workers = parallel.Workers
+    monkeypatch.setattr(parallel, "Workers", lambda jobs, *a, **k: started.append(jobs) or workers(jobs, *a, **k))
+    with EtlReader(_keyed_trace(tmp_path / "keys.etl"), chunk_bytes=64 << 10) as r:
+        plan = plan_chunks(r.index, r.chunk_bytes)[:3]
+        assert len(list(parallel.decode_in_workers(r, plan, 999, digest_stacks=True))) == 3
+    assert started == [3]
 
 
 def test_a_script_without_main_guard_is_not_run_again_by_the_workers(tmp_path):

@@ -40,8 +40,8 @@ def _stack_window(_ctx, _param, value: float) -> float:
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Label the run in the STORE (build=1234, machine=lab7). Repeatable.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
-              help="Processes decoding the trace [default: the processors available; 1 for traces under 128 MB]. "
-                   "The dataset is the same for every value.")
+              help="Processes decoding the trace, at most the processors available [default: the processors "
+                   "available; 1 for traces under 128 MB]. The dataset is the same for every value.")
 @quiet_option
 @user_errors
 def pair(trace: Path, output: Path | None, stack_window: float, fmt: str, as_json: bool, store: Path | None,

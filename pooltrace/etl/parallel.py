@@ -254,8 +254,9 @@ def start_early() -> None:
 
 def decode_in_workers(reader, plan: list[tuple[list[int], int]], jobs: int, digest_stacks: bool
                       ) -> Iterator[DecodedChunk]:
-    """Decoded chunks of `plan`, in plan order, decoded by `jobs` worker processes."""
+    """Decoded chunks of `plan`, in plan order, decoded by `jobs` worker processes (no more than chunks)."""
     src = reader.source
+    jobs = max(1, min(jobs, len(plan)))
     blocks = Blocks(jobs * AHEAD + SPARE_BLOCKS, block_size(reader.chunk_bytes))
     workers = Workers(jobs, (str(reader.path), reader.index, src.max_area, int(reader.user_limit)),
                       background=True)
