@@ -8,7 +8,8 @@ process per run and reports the median run's records/s end to end (interpreter s
 RSS (the pair process; decode workers are separate processes of about one chunk each), the pair
 process's own CPU time (user + sys of that process alone, all its threads, decode workers not included:
 with --jobs N it shares the cores with them) and the diagnostics. With --jobs N > 1 it also times the
-decode stage alone at --jobs 1 and N (bench_reader's measure) and prints the speed-up. --profile runs
+decode stage alone and the reader (decode and time merge) at --jobs 1 and N (bench_reader's --stage decode
+and --stage reader) and prints both speed-ups. --profile runs
 pair_trace under cProfile in-process instead. --main-only times the main process's own work alone: the
 chunks are decoded once beforehand (held in memory, about 0.1 KB per record), then the time merge, stack
 attachment, pairing and the row writer (its Parquet thread included) run over them, CPU time per run. Not a
@@ -162,22 +163,24 @@ def main() -> None:
 
 
 def decode_speedup(path: Path, jobs: int, repeat: int) -> None:
-    """The decode stage alone (bench_reader's measure: every buffer read, decoded and time-merged, stack
-    frames digested, from opening the trace to its last batch, in a fresh process), at --jobs 1 and N."""
-    from bench_reader import CHILD
+    """bench_reader's two measures, each in a fresh process, at --jobs 1 and N: the decode stage alone
+    (--stage decode: every chunk read, decoded and its stack frames digested, handed back to the main
+    process; the issue's measure) and the reader (--stage reader: the same plus the time merge)."""
+    from bench_reader import CHILD, STAGE
 
     from pooltrace.dataset import CHUNK_BYTES  # the chunks pair decodes
 
-    med = {}
-    for j in (1, jobs):
-        runs = []
-        for _ in range(repeat):
-            res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(ROOT), str(CHUNK_BYTES >> 20), str(j)],
-                                 capture_output=True, text=True, check=True)
-            runs.append(json.loads(res.stdout)["seconds"])
-        med[j] = sorted(runs)[len(runs) // 2]
-    print(f"decode only (reader, median of {repeat}): --jobs 1 {med[1]:.2f} s, --jobs {jobs} {med[jobs]:.2f} s: "
-          f"speed-up {med[1] / med[jobs]:.2f}x")
+    for label, child in (("decode stage", STAGE), ("reader: decode and time merge", CHILD)):
+        med = {}
+        for j in (1, jobs):
+            runs = []
+            for _ in range(repeat):
+                res = subprocess.run([sys.executable, "-c", child, str(path), str(ROOT), str(CHUNK_BYTES >> 20),
+                                      str(j)], capture_output=True, text=True, check=True)
+                runs.append(json.loads(res.stdout)["seconds"])
+            med[j] = sorted(runs)[len(runs) // 2]
+        print(f"{label} (median of {repeat}): --jobs 1 {med[1]:.2f} s, --jobs {jobs} {med[jobs]:.2f} s: "
+              f"speed-up {med[1] / med[jobs]:.2f}x")
 
 
 if __name__ == "__main__":
