@@ -142,14 +142,24 @@ def open_dataset(path: Path, progress=None) -> tuple[Path, tempfile.TemporaryDir
 
 def trace_owners(ds: Path, slots: list[int], *, symbols: str | None, enabled: bool, local_dirs: list[Path],
                  quiet: bool, top: int, warn) -> dict:
-    from pooltrace.datasetcheck import MODULE_KEYS, check_no_nulls, check_stacks, read_parquet, read_trace_json
+    from pooltrace.datasetcheck import (
+        MODULE_KEYS,
+        check_no_nulls,
+        check_stacks,
+        read_parquet,
+        read_trace_json,
+        rerun_error,
+    )
     from pooltrace.notices import closest, pool_verdict, trace_warnings
 
     meta = read_trace_json(ds)
     allocs = read_parquet(ds / "allocations.parquet", columns=OWNER_COLUMNS)
     check_no_nulls(ds / "allocations.parquet", allocs, ["tag", "size", "fate", "pid"])
     tags = pc.unique(allocs["tag"]).to_pylist()
-    wanted = [t for t in tags if t is not None and slots_match(slots, _tag_bytes(t))]
+    try:
+        wanted = [t for t in tags if t is not None and slots_match(slots, _tag_bytes(t))]
+    except ValueError as exc:  # a tag column that holds something else (columns swapped, tampered)
+        raise rerun_error(ds / "allocations.parquet", f"column tag: {exc}") from None
     rows = allocs.filter(pc.and_(pc.is_in(allocs["tag"], pa.array(wanted, pa.string())),
                                  pc.is_valid(allocs["alloc_ns"])))
     source = meta.get("source")

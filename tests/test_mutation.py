@@ -63,13 +63,15 @@ def test_the_case_mix_covers_every_kind():
     assert set(CASES_PER_KIND) == set(KINDS) and set(TRACE_KINDS) < set(KINDS)
 
 
-@pytest.mark.parametrize("seed", [7188, 12068, 13185, 14175])
-def test_campaign_findings_stay_fixed(samples, tmp_path, seed):
-    """Seeds the long campaign (benchmarks/mutation_campaign.py) found, replayed with every case kind as
-    the campaign draws them. 7188: a compressed buffer's fill size shrunk to a point whose bound fell
+@pytest.mark.parametrize(("seed", "kinds"), [(7188, FIRST_KINDS), (12068, FIRST_KINDS), (13185, FIRST_KINDS),
+                                            (14175, FIRST_KINDS), (70567, KINDS)])
+def test_campaign_findings_stay_fixed(samples, tmp_path, seed, kinds):
+    """Seeds the long campaign (benchmarks/mutation_campaign.py) found, replayed with the case kinds the
+    campaign drew from then. 7188: a compressed buffer's fill size shrunk to a point whose bound fell
     inside an LZXpress match; the records past it were dropped in silence. 12068, 13185, 14175: bits
     flipped in a dataset's allocations.parquet gave stack ids past the stacks, used by the streamed report
-    before they were checked (a traceback). The kinds are those the campaign drew from then."""
-    case = make_case(seed, samples, tmp_path, kinds=FIRST_KINDS)
+    before they were checked (a traceback). 70567: allocations.parquet's fate and tag columns swapped; `whose`
+    parsed 'freed' as a pool tag (a traceback)."""
+    case = make_case(seed, samples, tmp_path, kinds=kinds)
     cls, problems, _runs = run_case(case, tmp_path, notices=REPORT_NOTICES)
     assert cls in ("ok", "bad-input") and not problems, f"{case.kind}: {case.label}: {problems}"
