@@ -10,6 +10,7 @@ from itertools import compress
 import numpy as np
 
 from pooltrace.datasetopen import Dataset
+from pooltrace.etl.columns import span_positions
 from pooltrace.modulemap import KERNEL_IMAGES, NONE, ModuleMap, frame_text
 
 
@@ -68,7 +69,7 @@ class FrameRenderer:
         lo = offsets[sids].astype(np.int64)
         lens = np.where(valid[sids], offsets[sids + 1].astype(np.int64) - lo, 0)
         ends = np.cumsum(lens)
-        idx = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(lo - (ends - lens), lens)
+        idx = span_positions(lo, lens)
         addrs = values[idx]
         pid_ns = np.array(list(todo.values()), dtype=np.int64).reshape(-1, 2)
         mod, rva = self.map.locate(addrs, np.repeat(pid_ns[:, 0], lens), np.repeat(pid_ns[:, 1], lens))
@@ -110,7 +111,7 @@ class FrameRenderer:
             lo = np.array([a for _, a, _ in later], dtype=np.int64)
             lens = np.array([b - a for _, a, b in later], dtype=np.int64)
             ends = np.cumsum(lens)
-            idx = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(lo - (ends - lens), lens)
+            idx = span_positions(lo, lens)
             ret = np.ones(len(idx), dtype=bool)
             ret[ends - lens] = False
             found = self.sym.lookup(mod[idx], rva[idx], return_address=ret)

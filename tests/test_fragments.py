@@ -137,3 +137,13 @@ def test_digest_groups_segments_exactly_by_their_frames(words, data):
     assert len(set(distinct)) == len(distinct)
     assert [distinct[k] for k in d.inverse.tolist()] == [tuple(w[s:s + c].tolist()) for s, c in spans]
     assert (d.h1[1:] >= d.h1[:-1]).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 5)), max_size=12))
+def test_span_positions_are_the_spans_concatenated(spans):
+    from pooltrace.etl.columns import span_positions
+
+    starts = np.array([s for s, _ in spans], dtype=np.int64)
+    counts = np.array([c for _, c in spans], dtype=np.int64)
+    assert span_positions(starts, counts).tolist() == [s + i for s, c in spans for i in range(c)]

@@ -27,8 +27,7 @@ class Columns:
             counts = offsets[1:][idx] - starts
             new = np.zeros(len(idx) + 1, dtype=np.int64)
             np.cumsum(counts, out=new[1:])
-            pos = np.repeat(starts - new[:-1], counts) + np.arange(int(new[-1]), dtype=np.int64)
-            lists[name] = (new, values[pos])
+            lists[name] = (new, values[span_positions(starts, counts)])
         return Columns({k: v[idx] for k, v in self.cols.items()}, {k: v[idx] for k, v in self.valid.items()}, lists)
 
     def slice(self, start: int, stop: int) -> Columns:
@@ -68,3 +67,11 @@ class Columns:
             names.append(k)
             arrays.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values)))
         return pa.Table.from_arrays(arrays, names=names)
+
+
+def span_positions(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The positions starts[i], .., starts[i] + counts[i] - 1 of every span i, concatenated (int64): the
+    index that gathers spans of an array into one."""
+    ends = np.cumsum(counts, dtype=np.int64)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.arange(total, dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64) - (ends - counts), counts)

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pooltrace.etl.columns import span_positions
+
 M1, M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 # per hash: (element multiplier, position base K) — odd numbers, so every step is invertible mod 2**64
 PARAMS = ((np.uint64(0xFF51AFD7ED558CCD), 0x9E3779B97F4A7C15), (np.uint64(0xC4CEB9FE1A85EC53), 0xD1B54A32D192ED03))
@@ -138,7 +140,7 @@ def digest_spans(words: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> D
     """digest() of the segments words[starts[i]:starts[i] + counts[i]] (uint64 words), read where they lie:
     Arrow's hash table finds the distinct segments by their bytes, through binary views of them (no copy)."""
     if len(words) * 8 >= 1 << 31:  # a view's offset is 32-bit: copy the frames out (never met: chunks are MBs)
-        pos = np.repeat(starts, counts) + _within(counts)
+        pos = span_positions(starts, counts)
         offsets = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         return digest(words[pos], offsets)
@@ -151,12 +153,6 @@ def digest(values: np.ndarray, offsets: np.ndarray) -> Digest:
     arr = pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1,
                                 [None, pa.py_buffer(offsets.astype(np.int64) * 8), pa.py_buffer(values)])
     return _distinct(arr, values, offsets[:-1], np.diff(offsets))
-
-
-def _within(counts: np.ndarray) -> np.ndarray:
-    """0, 1, .., counts[i] - 1 for every i, concatenated."""
-    ends = np.cumsum(counts)
-    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(ends - counts, counts)
 
 
 def _binary_views(words: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> pa.Array:
@@ -188,7 +184,7 @@ def _distinct(arr: pa.Array, source: np.ndarray, starts: np.ndarray, counts: np.
     new[1:] = idx[1:] > np.maximum.accumulate(idx)[:-1]
     first = np.flatnonzero(new)
     n = counts[first]
-    pos = np.repeat(starts[first], n) + _within(n)
+    pos = span_positions(starts[first], n)
     values = source[pos].astype(np.uint64, copy=False)
     offsets = np.zeros(len(first) + 1, dtype=np.int64)
     np.cumsum(n, out=offsets[1:])
@@ -200,7 +196,7 @@ def _distinct(arr: pa.Array, source: np.ndarray, starts: np.ndarray, counts: np.
     n = n[order]
     sorted_offsets = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(n, out=sorted_offsets[1:])
-    pos = np.repeat(offsets[:-1][order], n) + _within(n)
+    pos = span_positions(offsets[:-1][order], n)
     return Digest(k1[order], h2[order], sorted_offsets, values[pos], rank[idx])
 
 
