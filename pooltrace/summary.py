@@ -156,6 +156,12 @@ def _identity(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def _check_lengths(a: dict[str, np.ndarray], lengths: dict[str, int]) -> None:
+    for name, n in lengths.items():
+        if len(a[name]) != n:
+            raise Damaged(f"array {name!r} has {len(a[name])} values, expected {n}")
+
+
 def _checked(ds: Dataset, path: Path, identity: Future) -> Summary:
     with np.load(path, allow_pickle=False) as z:
         names = set(z.files)
@@ -171,9 +177,7 @@ def _checked(ds: Dataset, path: Path, identity: Future) -> Summary:
         raise Damaged("its content does not match its SHA-256")
     sizes = {"version": 1, "allocations": 3, "stacks": 1, "window": 2, "points": 1, "lifetime_counts": 5,
              "lifetime_bytes": 5}
-    for name, n in sizes.items():
-        if len(a[name]) != n:
-            raise Damaged(f"array {name!r} has {len(a[name])} values, expected {n}")
+    _check_lengths(a, sizes)
     if int(a["version"][0]) != VERSION:
         raise _Stale  # written by another version: not this one's to read
     size, crc, rows = a["allocations"].tolist()
@@ -191,9 +195,7 @@ def _checked(ds: Dataset, path: Path, identity: Future) -> Summary:
     bins = k * (points + 1)
     lengths = {**dict.fromkeys(_PER_KEY, k), **dict.fromkeys(_PAIRS, p), "up_w": 2 * bins, "up_c": 2 * bins,
                "down_w": bins, "down_c": bins}
-    for name, n in lengths.items():
-        if len(a[name]) != n:
-            raise Damaged(f"array {name!r} has {len(a[name])} values, expected {n}")
+    _check_lengths(a, lengths)
     keys = a["keys"]
     if k and (keys[0] < -1 or keys[-1] >= stacks or (np.diff(keys) <= 0).any()):
         raise Damaged("its stack ids are not ascending stack ids of the dataset")
