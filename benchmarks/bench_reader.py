@@ -11,7 +11,7 @@ quote the figures.
 and the rows merged into time order in the reading process — from opening the trace to its last batch.
 --stage decode: the decode stage alone, as pair runs it — every chunk of buffers read, decoded and its stack
 frames digested (chunks.decode_buffers), in this process with --jobs 1 or in N worker processes started the
-way pair starts them (parallel.start_early, then decode_in_workers) and handed back — from opening the trace
+way pair starts them (workerstart.start_early, then decode_in_workers) and handed back — from opening the trace
 to the last decoded chunk received; no time merge. The peak RSS is the reading process's (decode workers
 are separate processes).
 """
@@ -59,8 +59,9 @@ skip_pandas_probe()  # as the CLI does: pyarrow's first conversion would import 
 t0 = time.perf_counter()
 jobs = int(sys.argv[4])
 if jobs > 1:
-    from pooltrace.etl.parallel import decode_in_workers, start_early
-    start_early()  # as pair does: the workers' server loads while the buffer index is read
+    from pooltrace.etl.workerstart import start_early
+    start_early()  # as pair does: first, the workers' server loads while this process imports and reads the index
+    from pooltrace.etl.parallel import decode_in_workers
 from pooltrace.etl.chunks import decode_buffers, plan_chunks
 from pooltrace.etl.reader import EtlReader
 with EtlReader(sys.argv[1], chunk_bytes=int(sys.argv[3]) << 20) as r:

@@ -34,6 +34,7 @@ from pooltrace.etl.columns import Columns
 from pooltrace.etl.decode import IS_ALLOC, IS_SESSION, in_set
 from pooltrace.etl.images import join_debug_ids
 from pooltrace.etl.reader import EtlReader
+from pooltrace.etl.workerstart import decode_jobs, start_for
 from pooltrace.outputs import TMP_PREFIX, check_dataset_dir, install_dataset, os_reason
 from pooltrace.pairing import (
     CLOSED_FREE,
@@ -45,6 +46,7 @@ from pooltrace.pairing import (
     Pairer,
     PoolEvents,
 )
+from pooltrace.pairoptions import DEFAULT_WINDOW_S
 from pooltrace.sidecar import load_sidecar, merge_pdb_identities, tag_counters
 from pooltrace.stackjoin import StackJoiner
 from pooltrace.summary import write_summary
@@ -56,11 +58,8 @@ D = definitions()
 H = D.hooks
 FATES = {CLOSED_FREE: "freed", CLOSED_LOST_FREE: "lost_free", FREE_WITHOUT_ALLOC: "free_without_alloc",
          OUTSTANDING: "outstanding"}
-DEFAULT_WINDOW_S = 2.0
 ROW_GROUP = 1 << 19  # allocation rows per Parquet row group
 CHUNK_BYTES = 4 << 20  # buffers decoded together (the unit of work of a decode process)
-# smaller traces are decoded in one process: worker start-up (~0.5 s) > the decode moved (~0.4 s per 100 MB)
-PARALLEL_MIN_BYTES = 128 << 20
 
 
 def _umask() -> int:
@@ -248,25 +247,6 @@ def _name_max(parent: Path) -> int:
         return 255
 
 
-def decode_jobs(jobs: int | None, trace_bytes: int) -> int:
-    """Decode processes for a trace: `jobs`, at most the processors this process may use (the default;
-    more would only take memory: a worker and its shared-memory blocks are tens of MB each), but one for
-    traces under PARALLEL_MIN_BYTES, where starting workers costs more than it saves."""
-    from pooltrace.etl.parallel import default_jobs
-
-    if trace_bytes < PARALLEL_MIN_BYTES:
-        return 1
-    cores = default_jobs()
-    return max(1, cores if jobs is None else min(jobs, cores))
-
-
-def _size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:  # the reader says why
-        return 0
-
-
 def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S,
                progress: Callable[[int, int], None] | None = None, jobs: int | None = None) -> dict:
     """Pair a trace into a dataset directory; returns the trace.json content. The dataset is the same
@@ -284,10 +264,7 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot create the dataset directory: {os_reason(exc)}") from None
     try:
-        if decode_jobs(jobs, _size(trace)) > 1:
-            from pooltrace.etl.parallel import start_early
-
-            start_early()  # the workers' server loads while the buffer index is read
+        start_for(trace, jobs)  # the workers' server loads while the buffer index is read (the CLI started it sooner)
         with EtlReader(trace, chunk_bytes=CHUNK_BYTES) as reader:
             meta = _pair(reader, tmp, window_s, progress, decode_jobs(jobs, reader.stats.file_size))
         (tmp / "trace.json").write_text(json.dumps(meta, indent=2) + "\n")

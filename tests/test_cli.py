@@ -31,9 +31,9 @@ def test_listed_short_help_is_the_commands_own(command):
     assert cli.get_command(None, command).get_short_help_str(limit=1000) == SHORT_HELP[command]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["record", "--help"], ["profile", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["record", "--help"], ["profile", "--help"], ["pair", "--help"]])
 def test_start_up_imports_no_data_libraries(argv):
-    """Lazy command loading: help for the group and for `record` load neither pyarrow, numpy nor rich."""
+    """Lazy command loading: help for the group, `record` and `pair` load neither pyarrow, numpy nor rich."""
     code = ("import sys; from pooltrace.cli import cli\n"
             f"try: cli.main({argv!r}, prog_name='pooltrace')\n"
             "except SystemExit: pass\n"
@@ -77,3 +77,20 @@ def test_data_commands_leave_pandas_unimported_but_available():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["False", "[0, 1, 2]"]
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("3", "3")])
+def test_blas_runs_single_threaded_unless_the_user_says(tmp_path, preset, expected):
+    """numpy's OpenBLAS would start a spinning thread per core; the command line asks for one (the decode
+    workers inherit it), keeping a value the user set."""
+    code = ("import atexit, os, sys\n"
+            "atexit.register(lambda: print('blas', os.environ.get('OPENBLAS_NUM_THREADS')))\n"
+            "from pooltrace.cli import main\n"
+            "main()\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    out = subprocess.run([sys.executable, "-c", code, "info", str(ROOT / "traces" / "sample-leak.etl")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1].split() == ["blas", expected]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pooltrace import dataset
 from pooltrace.cli import cli
 from pooltrace.dataset import pair_trace
-from pooltrace.etl import parallel
+from pooltrace.etl import parallel, workerstart
 from pooltrace.etl.writer import TraceWriter
 from pooltrace.synthetic import _sites, kernel_modules
 from tests.conftest import ROOT
@@ -36,7 +36,7 @@ def test_samples_pair_to_the_planted_truth(tmp_path, monkeypatch, name, jobs):
     meta = json.loads((TRACES / f"{name}.truth.json").read_text())
     if jobs > 1:  # small chunks and no size threshold, so the sample really goes through decode workers
         monkeypatch.setattr(dataset, "CHUNK_BYTES", 64 << 10)
-        monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(workerstart, "PARALLEL_MIN_BYTES", 0)
         monkeypatch.setattr(parallel, "DECODE_WHILE_STARTING", False)  # not the first chunks in this process
     result = CliRunner().invoke(cli, ["pair", str(TRACES / f"{name}.etl"), "-o", str(tmp_path / "ds"),
                                       "--jobs", str(jobs)])

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from pooltrace import dataset
-from pooltrace.dataset import decode_jobs, pair_trace
+from pooltrace.dataset import pair_trace
+from pooltrace.etl import workerstart
 from pooltrace.etl.columns import Columns
+from pooltrace.etl.workerstart import decode_jobs
 from pooltrace.etl.writer import TraceWriter
 from tests.conftest import ROOT
 
@@ -34,7 +36,7 @@ def workers_only(monkeypatch):
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(dataset, "CHUNK_BYTES", 96 << 10)
-    monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(workerstart, "PARALLEL_MIN_BYTES", 0)
 
 
 def _pair_all(trace, tmp_path, jobs_list=(1, 2)):
@@ -82,9 +84,8 @@ def _keyed_trace(path, damage: bool = False):
 
 
 def test_generated_trace_with_stack_keys_identical_for_every_jobs(tmp_path, small_chunks, monkeypatch):
-    from pooltrace.etl import parallel
 
-    monkeypatch.setattr(parallel, "default_jobs", lambda: 3)  # 3 workers even on a 2-core machine
+    monkeypatch.setattr(workerstart, "default_jobs", lambda: 3)  # 3 workers even on a 2-core machine
     out = _pair_all(_keyed_trace(tmp_path / "keys.etl"), tmp_path, (1, 2, 3))
     _assert_identical(out)
     meta = json.loads(out[2][1])
@@ -99,10 +100,9 @@ def test_damaged_trace_same_warnings_for_every_jobs(tmp_path, small_chunks):
 
 
 def test_small_traces_stay_in_one_process(monkeypatch):
-    from pooltrace.etl import parallel
 
-    monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 1 << 20)
-    monkeypatch.setattr(parallel, "default_jobs", lambda: 8)
+    monkeypatch.setattr(workerstart, "PARALLEL_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(workerstart, "default_jobs", lambda: 8)
     assert decode_jobs(8, 1000) == 1
     assert decode_jobs(8, 2 << 20) == 8 and decode_jobs(1, 2 << 20) == 1 and decode_jobs(None, 2 << 20) == 8
 
@@ -114,8 +114,8 @@ def test_no_more_workers_than_processors_or_chunks(monkeypatch, tmp_path):
     from pooltrace.etl.chunks import plan_chunks
     from pooltrace.etl.reader import EtlReader
 
-    monkeypatch.setattr(dataset, "PARALLEL_MIN_BYTES", 1 << 20)
-    monkeypatch.setattr(parallel, "default_jobs", lambda: 3)
+    monkeypatch.setattr(workerstart, "PARALLEL_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(workerstart, "default_jobs", lambda: 3)
     assert decode_jobs(999, 2 << 20) == 3 and decode_jobs(2, 2 << 20) == 2
     started = []
     workers = parallel.Workers
@@ -130,8 +130,8 @@ def test_a_script_without_main_guard_is_not_run_again_by_the_workers(tmp_path):
     """spawn/forkserver import the parent's main module in every worker; pooltrace hides it."""
     script = tmp_path / "script.py"
     script.write_text(
-        "import pooltrace.dataset as d\n"
-        "d.PARALLEL_MIN_BYTES, d.CHUNK_BYTES = 0, 96 << 10\n"
+        "import pooltrace.dataset as d, pooltrace.etl.workerstart as w\n"
+        "w.PARALLEL_MIN_BYTES, d.CHUNK_BYTES = 0, 96 << 10\n"
         f"d.pair_trace({str(ROOT / 'traces' / 'sample-leak.etl')!r}, {str(tmp_path / 'ds')!r}, jobs=2)\n"
         "print('paired')\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -270,7 +270,7 @@ def test_chunks_are_decoded_here_while_the_workers_start(tmp_path, monkeypatch, 
 
     from pooltrace.etl import parallel
 
-    ctx = parallel._context()
+    ctx = parallel.context()
 
     class SlowStart:
         def __getattr__(self, name):
@@ -288,7 +288,7 @@ def test_chunks_are_decoded_here_while_the_workers_start(tmp_path, monkeypatch, 
     here = []
     decode = parallel.decode_buffers
     monkeypatch.setattr(parallel, "DECODE_WHILE_STARTING", True)
-    monkeypatch.setattr(parallel, "_context", SlowStart)
+    monkeypatch.setattr(parallel, "context", SlowStart)
     monkeypatch.setattr(parallel, "decode_buffers", lambda *a: here.append(a[2]) or decode(*a))
     _assert_identical(_pair_all(_keyed_trace(tmp_path / "keys.etl"), tmp_path, (1, 2)))
     assert len(here) > 2
@@ -324,3 +324,42 @@ def test_a_killed_worker_ends_pair_in_one_line_and_leaves_no_dataset(tmp_path, s
     assert not out.exists() and (tmp_path / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "keys.etl"]
     assert (set(shm.iterdir()) if shm.is_dir() else set()) <= before  # no shared memory left behind
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists() or "forkserver" not in
+                    __import__("multiprocessing").get_all_start_methods(), reason="needs /proc and forkserver")
+def test_pair_starts_the_workers_server_before_loading_the_pairing_code(tmp_path):
+    """`pooltrace pair` starts the decode workers' server first, so that its imports (numpy, pyarrow, the
+    decoders) run beside the command's own: when this process starts loading numpy, pyarrow or the pairing
+    code, the server is already running."""
+    code = ("import os, sys\n"
+            "import pooltrace.etl.workerstart as w\n"
+            "w.PARALLEL_MIN_BYTES, w.default_jobs = 0, lambda: 2\n"
+            "seen = []\n"
+            "def servers():\n"
+            "    me, found = str(os.getpid()), 0\n"
+            "    for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+            "        try:\n"
+            "            stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()\n"
+            "            cmd = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+            "        except OSError:\n"
+            "            continue\n"
+            "        found += stat[1] == me and b'forkserver' in cmd\n"
+            "    return found\n"
+            "class Spy:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name in ('numpy', 'pyarrow', 'pooltrace.dataset') and not seen:\n"
+            "            seen.append((name, servers()))\n"
+            "sys.meta_path.insert(0, Spy())\n"
+            "from pooltrace.cli import main\n"
+            "try:\n"
+            "    main()\n"
+            "finally:\n"
+            "    print(seen)\n")
+    trace = ROOT / "traces" / "sample-leak.etl"
+    out = subprocess.run([sys.executable, "-c", code, "pair", str(trace), "-o", str(tmp_path / "ds"), "--jobs", "2"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, servers = eval(out.stdout.strip().splitlines()[-1])[0]
+    assert first in ("numpy", "pyarrow") and servers == 1
+    assert (tmp_path / "ds" / "allocations.parquet").is_file()

@@ -8,6 +8,7 @@ pyarrow, numpy and rich are loaded only by the commands that use them.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -39,8 +40,9 @@ SHORT_HELP = {
 }
 
 
-# commands that read traces or datasets with pyarrow but build no pandas DataFrame
-ARROW_COMMANDS = {"info", "pair", "report", "tags", "diff", "whose"}
+# commands that read traces or datasets with pyarrow but build no pandas DataFrame (`pair` answers the probe
+# itself, after it has started its decode workers' server: it loads pyarrow as late as it can)
+ARROW_COMMANDS = {"info", "report", "tags", "diff", "whose"}
 
 
 class LazyGroup(PooltraceGroup):
@@ -82,11 +84,20 @@ def cli() -> None:
 
 
 def main() -> None:
+    single_threaded_blas()
     encoding_fallbacks()
     try:
         cli(prog_name="pooltrace")
     finally:
         _flush_quietly()
+
+
+def single_threaded_blas() -> None:
+    """numpy's OpenBLAS starts a thread per core when numpy is imported, and its threads spin after each matrix
+    product; pooltrace's products are small (growth fits), so on a busy pair run those threads only took CPU
+    from the decoders (0.1-0.2 s per run on 2 cores). One thread, unless the user set it; the decode workers
+    inherit it."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _flush_quietly() -> None:

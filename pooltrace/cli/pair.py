@@ -9,11 +9,10 @@ from pathlib import Path
 import click
 
 from pooltrace.cli.common import progress_bar, quiet_option, user_errors
-from pooltrace.dataset import DEFAULT_WINDOW_S, pair_trace
-from pooltrace.datasetschema import default_output
 from pooltrace.errors import PooltraceError
+from pooltrace.etl.workerstart import start_for
 from pooltrace.outputs import check_parent
-from pooltrace.store import append_trace, check_run_id, parse_labels
+from pooltrace.pairoptions import DEFAULT_WINDOW_S
 
 MAX_STACK_WINDOW_S = 3600.0
 
@@ -51,11 +50,22 @@ def pair(trace: Path, output: Path | None, stack_window: float, fmt: str, as_jso
     as_json = as_json or fmt == "json"
     if store is None and (run_id or labels):
         raise PooltraceError("--run-id and --label need --into STORE")
+    if store is not None and output is not None:
+        raise PooltraceError("give -o DIR or --into STORE, not both")
+    # the decode workers' server first: it imports the decoders on another core while this process imports
+    # the pairing code below (numpy, pyarrow: ~0.2 s each)
+    start_for(trace, jobs)
+    from pooltrace.arrowprobe import skip_pandas_probe
+
+    skip_pandas_probe()
     if store is not None:
-        if output is not None:
-            raise PooltraceError("give -o DIR or --into STORE, not both")
+        from pooltrace.store import parse_labels
+
         _into(trace, store, run_id, parse_labels(labels), stack_window, as_json, quiet)
         return
+    from pooltrace.dataset import pair_trace
+    from pooltrace.datasetschema import default_output
+
     out = (output or default_output(trace)).absolute()
     check_parent(out)
     with progress_bar(trace, quiet, "pairing") as progress:
@@ -81,6 +91,8 @@ def pair(trace: Path, output: Path | None, stack_window: float, fmt: str, as_jso
 
 def _into(trace: Path, store: Path, run_id: str | None, labels: dict, stack_window: float, as_json: bool,
           quiet: bool) -> None:
+    from pooltrace.store import append_trace, check_run_id
+
     if run_id is not None:
         check_run_id(run_id)
     if not trace.is_file():

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import multiprocessing as mp
 import os
-import sys
 import threading
-import types
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -40,20 +37,13 @@ from pooltrace.etl.buffers import BufferIndex, BufferSource, FileBytes
 from pooltrace.etl.chunks import DecodedChunk, decode_buffers
 from pooltrace.etl.columns import Columns
 from pooltrace.etl.fragments import Digest
+from pooltrace.etl.workerstart import caller_script_hidden, context
 
 AHEAD = 2  # chunks in flight per worker
 DECODE_WHILE_STARTING = True  # the reader decodes the first chunks itself while the workers start
 SPARE_BLOCKS = 2  # reusable blocks beyond one per chunk in flight: the reader may still hold a chunk or two
 
 _worker: dict = {}
-
-
-def default_jobs() -> int:
-    """The processors this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on every OS
-        return max(1, os.cpu_count() or 1)
 
 
 def _init(path: str, index: BufferIndex, max_area: int, user_limit: int) -> None:
@@ -217,41 +207,6 @@ def _detach(shm: shared_memory.SharedMemory):
     return mapping
 
 
-@contextlib.contextmanager
-def _caller_script_hidden():
-    """Workers run pooltrace code only: while they start, hide the caller's __main__ so that spawn and
-    forkserver do not import it again in every worker (a script without a main guard, or
-    ``python -m pooltrace``, would run again there)."""
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if main is not None:
-            sys.modules["__main__"] = main
-
-
-def _context():
-    methods = mp.get_all_start_methods()
-    if "forkserver" in methods:  # workers forked from a clean server with the decoders imported once
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["pooltrace.etl.chunks"])
-        return ctx
-    return mp.get_context("spawn")
-
-
-def start_early() -> None:
-    """Start the process the decode workers are forked from now (it imports the decoders, ~0.3 s), so that
-    it loads while the caller is still reading the trace's buffer index. Only the forkserver start method
-    has such a process; with spawn this does nothing."""
-    ctx = _context()
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        with _caller_script_hidden():
-            forkserver.ensure_running()
-
-
 def decode_in_workers(reader, plan: list[tuple[list[int], int]], jobs: int, digest_stacks: bool
                       ) -> Iterator[DecodedChunk]:
     """Decoded chunks of `plan`, in plan order, decoded by `jobs` worker processes (no more than chunks)."""
@@ -312,7 +267,7 @@ class Workers:
     itself (started() says when it can stop)."""
 
     def __init__(self, jobs: int, initargs: tuple, background: bool = False):
-        ctx = _context()
+        ctx = context()
         pipes = [ctx.Pipe(duplex=True) for _ in range(jobs)]
         self.conns = [mine for mine, _theirs in pipes]
         self.procs: list = []
@@ -321,7 +276,7 @@ class Workers:
 
         def start() -> None:
             try:
-                with _caller_script_hidden():  # spawn/forkserver would import the caller's script again
+                with caller_script_hidden():  # spawn/forkserver would import the caller's script again
                     for _mine, theirs in pipes:
                         proc = ctx.Process(target=_serve, args=(theirs, initargs), daemon=True)
                         proc.start()
