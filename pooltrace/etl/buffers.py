@@ -77,6 +77,12 @@ class FileBytes:
         start, stop, _ = item.indices(self.size)
         return os.pread(self.fd, max(0, stop - start), start)
 
+    def strided(self, start: int, stride: int, count: int, length: int) -> bytes:
+        """`length` bytes at each of `start`, `start + stride`, ... (`count` places), joined: one pread each,
+        no other Python work per place. Shorter when the file ends first."""
+        fd, pread = self.fd, os.pread
+        return b"".join([pread(fd, length, o) for o in range(start, start + count * stride, stride)])
+
 
 class BufferSource:
     """Random access to the decompressed data areas of a file's buffers.
@@ -235,16 +241,82 @@ def _first_ts(head: bytes) -> int | None:
     return struct.unpack_from("<q", head, off)[0]
 
 
-def scan_buffers(data: bytes | memoryview) -> BufferIndex:
+# A buffer header and the first 32 bytes of its data area, as read for the index (_HDR's fields, then
+# 0x38..0x48 unused, then the first record's header).
+_HEAD_ROW = np.dtype([("size", "<u4"), ("saved", "<u4"), ("cur", "<u4"), ("ref", "<u4"), ("ts", "<i8"),
+                      ("seq", "<u8"), ("clk", "<u8"), ("proc", "<u2"), ("lid", "<u2"), ("state", "<u4"),
+                      ("filled", "<u4"), ("flags", "<u2"), ("btype", "<u2"), ("_pad", "V16"),
+                      ("rec_marker", "<u4"), ("rec_w1", "<u4"), ("rec_q1", "<i8"), ("rec_q2", "<i8"),
+                      ("rec_q3", "<i8")])
+_ROW = BUFFER_HEADER_SIZE + 32
+_TS_AT = np.zeros(256, dtype=np.uint8)  # _TS_OFFSET as a table: 0 where the header type is unknown
+for _t, _o in _TS_OFFSET.items():
+    _TS_AT[_t] = _o
+_FIRST_RUN = 32  # headers read in the first try of a run, doubled while every one fits ...
+_MAX_RUN = 1024  # ... up to this many: a damaged header wastes at most this many reads
+
+
+def _head_rows(data, start: int, stride: int, count: int) -> np.ndarray:
+    """The first 0x68 bytes of `count` buffers at `start`, `start + stride`, ... (all inside the file), as
+    _HEAD_ROW records: one pread each from a file (no Python work per row beyond the call), or a strided
+    view of bytes in memory."""
+    if isinstance(data, FileBytes):
+        raw = data.strided(start, stride, count, _ROW)
+        if len(raw) != count * _ROW:  # the file shrank while it was read: the walk says what is left
+            return np.zeros(0, dtype=_HEAD_ROW)
+        return np.frombuffer(raw, dtype=_HEAD_ROW)
+    whole = np.frombuffer(data, dtype=np.uint8)
+    rows = np.lib.stride_tricks.as_strided(whole[start:], shape=(count, _ROW), strides=(stride, 1),
+                                           writeable=False)
+    return np.ascontiguousarray(rows).view(_HEAD_ROW).reshape(count)
+
+
+def _even_run(data, start: int, stride: int, count: int) -> dict[str, np.ndarray]:
+    """Index rows of the buffers at `start`, `start + stride`, ... that the walk (scan_buffers) would read
+    as intact uncompressed buffers of BufferSize `stride`, up to the first that is not (a different size, a
+    compressed one, an impossible fill size, a header that is not a buffer's): the same rows, vectorized."""
+    h = _head_rows(data, start, stride, count)
+    fits = (h["size"] == stride) & (h["flags"] & FLAG_COMPRESSED == 0) & (h["filled"] >= BUFFER_HEADER_SIZE) & \
+        (h["filled"] <= stride) & (h["filled"] <= MAX_BUFFER_DATA)
+    k = int(np.argmin(fits)) if not fits.all() else len(h)
+    h = h[:k]
+    # _first_ts of the data area's first min(filled - 0x48, 32) bytes
+    htype = ((h["rec_marker"] >> 16) & 0xFF).astype(np.intp)
+    at = _TS_AT[htype]
+    known = (h["filled"] >= BUFFER_HEADER_SIZE + 24) & (h["rec_marker"] != 0xFFFFFFFF) & (at != 0) & \
+        ((h["rec_marker"] >> 24) & 0xC0 == 0xC0)
+    ts = np.where(at == 8, h["rec_q1"], h["rec_q2"])
+    return {
+        "offset": start + stride * np.arange(k, dtype=np.int64), "size": h["size"].astype(np.int64),
+        "filled": h["filled"].astype(np.int64), "cpu": (h["proc"] & PROCESSOR_INDEX_MASK).astype(np.int64),
+        "seq": h["seq"].astype(np.uint64), "flags": h["flags"].astype(np.int64),
+        "state": h["state"].astype(np.int64), "first_ts": np.where(known, ts, np.iinfo(np.int64).min),
+    }
+
+
+_COLUMNS = ("offset", "size", "filled", "cpu", "seq", "flags", "state", "first_ts")
+_DTYPES = (np.int64, np.int64, np.int64, np.int64, np.uint64, np.int64, np.int64, np.int64)
+
+
+def scan_buffers(data: bytes | memoryview, fast: bool = True) -> BufferIndex:
     """Walk the file buffer by buffer. Stops (with a warning) at a header that cannot be stepped over;
-    a buffer running past the end of the file is dropped with a warning (truncated file)."""
+    a buffer running past the end of the file is dropped with a warning (truncated file).
+
+    After each intact uncompressed buffer, the buffers that follow at the same spacing are read at once and
+    checked vectorized (_even_run): in an uncompressed trace every buffer has the logger's buffer size, so the
+    whole index is a few reads of many headers. The walk goes on at the first that does not fit (compressed
+    buffers, damage, the end of the file), so the index, warnings and counts are the walk's. `fast=False`
+    walks every buffer."""
     n = len(data)
-    rows = []
+    parts: list[dict[str, np.ndarray]] = []  # runs read at once, with the walked rows between them
+    rows: list[tuple] = []
+    count = 0  # buffers indexed so far
     warnings: list[str] = []
     off = 0
     trailing = 0
     skipped = 0
     unknown_ts = np.iinfo(np.int64).min
+    cool = 0  # buffers to walk before the next try to read many at once
     while off + BUFFER_HEADER_SIZE <= n:
         head_bytes = data[off:off + BUFFER_HEADER_SIZE + 32]
         (bsize, _saved, _cur, _ref, _ts, seq, _clk, proc, _lid, state, filled, flags,
@@ -259,9 +331,9 @@ def scan_buffers(data: bytes | memoryview) -> BufferIndex:
                             f"stopped reading there, {n - off} bytes skipped")
             break
         if off + bsize > n:
-            where = (f"file truncated inside buffer {len(rows)} at offset 0x{off:x} "
+            where = (f"file truncated inside buffer {count} at offset 0x{off:x} "
                      f"({n - off} of {bsize} bytes present)")
-            part = _partial(data, off, n - off, filled, flags) if rows else None  # never a cut header buffer
+            part = _partial(data, off, n - off, filled, flags) if count else None  # never a cut header buffer
             if part is None:
                 skipped = n - off
                 warnings.append(f"{where}; that buffer was skipped")
@@ -272,12 +344,14 @@ def scan_buffers(data: bytes | memoryview) -> BufferIndex:
                 ts = _first_ts(bytes(data[off + BUFFER_HEADER_SIZE:off + min(used, BUFFER_HEADER_SIZE + 32)]))
                 rows.append((off, n - off, used, proc & PROCESSOR_INDEX_MASK, seq, flags, state,
                              unknown_ts if ts is None else ts))
+                count += 1
             break
         compressed = bool(flags & FLAG_COMPRESSED)
         if filled < BUFFER_HEADER_SIZE or (not compressed and filled > bsize) or filled > MAX_BUFFER_DATA:
-            warnings.append(f"buffer {len(rows)} at offset 0x{off:x} has an impossible fill size {filled}; skipped")
+            warnings.append(f"buffer {count} at offset 0x{off:x} has an impossible fill size {filled}; skipped")
             rows.append((off, bsize, BUFFER_HEADER_SIZE, proc & PROCESSOR_INDEX_MASK, seq, flags, state,
                          unknown_ts))
+            count += 1
             off += bsize
             continue
         if compressed:
@@ -291,17 +365,52 @@ def scan_buffers(data: bytes | memoryview) -> BufferIndex:
         ts = _first_ts(head)
         rows.append((off, bsize, filled, proc & PROCESSOR_INDEX_MASK, seq, flags, state,
                      unknown_ts if ts is None else ts))
+        count += 1
         off += bsize
+        # an intact uncompressed buffer: read the ones after it at its spacing, as many as fit
+        cool -= 1
+        if fast and not compressed and bsize >= _ROW and cool <= 0:
+            off, added, cool = _runs(data, off, bsize, parts, rows)
+            count += added
     if off < n and not trailing and not warnings:
         warnings.append(f"{n - off} bytes after the last buffer ignored")
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 8
-    return BufferIndex(
-        offset=np.array(cols[0], dtype=np.int64), size=np.array(cols[1], dtype=np.int64),
-        filled=np.array(cols[2], dtype=np.int64), cpu=np.array(cols[3], dtype=np.int64),
-        seq=np.array(cols[4], dtype=np.uint64), flags=np.array(cols[5], dtype=np.int64),
-        state=np.array(cols[6], dtype=np.int64), first_ts=np.array(cols[7], dtype=np.int64),
-        warnings=warnings, trailing_bytes=trailing, skipped_bytes=skipped,
-    )
+    if rows or not parts:
+        parts.append(_as_columns(rows))
+    cols = {c: np.concatenate([p[c] for p in parts]) if len(parts) > 1 else parts[0][c] for c in _COLUMNS}
+    return BufferIndex(**cols, warnings=warnings, trailing_bytes=trailing, skipped_bytes=skipped)
+
+
+def _runs(data, off: int, stride: int, parts: list, rows: list) -> tuple[int, int, int]:
+    """Index the buffers from `off` on that are spaced `stride` apart and fit _even_run, in reads of 32,
+    64, ... 1024 headers, until one does not fit or the file ends; their rows go to `parts` (after `rows`,
+    the walked ones before them, which are moved there). Returns where the walk goes on, the buffers
+    indexed, and how many buffers the walk reads before the next try: as many as the headers read in vain
+    (past the one that did not fit), so that a file whose spacing keeps changing is never read more than
+    twice."""
+    ahead = (len(data) - off) // stride
+    run = _FIRST_RUN
+    added = 0
+    while ahead:
+        want = min(run, ahead)
+        got = _even_run(data, off, stride, want)
+        k = len(got["offset"])
+        if k:
+            if rows:
+                parts.append(_as_columns(rows))
+                rows.clear()
+            parts.append(got)
+            off += k * stride
+            ahead -= k
+            added += k
+        if k < want:
+            return off, added, want - k - 1
+        run = min(2 * run, _MAX_RUN)
+    return off, added, 0
+
+
+def _as_columns(rows: list[tuple]) -> dict[str, np.ndarray]:
+    cols = list(zip(*rows, strict=True)) if rows else [()] * len(_COLUMNS)
+    return {c: np.array(v, dtype=t) for c, v, t in zip(_COLUMNS, cols, _DTYPES, strict=True)}
 
 
 def _partial(data, off: int, present: int, filled: int, flags: int) -> tuple[int, int, int] | None:
@@ -322,17 +431,12 @@ def _partial(data, off: int, present: int, filled: int, flags: int) -> tuple[int
     return used, len(slots), end - used
 
 
-def reading_order(index: BufferIndex, skip: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Order in which to read the data buffers (all but the first `skip`): a k-way merge of the
-    per-CPU queues (each in SequenceNumber order) by first timestamp.
-
-    Returns (order, watermark): watermark[k] is the smallest first timestamp among buffers read after
-    order[k] — every event still to come is at or after it (per-CPU streams never go back in time).
-    """
-    ids = np.arange(skip, len(index))
+def _merge(index: BufferIndex, queued: np.ndarray) -> np.ndarray:
+    """The k-way merge of reading_order when a CPU's queue goes back in time (a damaged or unknown first
+    timestamp): the heads are taken by (first timestamp, CPU, place in the queue)."""
     queues: dict[int, list[int]] = {}
-    for i in ids[np.lexsort((ids, index.seq[ids], index.cpu[ids]))]:
-        queues.setdefault(int(index.cpu[i]), []).append(int(i))
+    for i in queued.tolist():
+        queues.setdefault(int(index.cpu[i]), []).append(i)
     heads = [(int(index.first_ts[q[0]]), cpu, 0) for cpu, q in queues.items()]
     heapq.heapify(heads)
     order = []
@@ -342,7 +446,24 @@ def reading_order(index: BufferIndex, skip: int = 1) -> tuple[np.ndarray, np.nda
         order.append(q[pos])
         if pos + 1 < len(q):
             heapq.heappush(heads, (int(index.first_ts[q[pos + 1]]), cpu, pos + 1))
-    order_arr = np.array(order, dtype=np.int64)
+    return np.array(order, dtype=np.int64)
+
+
+def reading_order(index: BufferIndex, skip: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Order in which to read the data buffers (all but the first `skip`): a k-way merge of the
+    per-CPU queues (each in SequenceNumber order) by first timestamp.
+
+    Returns (order, watermark): watermark[k] is the smallest first timestamp among buffers read after
+    order[k] — every event still to come is at or after it (per-CPU streams never go back in time).
+    """
+    ids = np.arange(skip, len(index))
+    queued = ids[np.lexsort((ids, index.seq[ids], index.cpu[ids]))]  # the per-CPU queues, one after another
+    cpu, fts = index.cpu[queued], index.first_ts[queued]
+    if not ((cpu[1:] == cpu[:-1]) & (fts[1:] < fts[:-1])).any():
+        # every queue in time order (as the logger writes them): the merge is a stable sort by (ts, cpu)
+        order_arr = queued[np.lexsort((cpu, fts))].astype(np.int64)
+    else:
+        order_arr = _merge(index, queued)
     # Watermark after reading order[k] = min first_ts over the buffers not yet read = the min over the
     # per-CPU heads, which the merge order makes the next buffer's first_ts... except that a later
     # CPU's head may be smaller when first_ts is unknown; a suffix minimum covers every case.

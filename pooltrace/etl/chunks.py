@@ -68,14 +68,13 @@ def plan_chunks(index: BufferIndex, chunk_bytes: int) -> list[tuple[list[int], i
     order, watermark = reading_order(index, skip=1)
     first_wm = int(index.first_ts[order].min()) if len(order) else np.iinfo(np.int64).max
     plan: list[tuple[list[int], int]] = [([0], first_wm)]
-    group: list[int] = []
-    acc = 0
-    for k, b in enumerate(order.tolist()):
-        group.append(b)
-        acc += int(index.filled[b])
-        if acc >= chunk_bytes or k == len(order) - 1:
-            plan.append((group, int(watermark[k])))
-            group, acc = [], 0
+    upto = np.cumsum(index.filled[order])  # filled bytes up to each buffer in reading order, increasing
+    start = 0
+    while start < len(order):
+        before = int(upto[start - 1]) if start else 0
+        end = min(max(int(np.searchsorted(upto, before + chunk_bytes, side="left")), start), len(order) - 1)
+        plan.append((order[start:end + 1].tolist(), int(watermark[end])))
+        start = end + 1
     return plan
 
 
