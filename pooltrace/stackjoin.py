@@ -124,13 +124,14 @@ class StackTable:
         out = np.full(len(kfrag), NO_STACK, dtype=np.int64)
         if not has.any():
             return out
-        k, u = kfrag[has], ufrag[has]
+        every = bool(has.all())  # usual: every event has a stack
+        k, u = (kfrag, ufrag) if every else (kfrag[has], ufrag[has])
         # a kernel part alone (the usual stack) is looked up by its fragment id in a dense table
         solo = (u < 0) & (k >= 0) & (k < PLACEHOLDER)
-        got = np.full(len(k), -1, dtype=np.int64)
-        ks = k[solo]
-        inside = ks < len(self._solo)
-        got[np.flatnonzero(solo)[inside]] = self._solo[ks[inside]]
+        if len(self._solo):
+            got = np.where(solo & (k < len(self._solo)), self._solo[np.clip(k, 0, len(self._solo) - 1)], -1)
+        else:
+            got = np.full(len(k), -1, dtype=np.int64)
         rest = np.flatnonzero(got < 0)
         if len(rest):
             kr, ur = k[rest], u[rest]
@@ -153,6 +154,8 @@ class StackTable:
                     grown[:len(self._solo)] = self._solo
                     self._solo = grown
                 self._solo[kk] = g[alone]
+        if every:
+            return got
         out[has] = got
         return out
 
@@ -336,17 +339,8 @@ class StackJoiner:
         if cand is not None and len(cand):
             # same CPU, same timestamp (sort parts by arrival so the first part wins); the events come
             # sorted by (ts, cpu, seq), so their keys usually are already in order
-            ekey = self._key(ts, cpu)
-            if _sorted(ekey):
-                order, skey = None, ekey
-            else:
-                order = np.argsort(ekey, kind="stable")
-                skey = ekey[order]
             c = cand.cols
-            pkey = self._key(c["event_ts"], c["cpu"])
-            at = np.minimum(np.searchsorted(skey, pkey), n - 1)
-            hit = skey[at] == pkey
-            owner = np.where(hit, at if order is None else order[at], -1)
+            owner = _owners(self._key(ts, cpu), rc["seq"], self._key(c["event_ts"], c["cpu"]), c["seq"])
             # an event that names its thread (SYSTEM header) only takes a part of that thread; another
             # event of the same CPU and timestamp, or one on another CPU, gets it below
             etid = tid[np.maximum(owner, 0)]
@@ -411,21 +405,63 @@ class StackJoiner:
             if not _sorted(seq):
                 o = np.argsort(seq, kind="stable")
                 got, own_all, user, missing = got[o], own_all[o], user[o], missing[o]
+        frag = c["frag"]
         for flag, target in ((False, kfrag), (True, ufrag)):
-            k = np.flatnonzero(user == flag)
+            k = np.flatnonzero(user) if flag else np.flatnonzero(~user)
             sel, own = got[k], own_all[k]
             if not repeats or len(own) < 2 or bool((own[1:] > own[:-1]).all()):
-                uniq, first = own, np.arange(len(own))
+                uniq, first = own, None  # every owner once: each part is its owner's first
             else:  # each owner's first part: written last when the parts are written in reverse
                 at = np.full(len(target), -1, dtype=np.int64)
                 at[own[::-1]] = np.arange(len(own) - 1, -1, -1)
                 uniq = np.flatnonzero(at >= 0)
                 first = at[uniq]
             free = target[uniq] < 0
-            target[uniq[free]] = c["frag"][sel[first[free]]]
-            self.stats.extra_parts += int(len(sel) - free.sum())
+            n_free = int(np.count_nonzero(free))
+            if n_free == len(uniq):  # usual: no owner has this kind of part yet
+                target[uniq] = frag[sel if first is None else sel[first]]
+            else:
+                target[uniq[free]] = frag[sel[free] if first is None else sel[first[free]]]
+            self.stats.extra_parts += int(len(sel) - n_free)
         tid[own_all[missing]] = c["tid"][got[missing]]
         pid[own_all[missing]] = c["pid"][got[missing]]
+
+
+def _owners(ekey: np.ndarray, eseq: np.ndarray, pkey: np.ndarray, pseq: np.ndarray) -> np.ndarray:
+    """For each part (key pkey, read sequence pseq): the lowest index of an event whose key (ekey) equals
+    its own, -1 when none. A part is usually read right after its event (seq + 1): that event is checked
+    first through a table indexed by seq, and accepted when its key matches and no earlier event has the
+    key; only the other parts are searched (sorted keys; the stable argsort when the keys are not)."""
+    n = len(ekey)
+    owner = np.full(len(pkey), -1, dtype=np.int64)
+    todo = None
+    if _sorted(ekey):
+        order, skey = None, ekey
+        s0 = int(eseq.min())
+        span = int(eseq.max()) - s0 + 1
+        if span <= 4 * n + 4096:  # seq numbers of the events are dense enough for a table
+            slot = np.full(span + 1, -1, dtype=np.int64)  # the last slot answers seq outside the events'
+            slot[eseq - s0] = np.arange(n, dtype=np.int64)
+            q = pseq - (s0 + 1)
+            q[(q < 0) | (q >= span)] = span
+            e = slot[q]
+            ec = np.maximum(e, 0)
+            ok = (e >= 0) & (ekey[ec] == pkey) & ((ec == 0) | (ekey[ec - 1] != pkey))
+            owner[ok] = e[ok]
+            todo = np.flatnonzero(~ok)
+            if not len(todo):
+                return owner
+    else:
+        order = np.argsort(ekey, kind="stable")
+        skey = ekey[order]
+    keys = pkey if todo is None else pkey[todo]
+    at = np.minimum(np.searchsorted(skey, keys), n - 1)
+    hit = skey[at] == keys
+    found = np.where(hit, at if order is None else order[at], -1)
+    if todo is None:
+        return found
+    owner[todo] = found
+    return owner
 
 
 def _repeats(owners: np.ndarray, n: int) -> bool:
