@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pooltrace import __version__
 from pooltrace.baseline import PoolSnapshots, choose, fill_free_without_alloc
+from pooltrace.datasetopen import NULL_NS
 from pooltrace.datasetschema import ALLOCATIONS_SCHEMA, MODULES_SCHEMA, STACKS_SCHEMA
 from pooltrace.definitions import definitions
 from pooltrace.errors import OutputError
@@ -49,7 +51,10 @@ from pooltrace.pairing import (
 from pooltrace.pairoptions import DEFAULT_WINDOW_S
 from pooltrace.sidecar import load_sidecar, merge_pdb_identities, tag_counters
 from pooltrace.stackjoin import StackJoiner
+from pooltrace.summary import NAME as SUMMARY_NAME
+from pooltrace.summary import save as save_summary
 from pooltrace.summary import write_summary
+from pooltrace.summaryscan import RowScan
 from pooltrace.tags import format_tag
 from pooltrace.traceinfo import POOL_BIT, POOL_BIT_INDEX, events_by_kind
 from pooltrace.verdicts import no_pool_verdict
@@ -83,11 +88,15 @@ def _pool_events(t: Columns) -> PoolEvents:
 
 
 class _RowWriter:
-    def __init__(self, path: Path, to_ns: Callable[[np.ndarray], np.ndarray]):
+    def __init__(self, path: Path, to_ns: Callable[[np.ndarray], np.ndarray], scan: RowScan | None = None):
         # snappy, dictionaries and statistics only where they serve queries: 3x faster than the defaults
         self.writer = pq.ParquetWriter(path, ALLOCATIONS_SCHEMA, compression="snappy", use_dictionary=["tag", "fate"],
                                        write_statistics=["tag", "size", "alloc_ns", "free_ns", "pid"])
         self.to_ns = to_ns
+        self.scan = scan  # given each row group's columns (pooltrace.summaryscan)
+        # the file's size and CRC-32 (the summary's identity of it), read back as each row group is written
+        self._readback = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close)
+        self.size, self.crc = 0, 0
         self._known = np.zeros(0, dtype=np.uint32)  # every tag seen, ascending, and its name
         self._names = pa.array([], pa.string())
         self.rows = 0
@@ -116,6 +125,10 @@ class _RowWriter:
         if self._pending_rows >= ROW_GROUP:
             self._flush()
 
+    def flush(self) -> None:
+        """Start writing the rows queued (the last row group: close waits for it)."""
+        self._flush()
+
     def _flush(self) -> None:
         if not self._pending:
             return
@@ -129,10 +142,11 @@ class _RowWriter:
             done, self._inflight = self._inflight, None
             done.result()
 
-    def _tags(self, tags: np.ndarray) -> pa.DictionaryArray:
+    def _tags(self, tags: np.ndarray) -> tuple[pa.DictionaryArray, np.ndarray, np.ndarray]:
         """Tag names of a row group as a dictionary array over every tag seen so far (a few dozen): the row
         group's distinct tags found by Arrow's hash (dictionary_encode), only those searched in the sorted
-        known tags, no sort of the rows."""
+        known tags, no sort of the rows. Also the distinct tags, in the order of their first row, and their
+        positions in the names."""
         enc = pa.array(tags, type=pa.uint32()).dictionary_encode()
         distinct = enc.dictionary.to_numpy()
         pos = np.searchsorted(self._known, distinct)
@@ -142,13 +156,14 @@ class _RowWriter:
             self._known = np.union1d(self._known, distinct[~found]).astype(np.uint32)
             self._names = pa.array([format_tag(t) for t in self._known.tolist()])
             pos = np.searchsorted(self._known, distinct)
-        return pa.DictionaryArray.from_arrays(pa.array(pos.astype(np.int32)[enc.indices.to_numpy()]), self._names)
+        return (pa.DictionaryArray.from_arrays(pa.array(pos.astype(np.int32)[enc.indices.to_numpy()]), self._names),
+                distinct, pos)
 
     def _write_group(self, parts: list[Columns]) -> None:
         rows = Columns.concat(parts)
         c = rows.cols
         tags = c["tag"]
-        tag_arr = self._tags(tags)
+        tag_arr, distinct, pos = self._tags(tags)
         alloc_known = c["alloc_ts"] != NO_TS
         free_known = c["free_ts"] != NO_TS
         alloc_ns = np.where(alloc_known, self.to_ns(np.where(alloc_known, c["alloc_ts"], 0)), 0)
@@ -170,8 +185,26 @@ class _RowWriter:
             pa.array(c["cpu"].astype(np.uint16, copy=False)), pa.array(c["alloc_stack"], mask=~has_stack),
             pa.array(c["free_stack"], mask=c["free_stack"] == NO_STACK),
         ], schema=ALLOCATIONS_SCHEMA)
+        if self.scan is not None:  # the values datasetopen reads back (nulls: NULL_NS and -1), in their own memory
+            self.scan.add(self.rows, {
+                "alloc_ns": np.where(alloc_known, alloc_ns.astype(np.int64, copy=False), NULL_NS),
+                "free_ns": np.where(free_known, free_ns.astype(np.int64, copy=False), NULL_NS),
+                "size": c["size"].astype(np.uint64),
+                "alloc_stack": np.where(has_stack, c["alloc_stack"], -1).astype(np.int64, copy=False),
+                "pid": c["pid"].astype(np.uint32), "tag": tags.astype(np.uint32)},
+                distinct, self._names.take(pa.array(pos)).to_pylist())
         self.writer.write_table(table)
         self.rows += len(rows)
+        self._read_back()
+
+    def _read_back(self) -> None:
+        """Add the bytes written since the last call to the file's size and CRC-32 (a Parquet file is written
+        front to back, its footer last)."""
+        buf = bytearray(1 << 22)
+        view = memoryview(buf)
+        while n := self._readback.readinto(buf):
+            self.crc = zlib.crc32(view[:n], self.crc)
+            self.size += n
 
     def close(self) -> None:
         try:
@@ -179,7 +212,11 @@ class _RowWriter:
             self._wait()
         finally:
             self._thread.shutdown(wait=True)
-            self.writer.close()
+            try:
+                self.writer.close()
+                self._read_back()  # the footer
+            finally:
+                self._readback.close()
 
 
 def _module_row(r: dict, load_ns: int | None) -> dict:
@@ -268,7 +305,8 @@ def pair_trace(trace: Path, out_dir: Path, *, window_s: float = DEFAULT_WINDOW_S
         with EtlReader(trace, chunk_bytes=CHUNK_BYTES) as reader:
             meta = _pair(reader, tmp, window_s, progress, decode_jobs(jobs, reader.stats.file_size))
         (tmp / "trace.json").write_text(json.dumps(meta, indent=2) + "\n")
-        write_summary(tmp)  # the default report's figures (pooltrace.summary)
+        if meta["duration_ns"] is not None and not (tmp / SUMMARY_NAME).is_file():  # _pair could not compute it
+            write_summary(tmp)  # the default report's figures (pooltrace.summary)
         if existing:
             install_dataset(tmp, out_dir)
         else:
@@ -288,40 +326,43 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress, jobs: int = 1
     joiner = StackJoiner(hdr.start_ticks, int(window_s * tps), hdr.pointer_size)
     pairer = Pairer()
     to_ns = hdr.ticks_to_ns if hdr.ticks_per_second else (lambda t: t - hdr.start_ticks)
-    rows = _RowWriter(out / "allocations.parquet", to_ns)
+    scan = RowScan()  # the summary, computed from the rows as they are written (pooltrace.summaryscan)
+    rows = _RowWriter(out / "allocations.parquet", to_ns, scan)
     rows.snapshots = snapshots = PoolSnapshots()
     rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": [], "header_extension": []}
     try:
-        for batch in reader.batches(progress, fragments=joiner.fragments, jobs=jobs, columns=True):
-            snapshots.feed(batch)  # before the joiner releases the pool events of the same time
-            for name in rare:
-                if batch.get(name) is not None:
-                    rare[name].append(batch.get(name))
-            released = joiner.feed(batch, batch.last_ts())
+        try:
+            for batch in reader.batches(progress, fragments=joiner.fragments, jobs=jobs, columns=True):
+                snapshots.feed(batch)  # before the joiner releases the pool events of the same time
+                for name in rare:
+                    if batch.get(name) is not None:
+                        rare[name].append(batch.get(name))
+                released = joiner.feed(batch, batch.last_ts())
+                if released is not None and len(released):
+                    rows.write(pairer.feed(_pool_events(released)))
+            scan.start(_duration_ns(reader))  # the rows written so far are scanned while the rest comes
+            released = joiner.finish()
             if released is not None and len(released):
                 rows.write(pairer.feed(_pool_events(released)))
-        released = joiner.finish()
-        if released is not None and len(released):
-            rows.write(pairer.feed(_pool_events(released)))
-        rows.write(pairer.finish())
+            rows.write(pairer.finish())
+            rows.flush()  # the last row group is encoded while the stacks and modules are written
+            frames, unresolved = joiner.stacks.frames()
+            frames, remap = _dedup_stacks(frames)
+            _write_stacks(frames, out / "stacks.parquet")
+            # `pooltrace record` writes PDB identities and tag counters beside it; a bad one is a warning
+            sidecar, sidecar_warnings = load_sidecar(reader.path)
+            modules = merge_pdb_identities(_modules(rare, to_ns), sidecar)
+            pq.write_table(modules, out / "modules.parquet", compression="zstd")
+        finally:
+            rows.close()
+        if remap is not None:  # the rows' stack ids change: write_summary reads them back
+            _remap_stacks(out / "allocations.parquet", remap)
+        else:
+            arrays = scan.arrays(rows.rows, len(frames), rows.size, rows.crc)
+            if arrays is not None:
+                save_summary(out, arrays)
     finally:
-        rows.close()
-    frames, unresolved = joiner.stacks.frames()
-    frames, remap = _dedup_stacks(frames)
-    if remap is not None:
-        _remap_stacks(out / "allocations.parquet", remap)
-    lens = np.array([len(f) for f in frames], dtype=np.int64)
-    offsets = np.zeros(len(frames) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    values = np.concatenate(frames) if frames else np.zeros(0, np.uint64)
-    pq.write_table(pa.Table.from_arrays(
-        [pa.array(np.arange(len(frames), dtype=np.int64)),
-         pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.uint64)))],
-        schema=STACKS_SCHEMA), out / "stacks.parquet", compression="zstd")
-    # `pooltrace record` writes PDB identities and tag counters beside it; a bad one is a warning, not an error
-    sidecar, sidecar_warnings = load_sidecar(reader.path)
-    modules = merge_pdb_identities(_modules(rare, to_ns), sidecar)
-    pq.write_table(modules, out / "modules.parquet", compression="zstd")
+        scan.close()
     meta = _trace_json(reader, pairer, joiner, rows, len(frames), unresolved, modules, window_s)
     # what info's verdict needs when there are no pool events (pooltrace.verdicts): the same sentence everywhere
     masks = [row for t in rare["header_extension"] for row in t.to_pylist()]
@@ -338,6 +379,23 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress, jobs: int = 1
     meta["tag_baseline"], meta["tag_baseline_source"] = choose(tag_counters(sidecar), snapshots)
     meta["pool_snapshot"] = snapshots.summary()
     return meta
+
+
+def _write_stacks(frames: list[np.ndarray], path: Path) -> None:
+    lens = np.array([len(f) for f in frames], dtype=np.int64)
+    offsets = np.zeros(len(frames) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    values = np.concatenate(frames) if frames else np.zeros(0, np.uint64)
+    pq.write_table(pa.Table.from_arrays(
+        [pa.array(np.arange(len(frames), dtype=np.int64)),
+         pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.uint64)))],
+        schema=STACKS_SCHEMA), path, compression="zstd")
+
+
+def _duration_ns(reader: EtlReader) -> int | None:
+    """The trace's duration: its last event's time (None without events or a clock)."""
+    hdr, st = reader.header, reader.stats
+    return int(hdr.ticks_to_ns(st.last_ts)) if st.last_ts is not None and hdr.ticks_per_second else None
 
 
 def _remap_stacks(path: Path, remap: np.ndarray) -> None:
@@ -382,8 +440,7 @@ def _trace_json(reader, pairer, joiner, rows, n_stacks, unresolved, modules, win
         "os": {"version": hdr.os_version, "build": hdr.os_build}, "pointer_size": hdr.pointer_size,
         "cpus": hdr.cpus, "clock": hdr.clock_name,
         "start_time": hdr.start_datetime.isoformat().replace("+00:00", "Z") if hdr.start_datetime else None,
-        "duration_ns": (int(hdr.ticks_to_ns(st.last_ts)) if st.last_ts is not None and hdr.ticks_per_second
-                        else None),
+        "duration_ns": _duration_ns(reader),
         "events": by, "records": st.records,
         "lost": {"events": hdr.events_lost, "buffers": hdr.buffers_lost},
         "modules": modules.num_rows,

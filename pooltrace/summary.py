@@ -88,8 +88,9 @@ def _digest(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def write_summary(ds_dir: Path) -> bool:
-    """Compute and write `ds_dir`/summary.npz from the dataset just written there (False, and no file, when
-    the trace has no duration: the default window then follows the rows)."""
+    """Compute and write `ds_dir`/summary.npz from the dataset written there (False, and no file, when
+    the trace has no duration: the default window then follows the rows). `pair` computes the same arrays
+    while it writes the rows (RowScan) and comes here only when it could not."""
     from pooltrace.analysis import Filters, _scan, parse_window, per_key
     from pooltrace.datasetopen import load_dataset
 
@@ -97,18 +98,29 @@ def write_summary(ds_dir: Path) -> bool:
     duration = ds.trace.get("duration_ns")
     if duration is None:
         return False
-    scan = _scan(ds, parse_window(None, duration), "stack", Filters())
-    pk = per_key(scan.sel, scan.out, "stack", ds.tags)
-    size, crc = allocations_identity(ds_dir / "allocations.parquet")
+    with ThreadPoolExecutor(1, thread_name_prefix="pooltrace-crc") as pool:  # read while the rows are scanned
+        identity = pool.submit(allocations_identity, ds_dir / "allocations.parquet")
+        scan = _scan(ds, parse_window(None, duration), "stack", Filters())
+        pk = per_key(scan.sel, scan.out, "stack", ds.tags)
+        g = scan.growth
+        rows = np.where(pk.keys >= 0, pk.keys, g.keys - 1)  # the growth keys of the outstanding stacks (-1: last)
+        bins = [x.reshape(g.keys + 1, -1)[rows] for x in (g.up_w, g.up_c, g.down_w, g.down_c)]
+        size, crc = identity.result()
+    save(ds_dir, _arrays((size, crc, ds.n), len(ds.stacks), (g.start_ns, g.end_ns), scan.counts, scan.nbytes, pk,
+                         bins))
+    return True
+
+
+def _arrays(identity: tuple[int, int, int], stacks: int, window: tuple[int, int], counts: np.ndarray,
+            nbytes: np.ndarray, pk: PerKey, bins: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The file's arrays (ARRAYS, and the digest of the others): `identity` is allocations.parquet's [size,
+    CRC-32, rows], `bins` the growth counts (up_w, up_c, down_w, down_c) of the keys of `pk`, in its order."""
     text = [t.encode("utf-8", "surrogatepass") for t in pk.tag_names]
-    g = scan.growth
-    rows = np.where(pk.keys >= 0, pk.keys, g.keys - 1)  # the growth keys of the outstanding stacks (-1: last)
-    up_w, up_c = (x.reshape(g.keys + 1, -1)[rows] for x in (g.up_w, g.up_c))
-    down_w, down_c = (x.reshape(g.keys + 1, -1)[rows] for x in (g.down_w, g.down_c))
+    up_w, up_c, down_w, down_c = bins
     arrays = {
-        "version": [VERSION], "allocations": [size, crc, ds.n], "stacks": [len(ds.stacks)],
-        "window": [g.start_ns, g.end_ns], "points": [g.points],
-        "lifetime_counts": scan.counts, "lifetime_bytes": scan.nbytes,
+        "version": [VERSION], "allocations": list(identity), "stacks": [stacks],
+        "window": list(window), "points": [POINTS],
+        "lifetime_counts": counts, "lifetime_bytes": nbytes,
         "keys": pk.keys, "counts": pk.counts, "nbytes": pk.nbytes, "first_row": pk.first_row, "pid": pk.pid,
         "alloc_ns": pk.alloc_ns, "pair_key": pk.pair_key, "pair_tag": pk.pair_tag, "pair_bytes": pk.pair_bytes,
         "tag_text": np.frombuffer(b"".join(text), dtype=np.uint8), "tag_ends": np.cumsum([len(t) for t in text]),
@@ -116,11 +128,15 @@ def write_summary(ds_dir: Path) -> bool:
     }
     arrays = {name: np.asarray(v, dtype=ARRAYS[name]).reshape(-1) for name, v in arrays.items()}
     arrays["digest"] = np.frombuffer(_digest(arrays), dtype=np.uint8)
+    return arrays
+
+
+def save(ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write summary.npz (under a temporary name, renamed when complete)."""
     tmp = ds_dir / (NAME + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, ds_dir / NAME)
-    return True
 
 
 def read_summary(ds: Dataset) -> tuple[Summary | None, str | None]:

@@ -1,0 +1,141 @@
+"""The dataset's summary (pooltrace.summary) computed by `pair` from the allocation rows it writes, instead of
+re-reading allocations.parquet once it is complete: the same scan as `write_summary` (analysis._scan over the
+default window, no filter), block by block, on the columns of each row group as they are written.
+
+The window ends where the trace ends, known when the reader's last batch is out: until then the row groups'
+columns are kept (at most KEEP_BYTES; beyond that the summary is left to write_summary, which re-reads the
+file); from then on they are scanned on a thread of their own while `pair` finishes (the last row group is
+scanned while Arrow encodes it). The columns are the values datasetopen reads back from the file: times with
+NULL_NS where null, no stack as -1, and the tags as codes in the order datasetopen gives them (each row
+group's tag names in the order of their first row: the order of the row group's Parquet dictionary).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from pooltrace.analysis import AIFO, OUT_COLUMNS, _add_classes, lifetimes, parse_window, per_key
+from pooltrace.datasetopen import NULL_NS, column_dtype
+from pooltrace.growth import POINTS, GrowthCounts
+
+KEEP_BYTES = 64 << 20  # columns kept until the window is known (40 bytes per allocation row: 1.6 M rows)
+# a row group with more distinct tags than this could outgrow its Parquet dictionary page (1 MB; a tag name is
+# at most 16 characters); its dictionary's order would then not be the order of first appearance
+MAX_GROUP_TAGS = 10_000
+COLUMNS = {"alloc_ns": np.int64, "free_ns": np.int64, "size": np.uint64, "alloc_stack": np.int64,
+           "pid": np.uint32, "tag": np.uint32}  # a block's columns (tag: the raw tag, its code comes at the end)
+
+
+class RowScan:
+    """The summary's scan, fed row group by row group (`add`, from the Parquet writer's thread, in row order),
+    started once the trace's duration is known (`start`); `arrays` gives summary.npz's arrays."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: list[tuple[int, dict[str, np.ndarray]]] = []  # (first row, columns) until `start`
+        self._kept_bytes = 0
+        self._given_up = False  # too many rows kept, or a row group this scan cannot reproduce
+        self._pool: ThreadPoolExecutor | None = None
+        self._done: list[Future] = []
+        self._codes: dict[str, int] = {}  # tag name -> code, in datasetopen's order
+        self._name: dict[int, str] = {}  # raw tag -> name
+        self._window = None
+        self._end = 0
+        self._counts, self._nbytes = np.zeros(5, dtype=np.int64), np.zeros(5)
+        self._sel: list[np.ndarray] = []
+        self._out: dict[str, list[np.ndarray]] = {name: [] for name in OUT_COLUMNS}
+        self._bins = [np.zeros((0, 2 * (POINTS + 1))), np.zeros((0, 2 * (POINTS + 1)), dtype=np.int64),
+                      np.zeros((0, POINTS + 1)), np.zeros((0, POINTS + 1), dtype=np.int64)]
+
+    def add(self, at: int, cols: dict[str, np.ndarray], tags: np.ndarray, names: list[str]) -> None:
+        """A row group's columns (COLUMNS, their own memory), its first row `at`, and its distinct raw tags in
+        the order of their first row with their names."""
+        with self._lock:
+            if self._given_up:
+                return
+            if len(tags) > MAX_GROUP_TAGS:
+                self._give_up()
+                return
+            for raw, name in zip(tags.tolist(), names, strict=True):
+                self._name[raw] = name
+                self._codes.setdefault(name, len(self._codes))
+            if self._pool is not None:
+                self._done.append(self._pool.submit(self._scan, at, cols))
+                return
+            self._kept.append((at, cols))
+            self._kept_bytes += sum(a.nbytes for a in cols.values())
+            if self._kept_bytes > KEEP_BYTES:
+                self._give_up()
+
+    def _give_up(self) -> None:
+        self._given_up = True
+        self._kept.clear()
+
+    def start(self, duration_ns: int | None) -> None:
+        """The trace's duration is known (None: there is no summary): scan what is kept, and from now on each
+        row group as it comes, on a thread."""
+        with self._lock:
+            if duration_ns is None:
+                self._give_up()
+            if self._given_up:
+                return
+            self._window = parse_window(None, duration_ns)  # as write_summary: the default window
+            self._end = max(self._window.start_ns + 1, min(self._window.end_ns, duration_ns + 1))  # effective_end
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="pooltrace-summary")
+            self._done = [self._pool.submit(self._scan, at, cols) for at, cols in self._kept]
+            self._kept.clear()
+
+    def _scan(self, at: int, cols: dict[str, np.ndarray]) -> None:
+        """analysis._scan's work on one block (no filter, by stack); growth keys are stack + 1 (0: no stack),
+        counted in a table that grows with the stacks seen (the number of stacks is known at the end)."""
+        cls = lifetimes(cols, self._window)
+        _add_classes(self._counts, self._nbytes, cols["size"], cls)
+        hit = np.flatnonzero(cls == AIFO)
+        self._sel.append(hit + at)
+        for name in OUT_COLUMNS:
+            self._out[name].append(cols[name][hit])
+        stack = cols["alloc_stack"]
+        if len(stack) and stack.min() < -1:  # not a row pair writes; write_summary wraps them
+            raise ValueError("stack reference below -1")
+        key = stack + 1
+        keys = int(key.max()) + 1 if len(key) else 0
+        counts = GrowthCounts(keys, self._window.start_ns, self._end, NULL_NS)
+        counts.add(cols["alloc_ns"], cols["free_ns"], cols["size"], key)
+        if keys > len(self._bins[0]):
+            self._bins = [np.concatenate([b, np.zeros((keys - len(b), b.shape[1]), b.dtype)]) for b in self._bins]
+        for acc, part in zip(self._bins, (counts.up_w, counts.up_c, counts.down_w, counts.down_c), strict=True):
+            acc[:keys] += part.reshape(keys + 1, -1)[:keys]  # the last key: rows outside the window
+
+    def arrays(self, rows: int, stacks: int, size: int, crc: int) -> dict[str, np.ndarray] | None:
+        """summary.npz's arrays for allocations.parquet of `rows` rows, `size` bytes and CRC-32 `crc`, and
+        `stacks` stacks; None when this scan gave up (write_summary then reads the file)."""
+        from pooltrace.summary import _arrays
+
+        for done in self._done:
+            done.result()  # a scan's error is raised here
+        if self._window is None or self._given_up:
+            return None
+        sel = np.concatenate(self._sel) if self._sel else np.zeros(0, dtype=np.intp)
+        out = {name: np.concatenate(parts) if parts else np.zeros(0, dtype=column_dtype(name))
+               for name, parts in self._out.items()}
+        raw = out["tag"]
+        distinct, inverse = np.unique(raw, return_inverse=True)
+        code = np.array([self._codes[self._name[t]] for t in distinct.tolist()], dtype=np.int32)
+        out["tag"] = code[inverse.reshape(-1)] if len(raw) else np.zeros(0, dtype=np.int32)
+        pk = per_key(sel, out, "stack", list(self._codes))
+        index = pk.keys + 1  # growth key of each outstanding stack (-1, no stack: 0)
+        top = int(index.max()) + 1 if len(index) else 0
+        bins = []
+        for acc in self._bins:
+            if top > len(acc):
+                acc = np.concatenate([acc, np.zeros((top - len(acc), acc.shape[1]), acc.dtype)])
+            bins.append(acc[index])
+        return _arrays((size, crc, rows), stacks, (self._window.start_ns, self._end), self._counts, self._nbytes,
+                       pk, bins)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
