@@ -363,3 +363,21 @@ def test_pair_starts_the_workers_server_before_loading_the_pairing_code(tmp_path
     first, servers = eval(out.stdout.strip().splitlines()[-1])[0]
     assert first in ("numpy", "pyarrow") and servers == 1
     assert (tmp_path / "ds" / "allocations.parquet").is_file()
+
+
+def test_decode_workers_do_not_load_pyarrow_compute():
+    """What the workers' server preloads, and decoding a chunk with its stack digest, stay off
+    pyarrow.compute (whose import makes a wrapper for every Arrow function: 0.04-0.1 s before the
+    workers can start, in every `pair --jobs N`) and off pandas."""
+    code = ("import sys; from pooltrace.arrowprobe import skip_pandas_probe; skip_pandas_probe()\n"
+            "import importlib; from pooltrace.etl.workerstart import DECODERS; importlib.import_module(DECODERS)\n"
+            "from pooltrace.etl.chunks import decode_buffers, plan_chunks\n"
+            "from pooltrace.etl.reader import EtlReader\n"
+            "r = EtlReader(sys.argv[1]); plan = plan_chunks(r.index, 1 << 16)\n"
+            "dcs = [decode_buffers(r.source, r.index, b, int(r.user_limit), True) for b, _ in plan]\n"
+            "assert sum(dc.digest is not None for dc in dcs) > 1\n"
+            "print(sorted(m for m in ('pyarrow.compute', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "traces" / "sample-leak.etl")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
