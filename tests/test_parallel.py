@@ -381,3 +381,14 @@ def test_decode_workers_do_not_load_pyarrow_compute():
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_pair_in_a_fresh_process_without_pyarrow_compute(samples, tmp_path):
+    """`pooltrace pair` on a trace without pool events in a process of its own (the test process has
+    pyarrow.compute loaded, which hid a `pa.compute` attribute that only exists once it is imported)."""
+    for name in ("SelfDescribingSingleEvent.etl", "AMSITrace.etl"):
+        out = subprocess.run([sys.executable, "-m", "pooltrace", "pair", str(samples / name), "-o",
+                              str(tmp_path / name), "-q", "--jobs", "1"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads((tmp_path / name / "trace.json").read_text())["modules_with_pdb"] >= 0
