@@ -243,15 +243,17 @@ class Pairer:
         for name, field_ in _FROM_ALLOC.items():
             src = getattr(ev, field_)
             col = np.empty(n, dtype=src.dtype)
+            # gathered in place (no temporary); the row numbers are in range by construction, and mode="clip"
+            # is the mode in which numpy writes into `out` unbuffered
             if n1:
-                col[:n1] = store.cols[name][old_rows]
-            col[n1:n1 + n2] = src[new_from]
+                np.take(store.cols[name], old_rows, out=col[:n1], mode="clip")
+            np.take(src, new_from, out=col[n1:n1 + n2], mode="clip")
             if name == "alloc_ts":
                 col[n1 + n2:] = NO_TS
             elif name == "alloc_stack":
                 col[n1 + n2:] = NO_STACK
-            else:
-                col[n1 + n2:] = src[fwa]
+            elif n3:
+                np.take(src, fwa, out=col[n1 + n2:], mode="clip")
             cols[name] = col
         # a lost free has no free event: the closing allocation's stack is not this block's free stack
         ends = np.concatenate([closer, fwa])

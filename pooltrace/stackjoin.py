@@ -433,21 +433,25 @@ def _owners(ekey: np.ndarray, eseq: np.ndarray, pkey: np.ndarray, pseq: np.ndarr
     first through a table indexed by seq, and accepted when its key matches and no earlier event has the
     key; only the other parts are searched (sorted keys; the stable argsort when the keys are not)."""
     n = len(ekey)
-    owner = np.full(len(pkey), -1, dtype=np.int64)
     todo = None
     if _sorted(ekey):
         order, skey = None, ekey
         s0 = int(eseq.min())
         span = int(eseq.max()) - s0 + 1
         if span <= 4 * n + 4096:  # seq numbers of the events are dense enough for a table
-            slot = np.full(span + 1, -1, dtype=np.int64)  # the last slot answers seq outside the events'
-            slot[eseq - s0] = np.arange(n, dtype=np.int64)
+            # slot: seq -> index of the event read there when it is the first of its key, else -1; the last
+            # slot answers the seq numbers outside the events'
+            first = np.empty(n, dtype=bool)
+            first[0] = True
+            np.not_equal(ekey[1:], ekey[:-1], out=first[1:])
+            slot = np.full(span + 1, -1, dtype=np.int64)
+            slot[eseq - s0] = np.where(first, np.arange(n, dtype=np.int64), -1)
             q = pseq - (s0 + 1)
             q[(q < 0) | (q >= span)] = span
             e = slot[q]
-            ec = np.maximum(e, 0)
-            ok = (e >= 0) & (ekey[ec] == pkey) & ((ec == 0) | (ekey[ec - 1] != pkey))
-            owner[ok] = e[ok]
+            ok = ekey[e] == pkey  # e = -1 reads the last event: masked below
+            ok &= e >= 0
+            owner = np.where(ok, e, -1)
             todo = np.flatnonzero(~ok)
             if not len(todo):
                 return owner
