@@ -135,11 +135,23 @@ def _key_order(addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     bits = max(n - 1, 1).bit_length()
     lo = addr.min() if n else np.uint64(0)
     if n and int(addr.max() - lo) >> (64 - bits) == 0:
-        key = ((addr - lo) << np.uint64(bits)) | np.arange(n, dtype=np.uint64)
-        key.sort()
+        key = _sorted_keys(((addr - lo) << np.uint64(bits)) | np.arange(n, dtype=np.uint64))
         return (key & np.uint64((1 << bits) - 1)).astype(np.int64), (key >> np.uint64(bits)) + lo
     order = np.argsort(addr, kind="stable")
     return order, addr[order]
+
+
+def _sorted_keys(key: np.ndarray) -> np.ndarray:
+    """The uint64 values of `key` sorted. Up to 48 bits wide (a batch's addresses usually span a few tens
+    of bits): a least-significant-digit radix sort, one stable argsort of each 16-bit digit (numpy's radix
+    sort for 16-bit values), about a third faster than numpy's comparison sort of 64-bit values."""
+    width = int(key.max()).bit_length() if len(key) else 0
+    if width > 48:
+        key.sort()
+        return key
+    for shift in range(0, width, 16):
+        key = np.take(key, np.argsort((key >> np.uint64(shift)).astype(np.uint16), kind="stable"))
+    return key
 
 
 def _merged(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -137,6 +137,16 @@ def test_key_order_is_the_stable_argsort(addr, wide):
     assert np.array_equal(order, want) and np.array_equal(sorted_, a[want]) and sorted_.dtype == np.uint64
 
 
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, (1 << 64) - 1), unique=True), st.sampled_from([8, 16, 17, 32, 33, 48, 49, 64]))
+def test_sorted_keys_sorts_every_width(values, width):
+    """_sorted_keys (radix passes up to 48 bits, numpy's sort above) gives numpy's sort for every key width."""
+    from pooltrace.pairing import _sorted_keys
+
+    key = np.array([v >> (64 - width) for v in values], dtype=np.uint64)
+    assert np.array_equal(_sorted_keys(key.copy()), np.sort(key))
+
 @settings(max_examples=200, deadline=None)
 @given(st.sets(st.integers(0, 40)), st.data())
 def test_merged_places_two_sorted_runs_without_common_values(values, data):
