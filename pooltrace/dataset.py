@@ -87,13 +87,24 @@ def _pool_events(t: Columns) -> PoolEvents:
         pid=c["pid"], tid=c["tid"], stack=c["stack"])
 
 
+# a row group's columns as written (before Arrow; the tags as raw values), filled part by part; nulls are
+# masks (the values under a mask never reach the file: times hold NULL_NS and stacks -1 there, as datasetopen
+# reads them back, so that the summary's scan can take SCANNED as they are)
+_GROUP_COLUMNS = {"tag": np.uint32, "pool_type": np.uint32, "paged": np.bool_, "session": np.bool_,
+                  "session_id": np.uint32, "size": np.uint64, "address": np.uint64, "alloc_null": np.bool_,
+                  "alloc_ns": np.int64, "free_null": np.bool_, "free_ns": np.int64, "kind": np.int8, "pid": np.uint32,
+                  "tid": np.uint32, "cpu": np.uint16, "alloc_stack": np.int64, "stack_null": np.bool_,
+                  "free_stack": np.int64, "free_stack_null": np.bool_}
+SCANNED = ("alloc_ns", "free_ns", "size", "alloc_stack", "pid", "tag")  # pooltrace.summaryscan.COLUMNS
+
+
 class _RowWriter:
     def __init__(self, path: Path, to_ns: Callable[[np.ndarray], np.ndarray], scan: RowScan | None = None):
         # snappy, dictionaries and statistics only where they serve queries: 3x faster than the defaults
         self.writer = pq.ParquetWriter(path, ALLOCATIONS_SCHEMA, compression="snappy", use_dictionary=["tag", "fate"],
                                        write_statistics=["tag", "size", "alloc_ns", "free_ns", "pid"])
         self.to_ns = to_ns
-        self.scan = scan  # given each row group's columns (pooltrace.summaryscan)
+        self.scan = scan  # given each row group's SCANNED columns (pooltrace.summaryscan)
         # the file's size and CRC-32 (the summary's identity of it), read back as each row group is written
         self._readback = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close)
         self.size, self.crc = 0, 0
@@ -104,12 +115,17 @@ class _RowWriter:
         self.without_stack = 0
         self.snapshots: PoolSnapshots | None = None  # big blocks at the start size pre-trace frees
         self.sized_from_snapshot = 0
-        self._pending: list[Columns] = []
-        self._pending_rows = 0
-        # row groups are encoded and written by one thread (in order, one at a time), while this one pairs
-        # the next batches: Parquet encoding releases the GIL
+        self._pending_rows = 0  # rows queued for the next row group
+        # the rows are converted (into self._cols) and their row groups encoded and written by one thread, in
+        # order, while this one pairs the next batches: Parquet encoding releases the GIL, and when the last
+        # batch is paired only its own rows are left to convert
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pooltrace-parquet")
         self._inflight: Future | None = None
+        self._cols: dict[str, np.ndarray] = {}  # reused from group to group, but SCANNED when given to the scan
+        self._filled = 0
+        self._tag_parts: list[pa.StringArray] = []  # the next group's tag names, part by part ...
+        self._tag_order: dict[int, str] = {}  # ... and its distinct tags in the order of their first row, named
+        self._error: BaseException | None = None  # of a conversion, raised by the next row group's write
 
     def write(self, rows: Columns) -> None:
         """Queue rows; they are written in row groups of about ROW_GROUP rows (fewer, larger groups write
@@ -120,7 +136,7 @@ class _RowWriter:
             c = rows.cols
             self.sized_from_snapshot += fill_free_without_alloc(c["kind"], c["address"], c["size"], c["tag"],
                                                                 self.snapshots.big_blocks(), FREE_WITHOUT_ALLOC)
-        self._pending.append(rows)
+        self._thread.submit(self._add, rows)
         self._pending_rows += len(rows)
         if self._pending_rows >= ROW_GROUP:
             self._flush()
@@ -130,11 +146,11 @@ class _RowWriter:
         self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        if not self._pending_rows:
             return
-        parts, self._pending, self._pending_rows = self._pending, [], 0
+        self._pending_rows = 0
         self._wait()
-        self._inflight = self._thread.submit(self._write_group, parts)
+        self._inflight = self._thread.submit(self._write_group)
 
     def _wait(self) -> None:
         """Wait for the row group being written (its error, if any, is raised here)."""
@@ -142,11 +158,56 @@ class _RowWriter:
             done, self._inflight = self._inflight, None
             done.result()
 
-    def _tags(self, tags: np.ndarray) -> tuple[pa.DictionaryArray, np.ndarray, np.ndarray]:
-        """Tag names of a row group as a dictionary array over every tag seen so far (a few dozen): the row
-        group's distinct tags found by Arrow's hash (dictionary_encode), only those searched in the sorted
-        known tags, no sort of the rows. Also the distinct tags, in the order of their first row, and their
-        positions in the names."""
+    def _add(self, rows: Columns) -> None:
+        """Convert queued rows into the next row group's columns (on the writer's thread)."""
+        if self._error is not None:
+            return
+        try:
+            c = rows.cols
+            n = len(rows)
+            at = self._filled
+            self._room(at + n)
+            out = {name: a[at:at + n] for name, a in self._cols.items()}
+            alloc_known = c["alloc_ts"] != NO_TS
+            free_known = c["free_ts"] != NO_TS
+            np.logical_not(alloc_known, out=out["alloc_null"])
+            np.logical_not(free_known, out=out["free_null"])
+            out["alloc_ns"][:] = np.where(alloc_known, self.to_ns(np.where(alloc_known, c["alloc_ts"], 0)), NULL_NS)
+            out["free_ns"][:] = np.where(free_known, self.to_ns(np.where(free_known, c["free_ts"], 0)), NULL_NS)
+            np.not_equal(c["session_id"], 0xFFFFFFFF, out=out["session"])
+            has_stack = c["alloc_stack"] != NO_STACK
+            np.logical_not(has_stack, out=out["stack_null"])
+            np.equal(c["free_stack"], NO_STACK, out=out["free_stack_null"])
+            self.with_stack += int((has_stack & alloc_known).sum())
+            self.without_stack += int((~has_stack & alloc_known).sum())
+            for name in ("tag", "pool_type", "session_id", "size", "address", "kind", "pid", "tid", "cpu",
+                         "alloc_stack", "free_stack"):
+                out[name][:] = c[name]
+            out["paged"][:] = c["pool_type"] & 1
+            names, distinct, pos = self._tags(c["tag"])
+            self._tag_parts.append(names)
+            for raw, p in zip(distinct.tolist(), pos.tolist(), strict=True):
+                if raw not in self._tag_order:
+                    self._tag_order[raw] = self._names[p].as_py()
+            self._filled += n
+        except BaseException as exc:  # noqa: BLE001 (raised by the row group's write, on the caller's thread)
+            self._error = exc
+
+    def _room(self, n: int) -> None:
+        """Columns for at least n rows (the rows filled so far kept)."""
+        cap = max(n, ROW_GROUP + (ROW_GROUP >> 2))
+        for name, dtype in _GROUP_COLUMNS.items():
+            have = self._cols.get(name)
+            if have is None or len(have) < n:
+                a = np.empty(max(cap, 2 * len(have)) if have is not None else cap, dtype=dtype)
+                if have is not None:
+                    a[:self._filled] = have[:self._filled]
+                self._cols[name] = a
+
+    def _tags(self, tags: np.ndarray) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
+        """Tag names of rows, from every tag seen so far (a few dozen): the distinct tags found by Arrow's
+        hash (dictionary_encode), only those searched in the sorted known tags, no sort of the rows. Also the
+        distinct tags, in the order of their first row, and their positions in the names."""
         enc = pa.array(tags, type=pa.uint32()).dictionary_encode()
         distinct = enc.dictionary.to_numpy()
         pos = np.searchsorted(self._known, distinct)
@@ -156,45 +217,31 @@ class _RowWriter:
             self._known = np.union1d(self._known, distinct[~found]).astype(np.uint32)
             self._names = pa.array([format_tag(t) for t in self._known.tolist()])
             pos = np.searchsorted(self._known, distinct)
-        return (pa.DictionaryArray.from_arrays(pa.array(pos.astype(np.int32)[enc.indices.to_numpy()]), self._names),
-                distinct, pos)
+        return self._names.take(pa.array(pos.astype(np.int32)[enc.indices.to_numpy()])), distinct, pos
 
-    def _write_group(self, parts: list[Columns]) -> None:
-        rows = Columns.concat(parts)
-        c = rows.cols
-        tags = c["tag"]
-        tag_arr, distinct, pos = self._tags(tags)
-        alloc_known = c["alloc_ts"] != NO_TS
-        free_known = c["free_ts"] != NO_TS
-        alloc_ns = np.where(alloc_known, self.to_ns(np.where(alloc_known, c["alloc_ts"], 0)), 0)
-        free_ns = np.where(free_known, self.to_ns(np.where(free_known, c["free_ts"], 0)), 0)
-        session = c["session_id"] != 0xFFFFFFFF
-        has_stack = c["alloc_stack"] != NO_STACK
-        self.with_stack += int((has_stack & alloc_known).sum())
-        self.without_stack += int((~has_stack & alloc_known).sum())
-        kind = c["kind"]
-        fate = pa.DictionaryArray.from_arrays(pa.array(kind.astype(np.int8)), pa.array([FATES[k] for k in range(4)]))
+    def _write_group(self) -> None:
+        if self._error is not None:
+            raise self._error
+        n, self._filled = self._filled, 0
+        c = {name: a[:n] for name, a in self._cols.items()}
+        tags = pa.concat_arrays(self._tag_parts) if len(self._tag_parts) > 1 else self._tag_parts[0]
+        order, self._tag_parts, self._tag_order = self._tag_order, [], {}
+        fate = pa.DictionaryArray.from_arrays(pa.array(c["kind"]), pa.array([FATES[k] for k in range(4)]))
         table = pa.Table.from_arrays([
-            tag_arr.cast(pa.string()), pa.array(c["pool_type"].astype(np.uint32, copy=False)),
-            pa.array((c["pool_type"] & 1).astype(bool)), pa.array(session),
-            pa.array(c["session_id"].astype(np.uint32, copy=False), mask=~session),
-            pa.array(c["size"].astype(np.uint64, copy=False)), pa.array(c["address"].astype(np.uint64, copy=False)),
-            pa.array(alloc_ns.astype(np.int64, copy=False), mask=~alloc_known),
-            pa.array(free_ns.astype(np.int64, copy=False), mask=~free_known), fate,
-            pa.array(c["pid"].astype(np.uint32, copy=False)), pa.array(c["tid"].astype(np.uint32, copy=False)),
-            pa.array(c["cpu"].astype(np.uint16, copy=False)), pa.array(c["alloc_stack"], mask=~has_stack),
-            pa.array(c["free_stack"], mask=c["free_stack"] == NO_STACK),
+            tags, pa.array(c["pool_type"]), pa.array(c["paged"]), pa.array(c["session"]),
+            pa.array(c["session_id"], mask=~c["session"]), pa.array(c["size"]), pa.array(c["address"]),
+            pa.array(c["alloc_ns"], mask=c["alloc_null"]), pa.array(c["free_ns"], mask=c["free_null"]), fate,
+            pa.array(c["pid"]), pa.array(c["tid"]), pa.array(c["cpu"]),
+            pa.array(c["alloc_stack"], mask=c["stack_null"]), pa.array(c["free_stack"], mask=c["free_stack_null"]),
         ], schema=ALLOCATIONS_SCHEMA)
-        if self.scan is not None:  # the values datasetopen reads back (nulls: NULL_NS and -1), in their own memory
-            self.scan.add(self.rows, {
-                "alloc_ns": np.where(alloc_known, alloc_ns.astype(np.int64, copy=False), NULL_NS),
-                "free_ns": np.where(free_known, free_ns.astype(np.int64, copy=False), NULL_NS),
-                "size": c["size"].astype(np.uint64),
-                "alloc_stack": np.where(has_stack, c["alloc_stack"], -1).astype(np.int64, copy=False),
-                "pid": c["pid"].astype(np.uint32), "tag": tags.astype(np.uint32)},
-                distinct, self._names.take(pa.array(pos)).to_pylist())
+        if self.scan is not None:  # the scan keeps its columns: the next group gets new ones
+            self.scan.add(self.rows, {name: c[name] for name in SCANNED}, np.array(list(order), dtype=np.uint32),
+                          list(order.values()))
+            for name in SCANNED:
+                del self._cols[name]
         self.writer.write_table(table)
-        self.rows += len(rows)
+        del table, tags, fate
+        self.rows += n
         self._read_back()
 
     def _read_back(self) -> None:
@@ -210,6 +257,8 @@ class _RowWriter:
         try:
             self._flush()
             self._wait()
+            if self._error is not None:
+                raise self._error
         finally:
             self._thread.shutdown(wait=True)
             try:

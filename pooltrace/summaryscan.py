@@ -51,8 +51,8 @@ class RowScan:
                       np.zeros((0, POINTS + 1)), np.zeros((0, POINTS + 1), dtype=np.int64)]
 
     def add(self, at: int, cols: dict[str, np.ndarray], tags: np.ndarray, names: list[str]) -> None:
-        """A row group's columns (COLUMNS, their own memory), its first row `at`, and its distinct raw tags in
-        the order of their first row with their names."""
+        """A row group's columns (COLUMNS; this scan's from now on), its first row `at`, and its distinct raw
+        tags in the order of their first row with their names."""
         with self._lock:
             if self._given_up:
                 return
@@ -66,7 +66,7 @@ class RowScan:
                 self._done.append(self._pool.submit(self._scan, at, cols))
                 return
             self._kept.append((at, cols))
-            self._kept_bytes += sum(a.nbytes for a in cols.values())
+            self._kept_bytes += sum((a if a.base is None else a.base).nbytes for a in cols.values())
             if self._kept_bytes > KEEP_BYTES:
                 self._give_up()
 
