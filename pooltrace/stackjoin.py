@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pooltrace.etl.columns import Columns
+from pooltrace.etl.columns import Columns, span_positions
 from pooltrace.etl.fragments import FragmentStore, Interner
 from pooltrace.pairing import NO_STACK
 
@@ -115,10 +115,6 @@ class StackTable:
         self._pairs: list[np.ndarray] = []  # (kernel, user) fragment ids of new stacks, in blocks
         self._solo = np.zeros(0, dtype=np.int64)  # kernel fragment id -> id of the stack of it alone, -1
 
-    @property
-    def pairs(self) -> list[tuple[int, int]]:
-        return [tuple(p) for p in np.concatenate(self._pairs).tolist()] if self._pairs else []
-
     def ids(self, kfrag: np.ndarray, ufrag: np.ndarray) -> np.ndarray:
         has = (kfrag >= 0) | (ufrag >= 0)
         out = np.full(len(kfrag), NO_STACK, dtype=np.int64)
@@ -162,20 +158,26 @@ class StackTable:
     def frames(self) -> tuple[list[np.ndarray], int]:
         """Frames of every stack id (kernel part then user part) and how many stacks have a stack-key
         part whose definition never arrived (those keep only the parts that resolved)."""
-        out, unresolved = [], 0
-        empty = np.zeros(0, dtype=np.uint64)
-        for a, b in self.pairs:
-            parts = []
-            for f in (a, b):
-                if f < 0:
-                    continue
-                r = self.keys.resolve(f)
-                if r is None:
-                    unresolved += 1
-                    continue
-                parts.append(self.fragments.frames(r))
-            out.append(np.concatenate(parts) if parts else empty)
-        return out, unresolved
+        pairs = np.concatenate(self._pairs) if self._pairs else np.zeros((0, 2), dtype=np.int64)
+        if not len(pairs):
+            return [], 0
+        unresolved = 0
+        values, offsets = self.fragments.flat()
+        lens = np.append(np.diff(offsets), 0)  # a missing part: the empty span after the last fragment
+        starts, counts = [], []
+        for side in (0, 1):
+            frag = pairs[:, side].copy()
+            for i in np.flatnonzero(frag >= PLACEHOLDER).tolist():  # stack-key parts: resolved one by one
+                r = self.keys.resolve(int(frag[i]))
+                unresolved += r is None
+                frag[i] = -1 if r is None else r
+            at = np.where(frag >= 0, frag, len(lens) - 1)
+            starts.append(offsets[at])
+            counts.append(lens[at])
+        # kernel span then user span of every stack, gathered at once, then cut into one array per stack
+        flat = values[span_positions(np.stack(starts, axis=1).ravel(), np.stack(counts, axis=1).ravel())]
+        cut = [0, *np.cumsum(counts[0] + counts[1]).tolist()]
+        return [flat[a:b] for a, b in zip(cut[:-1], cut[1:], strict=True)], unresolved  # views; np.split is slower
 
 
 class _Parts:

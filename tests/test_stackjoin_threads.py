@@ -8,7 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pooltrace.stackjoin import NO_ID, StackJoiner, _owners
+from pooltrace.etl.fragments import FragmentStore
+from pooltrace.stackjoin import NO_ID, PLACEHOLDER, KeyPlaceholders, StackJoiner, StackTable, _owners
 
 events = st.lists(st.tuples(st.integers(0, 5), st.sampled_from([1, 2, 3, NO_ID])), max_size=30)
 parts = st.lists(st.tuples(st.integers(0, 6), st.sampled_from([1, 2, 3, 4])), max_size=15)
@@ -63,3 +64,40 @@ def test_a_part_goes_to_the_first_event_of_its_cpu_and_time(data, evs, in_key_or
     got = _owners(ekey, eseq, pkey, pseq)
     want = [next((i for i, (k, _) in enumerate(evs) if k == pk), -1) for pk, _ in prts]
     assert got.tolist() == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 9), max_size=4), min_size=1, max_size=6),
+       st.lists(st.tuples(st.integers(-1, 7), st.integers(-1, 7)), max_size=12), st.integers(0, 3))
+def test_stack_frames_are_the_kernel_part_then_the_user_part(fragments, pairs, defined):
+    """StackTable.frames against its definition: per stack, the frames of its kernel fragment then of its user
+    fragment, a missing part (-1) adding none; ids 6 and 7 stand for stack-key placeholders of which the first
+    `defined` definitions arrived (an unresolved one adds no frames and is counted)."""
+    store = FragmentStore()
+    offsets = np.cumsum([0] + [len(f) for f in fragments])
+    ids = store.add(np.array([v for f in fragments for v in f], dtype=np.uint64), offsets)
+    keys = KeyPlaceholders(store)
+    keys.feed(None, None)
+    keys._defs = {0xAB: [int(ids[i % len(ids)]) for i in range(defined)]}
+    keys._ph_list = [(0xAB, 0), (0xAB, 1)]
+    table = StackTable(store, keys)
+
+    def frag(x):
+        return -1 if x < 0 else (PLACEHOLDER + x - 6 if x >= 6 else int(ids[x % len(ids)]))
+
+    table._pairs = [np.array([[frag(a), frag(b)] for a, b in pairs], dtype=np.int64).reshape(-1, 2)]
+    want, unresolved = [], 0
+    for a, b in pairs:
+        out = []
+        for x in (a, b):
+            if x < 0:
+                continue
+            r = keys.resolve(frag(x))
+            if r is None:
+                unresolved += 1
+                continue
+            out += store.frames(r).tolist()
+        want.append(out)
+    got, got_unresolved = table.frames()
+    assert [g.tolist() for g in got] == want and got_unresolved == unresolved
+    assert all(g.dtype == np.uint64 for g in got)

@@ -259,3 +259,11 @@ class FragmentStore:
 
     def frames(self, frag: int) -> np.ndarray:
         return self._frames[frag]
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """The frames of every fragment concatenated (uint64) and where each one's start (offsets, one more
+        than fragments): fragment i is values[offsets[i]:offsets[i + 1]]."""
+        offsets = np.zeros(len(self._frames) + 1, dtype=np.int64)
+        np.cumsum(np.array([len(f) for f in self._frames], dtype=np.int64), out=offsets[1:])
+        values = np.concatenate(self._frames) if self._frames else np.zeros(0, dtype=np.uint64)
+        return values.astype(np.uint64, copy=False), offsets
