@@ -294,6 +294,51 @@ def test_chunks_are_decoded_here_while_the_workers_start(tmp_path, monkeypatch, 
     assert len(here) > 2
 
 
+def test_the_first_worker_gets_chunks_as_soon_as_it_runs(tmp_path, monkeypatch):
+    """The thread that starts the workers hands chunks out as soon as the first one runs (starting the next
+    takes 10-60 ms, made 0.3 s here); the reader decodes chunks itself until then and no more after; the
+    chunks are the same as decoded in this process, in plan order."""
+    import threading
+
+    from pooltrace.etl import parallel
+    from pooltrace.etl.chunks import decode_buffers, plan_chunks
+    from pooltrace.etl.reader import EtlReader
+
+    ctx = parallel.context()
+    started = []
+
+    class SlowSecondStart:
+        def __getattr__(self, name):
+            return getattr(ctx, name)
+
+        def Pipe(self, duplex):  # noqa: N802 - the multiprocessing context's names
+            return ctx.Pipe(duplex=duplex)
+
+        def Process(self, **kw):  # noqa: N802
+            if started:
+                time.sleep(0.3)
+            started.append(ctx.Process(**kw))
+            return started[-1]
+
+    calls, here = [], []
+    submit = parallel.Feed.submit
+    monkeypatch.setattr(parallel, "DECODE_WHILE_STARTING", True)
+    monkeypatch.setattr(parallel, "context", SlowSecondStart)
+    monkeypatch.setattr(parallel.Feed, "submit", lambda feed, workers: calls.append(
+        (threading.current_thread().name, len(started), feed.next)) or submit(feed, workers))
+    decode = parallel.decode_buffers
+    monkeypatch.setattr(parallel, "decode_buffers", lambda *a: here.append(a[2]) or decode(*a))
+    with EtlReader(_keyed_trace(tmp_path / "keys.etl"), chunk_bytes=4 << 10) as r:
+        plan = plan_chunks(r.index, r.chunk_bytes)
+        got = [_copied(dc) for dc in parallel.decode_in_workers(r, plan, 2, digest_stacks=True)]
+        assert len(got) == len(plan)
+        for (buffers, _wm), dc in zip(plan, got, strict=True):
+            _same_chunk(dc, decode_buffers(r.source, r.index, buffers, int(r.user_limit), True))
+    assert calls[0][:2] == ("pooltrace-decode-start", 1)  # one worker running, the second not yet
+    assert here == [b for b, _wm in plan[:calls[0][2]]]  # the reader decoded the chunks before those handed out
+    assert all(name != "pooltrace-decode-start" for name, _n, _k in calls[1:])
+
+
 def test_a_killed_worker_ends_pair_in_one_line_and_leaves_no_dataset(tmp_path, small_chunks, monkeypatch):
     """A decode worker killed mid-run (the OOM killer, a user's kill): `pair` says so in one line, exits 2
     and leaves no dataset behind; nothing else in the output's folder is touched."""

@@ -27,7 +27,7 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -213,11 +213,12 @@ def decode_in_workers(reader, plan: list[tuple[list[int], int]], jobs: int, dige
     src = reader.source
     jobs = max(1, min(jobs, len(plan)))
     blocks = Blocks(jobs * AHEAD + SPARE_BLOCKS, block_size(reader.chunk_bytes))
+    feed = Feed(plan, blocks, digest_stacks, jobs)
     workers = Workers(jobs, (str(reader.path), reader.index, src.max_area, int(reader.user_limit)),
-                      background=True)
+                      background=True, on_first_start=feed.submit)
     try:
         here = (src, reader.index, int(reader.user_limit)) if DECODE_WHILE_STARTING else None
-        yield from _run(workers, blocks, plan, digest_stacks, here)
+        yield from _run(workers, feed, here)
     finally:
         workers.close()
         blocks.close()
@@ -263,10 +264,12 @@ class Workers:
     pipes itself, with no helper thread once the workers have started.
 
     With `background`, the processes are started by a short-lived thread: starting one waits until the
-    workers' server has imported the decoders (about 0.3 s), and meanwhile the reader can decode chunks
-    itself (started() says when it can stop)."""
+    workers' server has imported the decoders (about 0.2 s), and meanwhile the reader can decode chunks
+    itself (started() says when it can stop). `on_first_start(workers)` is called by that thread as soon as
+    the first process has started."""
 
-    def __init__(self, jobs: int, initargs: tuple, background: bool = False):
+    def __init__(self, jobs: int, initargs: tuple, background: bool = False,
+                 on_first_start: Callable[[Workers], None] | None = None):
         ctx = context()
         pipes = [ctx.Pipe(duplex=True) for _ in range(jobs)]
         self.conns = [mine for mine, _theirs in pipes]
@@ -281,6 +284,10 @@ class Workers:
                         proc = ctx.Process(target=_serve, args=(theirs, initargs), daemon=True)
                         proc.start()
                         self.procs.append(proc)
+                        if on_first_start is not None and len(self.procs) == 1:
+                            # work for every pipe at once (the others' wait there until they run): starting
+                            # the next worker takes 10-60 ms, which the first spends decoding
+                            on_first_start(self)
             except BaseException as exc:  # raised in the reader by wait_started()
                 self._failed = exc
             finally:
@@ -335,41 +342,63 @@ class Workers:
             conn.close()
 
 
-def _run(workers: Workers, blocks: Blocks, plan: list[tuple[list[int], int]], digest_stacks: bool,
-         here: tuple | None = None) -> Iterator[DecodedChunk]:
-    """The chunks of `plan` in order: with `here` (source, index, user limit), the first ones decoded in
-    this process until the workers have started, the others by the workers (the n-th of those by worker
-    n % jobs)."""
-    first = 0
+class Feed:
+    """The chunks of a plan handed out in order, one at a time to the reading process while the workers start
+    (here()), then to the workers (submit(): the n-th chunk sent to them to worker n % jobs, at most AHEAD per
+    worker in flight). The thread that starts the workers calls submit() as soon as the first one runs, so
+    that it does not wait for the reader to finish a chunk of its own; the reader takes over after that."""
+
+    def __init__(self, plan: list[tuple[list[int], int]], blocks: Blocks, digest_stacks: bool, jobs: int):
+        self.plan = plan
+        self.blocks = blocks
+        self.digest_stacks = digest_stacks
+        self.limit = jobs * AHEAD
+        self.next = 0  # the first chunk of the plan not handed out
+        self.sent = 0  # chunks sent to the workers
+        self.inflight: deque = deque()  # (number among the chunks sent to the workers, the block lent to it)
+        self.to_workers = False  # set by the first submit(): this process decodes no more chunks
+        self._lock = threading.Lock()
+
+    def here(self) -> int | None:
+        """The next chunk for this process to decode, or None once the workers take them (or none is left)."""
+        with self._lock:
+            if self.to_workers or self.next == len(self.plan):
+                return None
+            self.next += 1
+            return self.next - 1
+
+    def submit(self, workers: Workers) -> None:
+        """Send the next chunks to the workers, up to the limit in flight."""
+        with self._lock:
+            self.to_workers = True
+            while self.next < len(self.plan) and len(self.inflight) < self.limit:
+                block = self.blocks.lend()
+                workers.send(self.sent, (self.plan[self.next][0], self.digest_stacks, block))
+                self.inflight.append((self.sent, block))
+                self.sent += 1
+                self.next += 1
+
+
+def _run(workers: Workers, feed: Feed, here: tuple | None = None) -> Iterator[DecodedChunk]:
+    """The chunks of `feed`'s plan in order: with `here` (source, index, user limit), the first ones decoded
+    in this process until the workers have started, the others by the workers."""
+    plan, blocks, inflight = feed.plan, feed.blocks, feed.inflight
     if here is not None:
         source, index, user_limit = here
-        while first < len(plan) and not workers.started():
-            yield decode_buffers(source, index, plan[first][0], user_limit, digest_stacks)
-            first += 1
-    if first == len(plan):
+        while not workers.started() and (k := feed.here()) is not None:
+            yield decode_buffers(source, index, plan[k][0], user_limit, feed.digest_stacks)
+    if feed.next == len(plan) and not inflight:
         return
-    workers.wait_started()
-    jobs = len(workers.conns)
-    inflight: deque = deque()  # (number among the chunks sent to the workers, the block lent to it)
-    sent = 0
-
-    def submit() -> None:
-        nonlocal sent
-        while first + sent < len(plan) and len(inflight) < jobs * AHEAD:
-            block = blocks.lend()
-            workers.send(sent, (plan[first + sent][0], digest_stacks, block))
-            inflight.append((sent, block))
-            sent += 1
-
-    submit()
     try:
+        workers.wait_started()  # raises when starting one failed (the first may have chunks already)
+        feed.submit(workers)
         while inflight:
             k, block = inflight.popleft()  # before receiving: an error answer is this chunk's answer too
             result = workers.receive(k)
             if block is not None and not result[1]:
                 blocks.give_back(block)  # the worker made a block of its own (the columns did not fit)
             dc = _take(result, blocks)
-            submit()
+            feed.submit(workers)
             yield dc
     finally:
         # stopped early (an error, or the consumer stopped): take what the workers still send, so that
