@@ -154,10 +154,23 @@ def _sorted_keys(key: np.ndarray) -> np.ndarray:
     return key
 
 
+def _search_sorted(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """np.searchsorted(old, new) for ascending `new`. When neither is much longer than the other, one stable
+    merge of the two (numpy's stable sort finds the two runs): a row of `new` is placed before equal rows of
+    `old`, so its merged position less its own index counts the rows of `old` below it. About twice as fast
+    as the binary searches on a batch against the open set; the searches when `old` is much longer."""
+    if len(old) > 4 * len(new) or len(new) < 64 or old.dtype != new.dtype:
+        return np.searchsorted(old, new)
+    order = np.argsort(np.concatenate([new, old]), kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order), dtype=np.int64)
+    return rank[:len(new)] - np.arange(len(new), dtype=np.int64)
+
+
 def _merged(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where the rows of two address-sorted arrays without a common value go in their merge: (positions
     of the new rows, mask of the new rows)."""
-    at_new = np.searchsorted(old, new) + np.arange(len(new))
+    at_new = _search_sorted(old, new) + np.arange(len(new))
     is_new = np.zeros(len(old) + len(new), dtype=bool)
     is_new[at_new] = True
     return at_new, is_new
@@ -206,7 +219,7 @@ class Pairer:
         last = np.ones(n, dtype=bool)
         last[:-1] = first[1:]
         # open allocation before each event: from the previous event on the key, or from earlier batches
-        pos = np.searchsorted(st.address, a)
+        pos = _search_sorted(st.address, a)
         pos_c = np.minimum(pos, max(len(st.address) - 1, 0))
         in_open = (pos < len(st.address)) & (st.address[pos_c] == a) if len(st.address) else np.zeros(n, bool)
         prev_alloc = np.zeros(n, dtype=bool)

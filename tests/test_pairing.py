@@ -147,6 +147,17 @@ def test_sorted_keys_sorts_every_width(values, width):
     key = np.array([v >> (64 - width) for v in values], dtype=np.uint64)
     assert np.array_equal(_sorted_keys(key.copy()), np.sort(key))
 
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 300), max_size=400), st.lists(st.integers(0, 300), min_size=64, max_size=400))
+def test_search_sorted_is_numpys(old, new):
+    """_search_sorted (a merge when the two are of similar length) gives np.searchsorted's positions."""
+    from pooltrace.pairing import _search_sorted
+
+    o = np.array(sorted(old), dtype=np.uint64) + np.uint64(0xFFFF800000000000)
+    n = np.array(sorted(new), dtype=np.uint64) + np.uint64(0xFFFF800000000000)
+    assert np.array_equal(_search_sorted(o, n), np.searchsorted(o, n))
+
 @settings(max_examples=200, deadline=None)
 @given(st.sets(st.integers(0, 40)), st.data())
 def test_merged_places_two_sorted_runs_without_common_values(values, data):
