@@ -52,7 +52,6 @@ from pooltrace.pairoptions import DEFAULT_WINDOW_S
 from pooltrace.sidecar import load_sidecar, merge_pdb_identities, tag_counters
 from pooltrace.stackjoin import StackJoiner
 from pooltrace.summary import NAME as SUMMARY_NAME
-from pooltrace.summary import save as save_summary
 from pooltrace.summary import write_summary
 from pooltrace.summaryscan import RowScan
 from pooltrace.tags import format_tag
@@ -142,15 +141,15 @@ class _RowWriter:
             self._flush()
 
     def flush(self) -> None:
-        """Start writing the rows queued (the last row group: close waits for it)."""
-        self._flush()
+        """Start writing the rows queued as the last row group (close waits for it)."""
+        self._flush(last=True)
 
-    def _flush(self) -> None:
+    def _flush(self, last: bool = False) -> None:
         if not self._pending_rows:
             return
         self._pending_rows = 0
         self._wait()
-        self._inflight = self._thread.submit(self._write_group)
+        self._inflight = self._thread.submit(self._write_group, last)
 
     def _wait(self) -> None:
         """Wait for the row group being written (its error, if any, is raised here)."""
@@ -219,7 +218,7 @@ class _RowWriter:
             pos = np.searchsorted(self._known, distinct)
         return self._names.take(pa.array(pos.astype(np.int32)[enc.indices.to_numpy()])), distinct, pos
 
-    def _write_group(self) -> None:
+    def _write_group(self, last: bool = False) -> None:
         if self._error is not None:
             raise self._error
         n, self._filled = self._filled, 0
@@ -236,7 +235,7 @@ class _RowWriter:
         ], schema=ALLOCATIONS_SCHEMA)
         if self.scan is not None:  # the scan keeps its columns: the next group gets new ones
             self.scan.add(self.rows, {name: c[name] for name in SCANNED}, np.array(list(order), dtype=np.uint32),
-                          list(order.values()))
+                          list(order.values()), last)
             for name in SCANNED:
                 del self._cols[name]
         self.writer.write_table(table)
@@ -375,7 +374,7 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress, jobs: int = 1
     joiner = StackJoiner(hdr.start_ticks, int(window_s * tps), hdr.pointer_size)
     pairer = Pairer()
     to_ns = hdr.ticks_to_ns if hdr.ticks_per_second else (lambda t: t - hdr.start_ticks)
-    scan = RowScan()  # the summary, computed from the rows as they are written (pooltrace.summaryscan)
+    scan = RowScan(out)  # the summary, computed from the rows as they are written (pooltrace.summaryscan)
     rows = _RowWriter(out / "allocations.parquet", to_ns, scan)
     rows.snapshots = snapshots = PoolSnapshots()
     rare: dict[str, list[pa.Table]] = {"image": [], "ktc_rsds": [], "ktc_image_id": [], "header_extension": []}
@@ -407,9 +406,7 @@ def _pair(reader: EtlReader, out: Path, window_s: float, progress, jobs: int = 1
         if remap is not None:  # the rows' stack ids change: write_summary reads them back
             _remap_stacks(out / "allocations.parquet", remap)
         else:
-            arrays = scan.arrays(rows.rows, len(frames), rows.size, rows.crc)
-            if arrays is not None:
-                save_summary(out, arrays)
+            scan.write(rows.rows, len(frames), rows.size, rows.crc)
     finally:
         scan.close()
     meta = _trace_json(reader, pairer, joiner, rows, len(frames), unresolved, modules, window_s)

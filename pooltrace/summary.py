@@ -115,20 +115,29 @@ def _arrays(identity: tuple[int, int, int], stacks: int, window: tuple[int, int]
             nbytes: np.ndarray, pk: PerKey, bins: list[np.ndarray]) -> dict[str, np.ndarray]:
     """The file's arrays (ARRAYS, and the digest of the others): `identity` is allocations.parquet's [size,
     CRC-32, rows], `bins` the growth counts (up_w, up_c, down_w, down_c) of the keys of `pk`, in its order."""
+    arrays = {"version": _array("version", [VERSION]), "allocations": _array("allocations", identity),
+              "stacks": _array("stacks", [stacks]), **content(window, counts, nbytes, pk, bins)}
+    arrays["digest"] = np.frombuffer(_digest(arrays), dtype=np.uint8)
+    return arrays
+
+
+def content(window: tuple[int, int], counts: np.ndarray, nbytes: np.ndarray, pk: PerKey,
+            bins: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays that do not name the dataset's files (all but version, allocations, stacks and digest)."""
     text = [t.encode("utf-8", "surrogatepass") for t in pk.tag_names]
     up_w, up_c, down_w, down_c = bins
     arrays = {
-        "version": [VERSION], "allocations": list(identity), "stacks": [stacks],
-        "window": list(window), "points": [POINTS],
-        "lifetime_counts": counts, "lifetime_bytes": nbytes,
+        "window": list(window), "points": [POINTS], "lifetime_counts": counts, "lifetime_bytes": nbytes,
         "keys": pk.keys, "counts": pk.counts, "nbytes": pk.nbytes, "first_row": pk.first_row, "pid": pk.pid,
         "alloc_ns": pk.alloc_ns, "pair_key": pk.pair_key, "pair_tag": pk.pair_tag, "pair_bytes": pk.pair_bytes,
         "tag_text": np.frombuffer(b"".join(text), dtype=np.uint8), "tag_ends": np.cumsum([len(t) for t in text]),
         "up_w": up_w, "up_c": up_c, "down_w": down_w, "down_c": down_c,
     }
-    arrays = {name: np.asarray(v, dtype=ARRAYS[name]).reshape(-1) for name, v in arrays.items()}
-    arrays["digest"] = np.frombuffer(_digest(arrays), dtype=np.uint8)
-    return arrays
+    return {name: _array(name, v) for name, v in arrays.items()}
+
+
+def _array(name: str, v) -> np.ndarray:
+    return np.asarray(v, dtype=ARRAYS[name]).reshape(-1)
 
 
 def save(ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -137,6 +146,49 @@ def save(ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, ds_dir / NAME)
+
+
+class Partial:
+    """summary.npz written in two steps: the arrays known first (`content`) while the dataset's files are
+    still being written, then, once allocations.parquet is complete, the ones that name it and the digest
+    (`finish`). The same arrays as `save` writes; the file is renamed into place when complete, and removed
+    when not (`abort`)."""
+
+    def __init__(self, ds_dir: Path, arrays: dict[str, np.ndarray]):
+        self._dir = ds_dir
+        self._tmp = ds_dir / (NAME + ".tmp")
+        self._arrays = dict(arrays)
+        self._zip = zipfile.ZipFile(self._tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        try:
+            self._write(arrays)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, a in arrays.items():  # as np.savez writes them
+            with self._zip.open(name + ".npy", "w", force_zip64=True) as fid:
+                np.lib.format.write_array(fid, a, allow_pickle=False)
+
+    def finish(self, identity: tuple[int, int, int], stacks: int) -> None:
+        arrays = {"version": _array("version", [VERSION]), "allocations": _array("allocations", identity),
+                  "stacks": _array("stacks", [stacks])}
+        arrays["digest"] = np.frombuffer(_digest({**self._arrays, **arrays}), dtype=np.uint8)
+        try:
+            self._write(arrays)
+            self._zip.close()
+            self._zip = None
+            os.replace(self._tmp, self._dir / NAME)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close and remove the file if it is not complete (nothing when it is)."""
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+        if self._tmp.exists():
+            self._tmp.unlink()
 
 
 def read_summary(ds: Dataset) -> tuple[Summary | None, str | None]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -30,10 +31,14 @@ COLUMNS = {"alloc_ns": np.int64, "free_ns": np.int64, "size": np.uint64, "alloc_
 
 
 class RowScan:
-    """The summary's scan, fed row group by row group (`add`, from the Parquet writer's thread, in row order),
-    started once the trace's duration is known (`start`); `arrays` gives summary.npz's arrays."""
+    """The summary's scan of the dataset being written in `ds_dir`, fed row group by row group (`add`, from
+    the Parquet writer's thread, in row order), started once the trace's duration is known (`start`); after
+    the last row group the arrays are computed and written on the scan's thread (summary.Partial) while the
+    group is encoded; `write` completes summary.npz once allocations.parquet is."""
 
-    def __init__(self) -> None:
+    def __init__(self, ds_dir: Path) -> None:
+        self._dir = ds_dir
+        self._partial = None  # summary.Partial once the last row group is scanned
         self._lock = threading.Lock()
         self._kept: list[tuple[int, dict[str, np.ndarray]]] = []  # (first row, columns) until `start`
         self._kept_bytes = 0
@@ -50,9 +55,10 @@ class RowScan:
         self._bins = [np.zeros((0, 2 * (POINTS + 1))), np.zeros((0, 2 * (POINTS + 1)), dtype=np.int64),
                       np.zeros((0, POINTS + 1)), np.zeros((0, POINTS + 1), dtype=np.int64)]
 
-    def add(self, at: int, cols: dict[str, np.ndarray], tags: np.ndarray, names: list[str]) -> None:
+    def add(self, at: int, cols: dict[str, np.ndarray], tags: np.ndarray, names: list[str],
+            last: bool = False) -> None:
         """A row group's columns (COLUMNS; this scan's from now on), its first row `at`, and its distinct raw
-        tags in the order of their first row with their names."""
+        tags in the order of their first row with their names; `last`: no row group comes after it."""
         with self._lock:
             if self._given_up:
                 return
@@ -64,6 +70,8 @@ class RowScan:
                 self._codes.setdefault(name, len(self._codes))
             if self._pool is not None:
                 self._done.append(self._pool.submit(self._scan, at, cols))
+                if last:
+                    self._done.append(self._pool.submit(self._prepare))
                 return
             self._kept.append((at, cols))
             self._kept_bytes += sum((a if a.base is None else a.base).nbytes for a in cols.values())
@@ -109,15 +117,10 @@ class RowScan:
         for acc, part in zip(self._bins, (counts.up_w, counts.up_c, counts.down_w, counts.down_c), strict=True):
             acc[:keys] += part.reshape(keys + 1, -1)[:keys]  # the last key: rows outside the window
 
-    def arrays(self, rows: int, stacks: int, size: int, crc: int) -> dict[str, np.ndarray] | None:
-        """summary.npz's arrays for allocations.parquet of `rows` rows, `size` bytes and CRC-32 `crc`, and
-        `stacks` stacks; None when this scan gave up (write_summary then reads the file)."""
-        from pooltrace.summary import _arrays
+    def _content(self) -> dict[str, np.ndarray]:
+        """summary.content's arrays from the rows scanned."""
+        from pooltrace.summary import content
 
-        for done in self._done:
-            done.result()  # a scan's error is raised here
-        if self._window is None or self._given_up:
-            return None
         sel = np.concatenate(self._sel) if self._sel else np.zeros(0, dtype=np.intp)
         out = {name: np.concatenate(parts) if parts else np.zeros(0, dtype=column_dtype(name))
                for name, parts in self._out.items()}
@@ -133,9 +136,30 @@ class RowScan:
             if top > len(acc):
                 acc = np.concatenate([acc, np.zeros((top - len(acc), acc.shape[1]), acc.dtype)])
             bins.append(acc[index])
-        return _arrays((size, crc, rows), stacks, (self._window.start_ns, self._end), self._counts, self._nbytes,
-                       pk, bins)
+        return content((self._window.start_ns, self._end), self._counts, self._nbytes, pk, bins)
+
+    def _prepare(self) -> None:
+        from pooltrace.summary import Partial
+
+        self._partial = Partial(self._dir, self._content())
+
+    def write(self, rows: int, stacks: int, size: int, crc: int) -> bool:
+        """Complete summary.npz for allocations.parquet of `rows` rows, `size` bytes and CRC-32 `crc`, and
+        `stacks` stacks; False when this scan gave up (write_summary then reads the file)."""
+        from pooltrace.summary import Partial
+
+        for done in self._done:
+            done.result()  # a scan's error is raised here
+        if self._window is None or self._given_up:
+            return False
+        if self._partial is None:  # the last row group was not known as such
+            self._partial = Partial(self._dir, self._content())
+        self._partial.finish((size, crc, rows), stacks)
+        return True
 
     def close(self) -> None:
+        """Stop the scan; a summary not completed is removed."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._partial is not None:
+            self._partial.abort()

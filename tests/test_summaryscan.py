@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import pooltrace.dataset as dataset
 import pooltrace.summaryscan as summaryscan
 from pooltrace.etl.writer import TraceWriter
+from pooltrace.outputs import DATASET_FILES
 from pooltrace.summary import NAME, write_summary
 from tests.conftest import ROOT
 
@@ -89,9 +90,11 @@ def test_the_summary_of_generated_traces(tmp_path_factory, seed, events, cpus, r
         mp.setattr(dataset, "ROW_GROUP", row_group)
         mp.setattr(dataset, "CHUNK_BYTES", 0x2000)  # many batches: rows written before the last one
         meta = dataset.pair_trace(tmp / "t.etl", tmp / "ds", window_s=0.0001)
+    files = sorted(p.name for p in (tmp / "ds").iterdir())
     if meta["duration_ns"] is None:  # no events: no summary, as write_summary decides
-        assert not (tmp / "ds" / NAME).exists() and not write_summary(tmp / "ds")
+        assert files == sorted(set(DATASET_FILES) - {NAME}) and not write_summary(tmp / "ds")
     else:
+        assert files == sorted(DATASET_FILES)
         _same_as_write_summary(tmp / "ds", tmp)
     shutil.rmtree(tmp)
 
@@ -106,4 +109,25 @@ def test_too_many_rows_kept_leave_the_summary_to_write_summary(tmp_path, monkeyp
     monkeypatch.setattr(dataset, "CHUNK_BYTES", 1 << 16)  # many batches: rows written before the last one
     dataset.pair_trace(ROOT / "traces" / "sample-leak.etl", tmp_path / "ds", window_s=0.001)
     assert len(calls) == 1
+    _same_as_write_summary(tmp_path / "ds", tmp_path)
+
+
+def test_stacks_merged_after_the_rows_are_written(tmp_path, monkeypatch):
+    """A stack key whose definition holds the frames of an explicit stack: the two stack ids become one and
+    the rows are rewritten, so the summary computed while they were written is dropped (no file of it is
+    left) and write_summary reads the rewritten rows."""
+    calls = []
+    monkeypatch.setattr(dataset, "write_summary", lambda ds: calls.append(ds) or write_summary(ds))
+    w = TraceWriter(pointer_size=8, cpus=1)
+    t = w.start_qpc + 100
+    key = 0xFFFFC00000001000
+    w.pool(0, t, 0x0E20, 0, "Leak", 32, 0xA000, tid=8, pid=4)
+    w.stack(0, t, t, 4, 8, [1, 2, 3])
+    w.pool(0, t + 20, 0x0E20, 0, "Leak", 48, 0xB000, tid=8, pid=4)
+    w.stack_key_ref(0, t + 20, t + 20, 4, 8, key)
+    w.stack_key_def(0, t + 30, key, [1, 2, 3])
+    w.save(tmp_path / "k.etl")
+    meta = dataset.pair_trace(tmp_path / "k.etl", tmp_path / "ds")
+    assert meta["pairing"]["distinct_stacks"] == 1 and len(calls) == 1
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == sorted(DATASET_FILES)
     _same_as_write_summary(tmp_path / "ds", tmp_path)
