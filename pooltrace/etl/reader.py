@@ -79,17 +79,25 @@ class Batch:
     the joiner matches by owner and orders by seq itself) holds the right rows in no particular order."""
 
     tables: dict[str, pa.Table | Columns]
+    _span: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     def get(self, name: str) -> pa.Table | Columns | None:
         return self.tables.get(name)
 
     def first_ts(self) -> int:
         """The earliest timestamp in the batch."""
-        return min(_ts_span(t)[0] for t in self.tables.values())
+        return self._ts_span()[0]
 
     def last_ts(self) -> int:
         """The latest timestamp in the batch."""
-        return max(_ts_span(t)[1] for t in self.tables.values())
+        return self._ts_span()[1]
+
+    def _ts_span(self) -> tuple[int, int]:
+        """(earliest, latest) timestamp, computed once (the reader and the joiner each ask)."""
+        if self._span is None:
+            spans = [_ts_span(t) for t in self.tables.values()]
+            self._span = min(a for a, _ in spans), max(b for _, b in spans)
+        return self._span
 
 
 def _ts_span(t: pa.Table | Columns) -> tuple[int, int]:
