@@ -12,8 +12,10 @@ decode stage alone and the reader (decode and time merge) at --jobs 1 and N (ben
 and --stage reader) and prints both speed-ups. --profile runs
 pair_trace under cProfile in-process instead. --main-only times the main process's own work alone: the
 chunks are decoded once beforehand (held in memory, about 0.1 KB per record), then the time merge, stack
-attachment, pairing and the row writer (its Parquet thread included) run over them, CPU time per run. Not a
-test: run it by hand and quote the figures.
+attachment, pairing and the row writer (its Parquet thread included) run over them, CPU time per run. --tail
+times what comes after the loop, in-process (a fresh process per run): from the reader's last batch to
+pair_trace's return (the last stacks and pairs, the last row group's encoding, stacks, modules, trace.json and
+summary.npz), where the main process works alone. Not a test: run it by hand and quote the figures.
 """
 
 from __future__ import annotations
@@ -62,6 +64,24 @@ sys.argv = ["pooltrace", *sys.argv[1:]]
 runpy.run_module("pooltrace", run_name="__main__", alter_sys=True)
 """
 
+# pair_trace in-process: wall seconds in all and after the reader's last batch (the tail), as JSON
+TAIL = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from pooltrace.dataset import pair_trace
+from pooltrace.etl.reader import EtlReader
+last, batches = [], EtlReader.batches
+def marked(self, *a, **k):
+    yield from batches(self, *a, **k)
+    last.append(time.perf_counter())
+EtlReader.batches = marked
+t0 = time.perf_counter()
+pair_trace(Path(sys.argv[1]), Path(sys.argv[3]), jobs=int(sys.argv[4]))
+t1 = time.perf_counter()
+print(json.dumps({"seconds": t1 - t0, "tail": t1 - last[0]}))
+"""
+
 # the main process's work alone over chunks decoded beforehand: CPU seconds (all threads) per run, as JSON
 MAIN_ONLY = r"""
 import copy, json, shutil, sys, tempfile, time
@@ -103,6 +123,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="pair --jobs")
     ap.add_argument("--profile", action="store_true", help="print where the time goes (slower)")
     ap.add_argument("--main-only", action="store_true", help="time the main process's work alone")
+    ap.add_argument("--tail", action="store_true", help="time from the reader's last batch to the end")
     args = ap.parse_args()
     if args.trace:
         path = Path(args.trace)
@@ -123,6 +144,18 @@ def main() -> None:
         runs = sorted(json.loads(res.stdout))
         print(f"main process's work alone (time merge, stacks, pairing, row writer; chunks decoded beforehand): "
               f"{runs[len(runs) // 2]:.2f} s CPU, median of {len(runs)} (min {runs[0]:.2f} s)")
+        return
+    if args.tail:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = [json.loads(subprocess.run([sys.executable, "-c", TAIL, str(path), str(ROOT),
+                                               str(Path(tmp) / f"d{i}"), str(args.jobs)],
+                                              capture_output=True, text=True, check=True).stdout)
+                    for i in range(args.repeat)]
+        tails = sorted(r["tail"] for r in runs)
+        whole = sorted(r["seconds"] for r in runs)
+        print(f"pair --jobs {args.jobs} tail, from the reader's last batch to the end (median of {len(runs)}): "
+              f"{tails[len(tails) // 2]:.3f} s (min {tails[0]:.3f} s); pair_trace in all "
+              f"{whole[len(whole) // 2]:.2f} s")
         return
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

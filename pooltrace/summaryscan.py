@@ -74,7 +74,9 @@ class RowScan:
                     self._done.append(self._pool.submit(self._prepare))
                 return
             self._kept.append((at, cols))
-            self._kept_bytes += sum((a if a.base is None else a.base).nbytes for a in cols.values())
+            # the rows' bytes: the columns may be views of larger buffers whose pages past them were never
+            # written (not resident)
+            self._kept_bytes += sum(a.nbytes for a in cols.values())
             if self._kept_bytes > KEEP_BYTES:
                 self._give_up()
 
