@@ -1,6 +1,7 @@
 """End-to-end `pair` throughput and memory (read, attach stacks, pair, write Parquet).
 
     python benchmarks/bench_pair.py [--events 2000000] [--trace FILE] [--keep] [--jobs N] [--repeat 3]
+                                    [--profile | --main-only | --tail]
 
 Generates the classic-leak scenario scaled to about --events records unless --trace is given (for the
 speed targets: a trace from benchmarks/make_trace.py), then runs `pooltrace pair --jobs N` in a fresh
@@ -12,7 +13,8 @@ decode stage alone and the reader (decode and time merge) at --jobs 1 and N (ben
 and --stage reader) and prints both speed-ups. --profile runs
 pair_trace under cProfile in-process instead. --main-only times the main process's own work alone: the
 chunks are decoded once beforehand (held in memory, about 0.1 KB per record), then the time merge, stack
-attachment, pairing and the row writer (its Parquet thread included) run over them, CPU time per run. --tail
+attachment, pairing and the row writer (its Parquet thread included, and the summary's scan, which runs as
+the rows are written) run over them, CPU time per run. --tail
 times what comes after the loop, in-process (a fresh process per run): from the reader's last batch to
 pair_trace's return (the last stacks and pairs, the last row group's encoding, stacks, modules, trace.json and
 summary.npz), where the main process works alone. Not a test: run it by hand and quote the figures.
@@ -142,7 +144,7 @@ def main() -> None:
         res = subprocess.run([sys.executable, "-c", MAIN_ONLY, str(path), str(ROOT), str(args.repeat)],
                              capture_output=True, text=True, check=True)
         runs = sorted(json.loads(res.stdout))
-        print(f"main process's work alone (time merge, stacks, pairing, row writer; chunks decoded beforehand): "
+        print(f"main process's work alone (time merge, stacks, pairing, row writer, summary; chunks decoded before): "
               f"{runs[len(runs) // 2]:.2f} s CPU, median of {len(runs)} (min {runs[0]:.2f} s)")
         return
     if args.tail:
