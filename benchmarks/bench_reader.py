@@ -13,7 +13,9 @@ and the rows merged into time order in the reading process — from opening the 
 frames digested (chunks.decode_buffers), in this process with --jobs 1 or in N worker processes started the
 way pair starts them (workerstart.start_early, then decode_in_workers) and handed back — from opening the trace
 to the last decoded chunk received; no time merge. The peak RSS is the reading process's (decode workers
-are separate processes).
+are separate processes). It also prints what does not split across workers, from the same run: the head
+(imports, buffer index, chunk plan), and with N > 1 the chunks this process decoded itself while the workers
+started and when the first chunk a worker decoded came back.
 """
 
 from __future__ import annotations
@@ -61,23 +63,30 @@ jobs = int(sys.argv[4])
 if jobs > 1:
     from pooltrace.etl.workerstart import start_early
     start_early()  # as pair does: first, the workers' server loads while this process imports and reads the index
-    from pooltrace.etl.parallel import decode_in_workers
+    from pooltrace.etl import parallel
+    here = []  # chunks this process decodes itself while the workers start (counted, not changed)
+    decode_here = parallel.decode_buffers
+    parallel.decode_buffers = lambda *a: here.append(1) or decode_here(*a)
 from pooltrace.etl.chunks import decode_buffers, plan_chunks
 from pooltrace.etl.reader import EtlReader
 with EtlReader(sys.argv[1], chunk_bytes=int(sys.argv[3]) << 20) as r:
     plan = plan_chunks(r.index, r.chunk_bytes)
+    head = time.perf_counter() - t0  # imports, buffer index and plan
     if jobs > 1:
-        chunks = decode_in_workers(r, plan, jobs, digest_stacks=True)
+        chunks = parallel.decode_in_workers(r, plan, jobs, digest_stacks=True)
     else:
         chunks = (decode_buffers(r.source, r.index, b, int(r.user_limit), True) for b, _wm in plan)
-    records, rows = 0, {}
-    for dc in chunks:
+    records, rows, first = 0, {}, None
+    for k, dc in enumerate(chunks):
+        if first is None and jobs > 1 and k >= len(here):
+            first = time.perf_counter() - t0  # the first chunk a worker decoded, received
         records += dc.counts.records
         for n, t in dc.tables.items():
             rows[n] = rows.get(n, 0) + len(t)
 t = time.perf_counter() - t0
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({"seconds": t, "records": records, "rows": rows, "peak_rss_mb": int(hwm) / 1024}))
+print(json.dumps({"seconds": t, "records": records, "rows": rows, "peak_rss_mb": int(hwm) / 1024, "head": head,
+                  "chunks": len(plan), "here": len(here) if jobs > 1 else len(plan), "first_from_workers": first}))
 """
 
 
@@ -123,6 +132,13 @@ def main() -> None:
           f"{best['seconds']:.2f} s = "
           f"{best['records'] / best['seconds'] / 1e6:.2f} M records/s "
           f"({size / best['seconds'] / 1e6:.0f} MB/s); peak RSS {best['peak_rss_mb']:.0f} MB; rows {best['rows']}")
+    if args.stage == "decode":  # what does not split across workers, in the same (median) run
+        split = ""
+        if args.jobs > 1:
+            split = f"; {best['here']} of {best['chunks']} chunks decoded in this process while the workers started"
+            if best["first_from_workers"] is not None:
+                split += f", the first from a worker received at {best['first_from_workers']:.3f} s"
+        print(f"  head (imports, buffer index, plan) {best['head']:.3f} s{split}")
     if not args.keep:
         os.remove(path)
 
