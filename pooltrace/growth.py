@@ -137,6 +137,20 @@ class GrowthCounts:
         counts.up_w, counts.up_c, counts.down_w, counts.down_c = up_w, up_c, down_w, down_c
         return counts
 
+    def grow(self, keys: int) -> None:
+        """Room for `keys` keys (keys counted so far keep their counts; so do the rows not counted)."""
+        if keys <= self.keys:
+            return
+        parts = []
+        for arr, width in ((self.up_w, 2), (self.up_c, 2), (self.down_w, 1), (self.down_c, 1)):
+            old = arr.reshape(self.keys + 1, -1)
+            new = np.zeros((keys + 1, self.stride * width), dtype=arr.dtype)
+            new[:self.keys] = old[:self.keys]
+            new[keys] = old[self.keys]  # the key of the rows not counted stays the last
+            parts.append(new.reshape(-1))
+        self.up_w, self.up_c, self.down_w, self.down_c = parts
+        self.keys = keys
+
     def add(self, alloc_ns: np.ndarray, free_ns: np.ndarray, size: np.ndarray, key: np.ndarray) -> None:
         """Count rows: `key` is each row's key, < 0 for a row not counted."""
         n = len(self.down_c)

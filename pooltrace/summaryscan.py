@@ -20,7 +20,7 @@ import numpy as np
 
 from pooltrace.analysis import AIFO, OUT_COLUMNS, _add_classes, lifetimes, parse_window, per_key
 from pooltrace.datasetopen import NULL_NS, column_dtype
-from pooltrace.growth import POINTS, GrowthCounts
+from pooltrace.growth import GrowthCounts
 
 KEEP_BYTES = 64 << 20  # columns kept until the window is known (40 bytes per allocation row: 1.6 M rows)
 # a row group with more distinct tags than this could outgrow its Parquet dictionary page (1 MB; a tag name is
@@ -52,8 +52,7 @@ class RowScan:
         self._counts, self._nbytes = np.zeros(5, dtype=np.int64), np.zeros(5)
         self._sel: list[np.ndarray] = []
         self._out: dict[str, list[np.ndarray]] = {name: [] for name in OUT_COLUMNS}
-        self._bins = [np.zeros((0, 2 * (POINTS + 1))), np.zeros((0, 2 * (POINTS + 1)), dtype=np.int64),
-                      np.zeros((0, POINTS + 1)), np.zeros((0, POINTS + 1), dtype=np.int64)]
+        self._growth: GrowthCounts | None = None  # keys: stack + 1 (0: no stack), grown with the stacks seen
 
     def add(self, at: int, cols: dict[str, np.ndarray], tags: np.ndarray, names: list[str],
             last: bool = False) -> None:
@@ -94,13 +93,15 @@ class RowScan:
                 return
             self._window = parse_window(None, duration_ns)  # as write_summary: the default window
             self._end = max(self._window.start_ns + 1, min(self._window.end_ns, duration_ns + 1))  # effective_end
+            self._growth = GrowthCounts(0, self._window.start_ns, self._end, NULL_NS)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="pooltrace-summary")
             self._done = [self._pool.submit(self._scan, at, cols) for at, cols in self._kept]
             self._kept.clear()
 
     def _scan(self, at: int, cols: dict[str, np.ndarray]) -> None:
         """analysis._scan's work on one block (no filter, by stack); growth keys are stack + 1 (0: no stack),
-        counted in a table that grows with the stacks seen (the number of stacks is known at the end)."""
+        counted in a table that grows with the stacks seen (the number of stacks is known at the end; sums of
+        sizes are exact in any grouping, GrowthCounts)."""
         cls = lifetimes(cols, self._window)
         _add_classes(self._counts, self._nbytes, cols["size"], cls)
         hit = np.flatnonzero(cls == AIFO)
@@ -111,13 +112,8 @@ class RowScan:
         if len(stack) and stack.min() < -1:  # not a row pair writes; write_summary wraps them
             raise ValueError("stack reference below -1")
         key = stack + 1
-        keys = int(key.max()) + 1 if len(key) else 0
-        counts = GrowthCounts(keys, self._window.start_ns, self._end, NULL_NS)
-        counts.add(cols["alloc_ns"], cols["free_ns"], cols["size"], key)
-        if keys > len(self._bins[0]):
-            self._bins = [np.concatenate([b, np.zeros((keys - len(b), b.shape[1]), b.dtype)]) for b in self._bins]
-        for acc, part in zip(self._bins, (counts.up_w, counts.up_c, counts.down_w, counts.down_c), strict=True):
-            acc[:keys] += part.reshape(keys + 1, -1)[:keys]  # the last key: rows outside the window
+        self._growth.grow(int(key.max()) + 1 if len(key) else 0)
+        self._growth.add(cols["alloc_ns"], cols["free_ns"], cols["size"], key)
 
     def _content(self) -> dict[str, np.ndarray]:
         """summary.content's arrays from the rows scanned."""
@@ -131,13 +127,10 @@ class RowScan:
         code = np.array([self._codes[self._name[t]] for t in distinct.tolist()], dtype=np.int32)
         out["tag"] = code[inverse.reshape(-1)] if len(raw) else np.zeros(0, dtype=np.int32)
         pk = per_key(sel, out, "stack", list(self._codes))
+        g = self._growth
+        g.grow(int(pk.keys.max()) + 2 if len(pk.keys) else 0)  # (every outstanding row's stack was counted)
         index = pk.keys + 1  # growth key of each outstanding stack (-1, no stack: 0)
-        top = int(index.max()) + 1 if len(index) else 0
-        bins = []
-        for acc in self._bins:
-            if top > len(acc):
-                acc = np.concatenate([acc, np.zeros((top - len(acc), acc.shape[1]), acc.dtype)])
-            bins.append(acc[index])
+        bins = [x.reshape(g.keys + 1, -1)[index] for x in (g.up_w, g.up_c, g.down_w, g.down_c)]
         return content((self._window.start_ns, self._end), self._counts, self._nbytes, pk, bins)
 
     def _prepare(self) -> None:

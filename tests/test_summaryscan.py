@@ -131,3 +131,29 @@ def test_stacks_merged_after_the_rows_are_written(tmp_path, monkeypatch):
     assert meta["pairing"]["distinct_stacks"] == 1 and len(calls) == 1
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == sorted(DATASET_FILES)
     _same_as_write_summary(tmp_path / "ds", tmp_path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-5, 120), st.integers(-5, 130), st.integers(0, 1 << 40), st.integers(-1, 9)),
+                max_size=60), st.integers(0, 60), st.integers(0, 4), st.integers(0, 10))
+def test_growth_counts_grown_as_keys_come_are_the_counts_of_all_keys(rows, cut, first, more):
+    """GrowthCounts.grow (the summary's scan meets stacks as it goes): rows counted before and after the
+    table grows give the arrays of a table made for every key at once, the rows not counted included."""
+    from pooltrace.datasetopen import NULL_NS
+    from pooltrace.growth import GrowthCounts
+
+    a = np.array([r[0] if r[0] >= 0 else NULL_NS for r in rows], dtype=np.int64)
+    f = np.array([r[1] if r[1] >= 0 else NULL_NS for r in rows], dtype=np.int64)
+    size = np.array([r[2] for r in rows], dtype=np.uint64)
+    keys = first + more
+    key = np.array([min(r[3], keys - 1) if keys else -1 for r in rows], dtype=np.int64)
+    key[:cut] = np.minimum(key[:cut], first - 1)  # the first rows only know the first keys
+    whole = GrowthCounts(keys, 0, 100, NULL_NS, points=8)
+    whole.add(a, f, size, key)
+    grown = GrowthCounts(first, 0, 100, NULL_NS, points=8)
+    grown.add(a[:cut], f[:cut], size[:cut], key[:cut])
+    grown.grow(keys)
+    grown.add(a[cut:], f[cut:], size[cut:], key[cut:])
+    assert grown.keys == whole.keys
+    for name in ("up_w", "up_c", "down_w", "down_c"):
+        assert np.array_equal(getattr(grown, name), getattr(whole, name)), name
