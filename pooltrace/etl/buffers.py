@@ -252,6 +252,9 @@ _ROW = BUFFER_HEADER_SIZE + 32
 _TS_AT = np.zeros(256, dtype=np.uint8)  # _TS_OFFSET as a table: 0 where the header type is unknown
 for _t, _o in _TS_OFFSET.items():
     _TS_AT[_t] = _o
+# Bytes of a plain LZXpress stream that always hold its first 32 decoded bytes: at most 32 tokens, each at
+# most 10 bytes (a match with every length extension), and their two 32-bit flag words: 328 (MS-XCA 2.3).
+_XPRESS_HEAD = 512
 _FIRST_RUN = 32  # headers read in the first try of a run, doubled while every one fits ...
 _MAX_RUN = 1024  # ... up to this many: a damaged header wastes at most this many reads
 
@@ -317,8 +320,9 @@ def scan_buffers(data: bytes | memoryview, fast: bool = True) -> BufferIndex:
     skipped = 0
     unknown_ts = np.iinfo(np.int64).min
     cool = 0  # buffers to walk before the next try to read many at once
+    ahead = BUFFER_HEADER_SIZE + (_XPRESS_HEAD if fast else 32)  # with fast, a compressed buffer's head too
     while off + BUFFER_HEADER_SIZE <= n:
-        head_bytes = data[off:off + BUFFER_HEADER_SIZE + 32]
+        head_bytes = data[off:off + ahead]
         (bsize, _saved, _cur, _ref, _ts, seq, _clk, proc, _lid, state, filled, flags,
          _btype) = _HDR.unpack_from(head_bytes, 0)
         if bsize == 0 or bsize == 0xFFFFFFFF:
@@ -355,11 +359,7 @@ def scan_buffers(data: bytes | memoryview, fast: bool = True) -> BufferIndex:
             off += bsize
             continue
         if compressed:
-            try:
-                head = decompress(data[off + BUFFER_HEADER_SIZE: off + bsize], min(32, filled - 0x48), state,
-                                  prefix=True)
-            except ValueError:
-                head = b""
+            head = _compressed_head(data, off, bsize, filled, state, head_bytes if fast else None)
         else:
             head = bytes(head_bytes[BUFFER_HEADER_SIZE:min(filled, BUFFER_HEADER_SIZE + 32)])
         ts = _first_ts(head)
@@ -378,6 +378,23 @@ def scan_buffers(data: bytes | memoryview, fast: bool = True) -> BufferIndex:
         parts.append(_as_columns(rows))
     cols = {c: np.concatenate([p[c] for p in parts]) if len(parts) > 1 else parts[0][c] for c in _COLUMNS}
     return BufferIndex(**cols, warnings=warnings, trailing_bytes=trailing, skipped_bytes=skipped)
+
+
+def _compressed_head(data, off: int, bsize: int, filled: int, state: int, read: bytes | None) -> bytes:
+    """The first 32 bytes (at most) of a compressed buffer's data area, b"" when they cannot be decoded.
+    A plain LZXpress stream gives them from its first _XPRESS_HEAD bytes, which `read` (the bytes read from
+    the buffer's start) holds: no read of the whole buffer. Any other format, or a stream that needs more
+    (never an intact one), is decoded from the whole buffer."""
+    want = min(32, filled - BUFFER_HEADER_SIZE)
+    if read is not None and state & 0xFFFF == 3 and bsize > len(read) >= BUFFER_HEADER_SIZE + _XPRESS_HEAD:
+        try:
+            return decompress(read[BUFFER_HEADER_SIZE:], want, state, prefix=True)
+        except ValueError:
+            pass
+    try:
+        return decompress(data[off + BUFFER_HEADER_SIZE: off + bsize], want, state, prefix=True)
+    except ValueError:
+        return b""
 
 
 def _runs(data, off: int, stride: int, parts: list, rows: list) -> tuple[int, int, int]:
