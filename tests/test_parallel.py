@@ -339,6 +339,56 @@ def test_the_first_worker_gets_chunks_as_soon_as_it_runs(tmp_path, monkeypatch):
     assert all(name != "pooltrace-decode-start" for name, _n, _k in calls[1:])
 
 
+def test_a_reader_that_stops_while_decoding_itself_removes_the_workers_blocks(tmp_path, monkeypatch):
+    """The consumer stops while the reader still decodes chunks itself but the start thread has handed the
+    next ones to the workers already: the blocks the workers made for those are removed, the workers stop."""
+    import multiprocessing as mp
+    from multiprocessing import shared_memory
+
+    from pooltrace.etl import parallel
+    from pooltrace.etl.chunks import plan_chunks
+    from pooltrace.etl.reader import EtlReader
+
+    ctx = parallel.context()
+    started = []
+
+    class SlowSecondStart:
+        def __getattr__(self, name):
+            return getattr(ctx, name)
+
+        def Pipe(self, duplex):  # noqa: N802 - the multiprocessing context's names
+            return ctx.Pipe(duplex=duplex)
+
+        def Process(self, **kw):  # noqa: N802
+            if started:
+                time.sleep(0.3)
+            started.append(ctx.Process(**kw))
+            return started[-1]
+
+    made, handed = [], []
+    take, submit = parallel._take, parallel.Feed.submit
+    monkeypatch.setattr(parallel, "DECODE_WHILE_STARTING", True)
+    monkeypatch.setattr(parallel, "context", SlowSecondStart)
+    monkeypatch.setattr(parallel, "block_size", lambda chunk_bytes: 64)  # every chunk makes its own
+    monkeypatch.setattr(parallel, "_take", lambda result, blocks=None: (None if result[1] else made.append(result[0]))
+                        or take(result, blocks))
+    monkeypatch.setattr(parallel.Feed, "submit",
+                        lambda feed, workers: handed.append(feed.next) or submit(feed, workers))
+    with EtlReader(_keyed_trace(tmp_path / "keys.etl"), chunk_bytes=4 << 10) as r:
+        chunks = parallel.decode_in_workers(r, plan_chunks(r.index, r.chunk_bytes), 2, digest_stacks=True)
+        next(chunks)  # decoded here
+        deadline = time.monotonic() + 60
+        while not handed and time.monotonic() < deadline:  # the first worker runs, the second not yet
+            time.sleep(0.01)
+        assert handed
+        chunks.close()
+    assert not mp.active_children()
+    assert len(made) == 2 * parallel.AHEAD  # the chunks in flight, taken back when it stopped
+    for name in made:
+        with pytest.raises(FileNotFoundError):
+            shared_memory.SharedMemory(name=name)
+
+
 def test_a_killed_worker_ends_pair_in_one_line_and_leaves_no_dataset(tmp_path, small_chunks, monkeypatch):
     """A decode worker killed mid-run (the OOM killer, a user's kill): `pair` says so in one line, exits 2
     and leaves no dataset behind; nothing else in the output's folder is touched."""

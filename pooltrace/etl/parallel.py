@@ -383,13 +383,13 @@ def _run(workers: Workers, feed: Feed, here: tuple | None = None) -> Iterator[De
     """The chunks of `feed`'s plan in order: with `here` (source, index, user limit), the first ones decoded
     in this process until the workers have started, the others by the workers."""
     plan, blocks, inflight = feed.plan, feed.blocks, feed.inflight
-    if here is not None:
-        source, index, user_limit = here
-        while not workers.started() and (k := feed.here()) is not None:
-            yield decode_buffers(source, index, plan[k][0], user_limit, feed.digest_stacks)
-    if feed.next == len(plan) and not inflight:
-        return
     try:
+        if here is not None:
+            source, index, user_limit = here
+            while not workers.started() and (k := feed.here()) is not None:
+                yield decode_buffers(source, index, plan[k][0], user_limit, feed.digest_stacks)
+        if feed.next == len(plan) and not inflight:
+            return
         workers.wait_started()  # raises when starting one failed (the first may have chunks already)
         feed.submit(workers)
         while inflight:
@@ -401,8 +401,11 @@ def _run(workers: Workers, feed: Feed, here: tuple | None = None) -> Iterator[De
             feed.submit(workers)
             yield dc
     finally:
-        # stopped early (an error, or the consumer stopped): take what the workers still send, so that
-        # blocks they made for it are removed
+        # stopped early (an error, or the consumer stopped, maybe while this process decoded chunks and the
+        # start thread had handed others out): take what the workers still send, so that blocks they made
+        # for it are removed
+        with contextlib.suppress(Exception):
+            workers.wait_started()  # the start thread is done with the chunks in flight
         for k, _block in inflight:
             with contextlib.suppress(Exception):
                 _take(workers.receive(k, timeout=30), blocks)
