@@ -205,13 +205,16 @@ def decode_speedup(path: Path, jobs: int, repeat: int) -> None:
 
     from pooltrace.dataset import CHUNK_BYTES  # the chunks pair decodes
 
-    for label, child in (("decode stage", STAGE), ("reader: decode and time merge", CHILD)):
+    for label, child, start in (("decode stage, workers' server started before the imports as pair does", STAGE,
+                                 "before-imports"),
+                                ("decode stage, the server's start timed with it", STAGE, "with-stage"),
+                                ("reader: decode and time merge", CHILD, "")):
         med = {}
         for j in (1, jobs):
             runs = []
             for _ in range(repeat):
                 res = subprocess.run([sys.executable, "-c", child, str(path), str(ROOT), str(CHUNK_BYTES >> 20),
-                                      str(j)], capture_output=True, text=True, check=True)
+                                      str(j), start], capture_output=True, text=True, check=True)
                 runs.append(json.loads(res.stdout)["seconds"])
             med[j] = sorted(runs)[len(runs) // 2]
         print(f"{label} (median of {repeat}): --jobs 1 {med[1]:.2f} s, --jobs {jobs} {med[jobs]:.2f} s: "

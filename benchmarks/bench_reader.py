@@ -1,7 +1,7 @@
 """Reader throughput and memory on a generated x64 pool trace with stacks.
 
     python benchmarks/bench_reader.py [--events 1000000] [--compressed] [--keep] [--trace FILE] [--jobs N]
-                                      [--stage reader|decode]
+                                      [--stage reader|decode] [--server-start before-imports|with-stage]
 
 Generates the classic-leak scenario scaled to about --events records (pool alloc/free + stacks + rundown),
 then, in a fresh subprocess, reads it and reports records/s and peak RSS. Not a test: run it by hand and
@@ -16,6 +16,10 @@ to the last decoded chunk received; no time merge. The peak RSS is the reading p
 are separate processes). It also prints what does not split across workers, from the same run: the head
 (imports, buffer index, chunk plan), and with N > 1 the chunks this process decoded itself while the workers
 started and when the first chunk a worker decoded came back.
+--server-start (decode stage): before-imports (default), as `pair` runs: the workers' server is started
+first, then the process imports the pairing code (pooltrace.dataset) while the server loads, then the
+stage is timed from opening the trace (with --jobs 1 the same imports, no server); with-stage: the server's
+start (its imports, ~0.2 s) is timed with the stage, as for a reader started cold.
 """
 
 from __future__ import annotations
@@ -56,13 +60,18 @@ print(json.dumps({"seconds": t, "records": records, "rows": rows, "peak_rss_mb":
 STAGE = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
+jobs, as_pair = int(sys.argv[4]), sys.argv[5] == "before-imports"
+if as_pair:  # as `pair` runs: the workers' server first, then this process loads the pairing code meanwhile
+    if jobs > 1:
+        from pooltrace.etl.workerstart import start_early
+        start_early()
+    import pooltrace.dataset  # noqa: F401 - what pair imports while the server loads
 from pooltrace.arrowprobe import skip_pandas_probe
 skip_pandas_probe()  # as the CLI does: pyarrow's first conversion would import pandas
 t0 = time.perf_counter()
-jobs = int(sys.argv[4])
 if jobs > 1:
     from pooltrace.etl.workerstart import start_early
-    start_early()  # as pair does: first, the workers' server loads while this process imports and reads the index
+    start_early()  # does nothing when started above; else the server's start is timed with the stage
     from pooltrace.etl import parallel
     here = []  # chunks this process decodes itself while the workers start (counted, not changed)
     decode_here = parallel.decode_buffers
@@ -101,6 +110,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="decode processes (as pair --jobs)")
     ap.add_argument("--stage", choices=["reader", "decode"], default="reader",
                     help="reader: decode and time merge (EtlReader.batches); decode: the decode stage alone")
+    ap.add_argument("--server-start", choices=["before-imports", "with-stage"], default="before-imports",
+                    help="decode stage: the workers' server started before the imports, as pair does, or timed "
+                         "with the stage")
     args = ap.parse_args()
     from pooltrace.synthetic import classic_leak
 
@@ -123,12 +135,13 @@ def main() -> None:
     runs = []
     for _ in range(args.repeat):
         child = CHILD if args.stage == "reader" else STAGE
-        res = subprocess.run([sys.executable, "-c", child, str(path), str(ROOT), str(args.chunk_mb), str(args.jobs)],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run([sys.executable, "-c", child, str(path), str(ROOT), str(args.chunk_mb), str(args.jobs),
+                              args.server_start], capture_output=True, text=True, check=True)
         runs.append(json.loads(res.stdout))
     runs.sort(key=lambda r: r["seconds"])
     best = runs[len(runs) // 2]  # the median run
-    print(f"{args.stage} (--jobs {args.jobs}, median of {len(runs)}): {best['records']:,} records in "
+    start = f", server {args.server_start}" if args.stage == "decode" and args.jobs > 1 else ""
+    print(f"{args.stage} (--jobs {args.jobs}{start}, median of {len(runs)}): {best['records']:,} records in "
           f"{best['seconds']:.2f} s = "
           f"{best['records'] / best['seconds'] / 1e6:.2f} M records/s "
           f"({size / best['seconds'] / 1e6:.0f} MB/s); peak RSS {best['peak_rss_mb']:.0f} MB; rows {best['rows']}")
