@@ -203,7 +203,8 @@ def read_summary(ds: Dataset) -> tuple[Summary | None, str | None]:
         return None, None
     except Damaged as exc:
         return None, f"{path}: {exc}"
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # unreadable, not an .npz
+    # unreadable, not an .npz, or a zip header claiming a version or method zipfile does not implement
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         return None, f"{path}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
 
 

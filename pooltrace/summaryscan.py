@@ -22,6 +22,8 @@ from pooltrace.analysis import AIFO, OUT_COLUMNS, _add_classes, lifetimes, parse
 from pooltrace.datasetopen import NULL_NS, column_dtype
 from pooltrace.growth import GrowthCounts
 
+_I64 = np.iinfo(np.int64)
+
 KEEP_BYTES = 64 << 20  # columns kept until the window is known (40 bytes per allocation row: 1.6 M rows)
 # a row group with more distinct tags than this could outgrow its Parquet dictionary page (1 MB; a tag name is
 # at most 16 characters); its dictionary's order would then not be the order of first appearance
@@ -87,7 +89,9 @@ class RowScan:
         """The trace's duration is known (None: there is no summary): scan what is kept, and from now on each
         row group as it comes, on a thread."""
         with self._lock:
-            if duration_ns is None:
+            if duration_ns is None or not _I64.min <= duration_ns < _I64.max:
+                # no duration; or one from a damaged time that trace.json's check refuses (write_summary, which
+                # the caller falls back to, then says so) and the int64 bins could not hold
                 self._give_up()
             if self._given_up:
                 return

@@ -64,14 +64,17 @@ def test_the_case_mix_covers_every_kind():
 
 
 @pytest.mark.parametrize(("seed", "kinds"), [(7188, FIRST_KINDS), (12068, FIRST_KINDS), (13185, FIRST_KINDS),
-                                            (14175, FIRST_KINDS), (70567, KINDS)])
+                                            (14175, FIRST_KINDS), (70567, KINDS), (90011, KINDS), (90223, KINDS)])
 def test_campaign_findings_stay_fixed(samples, tmp_path, seed, kinds):
     """Seeds the long campaign (benchmarks/mutation_campaign.py) found, replayed with the case kinds the
     campaign drew from then. 7188: a compressed buffer's fill size shrunk to a point whose bound fell
     inside an LZXpress match; the records past it were dropped in silence. 12068, 13185, 14175: bits
     flipped in a dataset's allocations.parquet gave stack ids past the stacks, used by the streamed report
     before they were checked (a traceback). 70567: allocations.parquet's fate and tag columns swapped; `whose`
-    parsed 'freed' as a pool tag (a traceback)."""
+    parsed 'freed' as a pool tag (a traceback). 90011: bits flipped in summary.npz made zipfile raise
+    NotImplementedError (a zip version it does not implement), not caught by the summary's reader (a traceback).
+    90223: a flipped bit in a record's time made the trace's duration larger than int64; `pair`'s summary scan
+    binned with it (an OverflowError traceback) where write_summary refuses the trace.json (one line, exit 2)."""
     case = make_case(seed, samples, tmp_path, kinds=kinds)
     cls, problems, _runs = run_case(case, tmp_path, notices=REPORT_NOTICES)
     assert cls in ("ok", "bad-input") and not problems, f"{case.kind}: {case.label}: {problems}"
