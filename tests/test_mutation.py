@@ -64,7 +64,8 @@ def test_the_case_mix_covers_every_kind():
 
 
 @pytest.mark.parametrize(("seed", "kinds"), [(7188, FIRST_KINDS), (12068, FIRST_KINDS), (13185, FIRST_KINDS),
-                                            (14175, FIRST_KINDS), (70567, KINDS), (90011, KINDS), (90223, KINDS)])
+                                            (14175, FIRST_KINDS), (70567, KINDS), (90011, KINDS), (90223, KINDS),
+                                            (101447, KINDS)])
 def test_campaign_findings_stay_fixed(samples, tmp_path, seed, kinds):
     """Seeds the long campaign (benchmarks/mutation_campaign.py) found, replayed with the case kinds the
     campaign drew from then. 7188: a compressed buffer's fill size shrunk to a point whose bound fell
@@ -74,7 +75,9 @@ def test_campaign_findings_stay_fixed(samples, tmp_path, seed, kinds):
     parsed 'freed' as a pool tag (a traceback). 90011: bits flipped in summary.npz made zipfile raise
     NotImplementedError (a zip version it does not implement), not caught by the summary's reader (a traceback).
     90223: a flipped bit in a record's time made the trace's duration larger than int64; `pair`'s summary scan
-    binned with it (an OverflowError traceback) where write_summary refuses the trace.json (one line, exit 2)."""
+    binned with it (an OverflowError traceback) where write_summary refuses the trace.json (one line, exit 2).
+    101447: a flipped bit in a compressed buffer's stream made the walk land on an end-of-buffer marker with
+    617 records after it, dropped in silence."""
     case = make_case(seed, samples, tmp_path, kinds=kinds)
     cls, problems, _runs = run_case(case, tmp_path, notices=REPORT_NOTICES)
     assert cls in ("ok", "bad-input") and not problems, f"{case.kind}: {case.label}: {problems}"

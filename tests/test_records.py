@@ -219,6 +219,22 @@ def test_walk_stops_at_end_marker_and_reports_corruption():
     assert len(slots) == 1 and "past" in problems[0][2]
 
 
+def test_end_marker_with_data_after_it_is_reported():
+    """An end-of-buffer marker where a record should start is the buffer's end when only 0xFF padding follows
+    it; with other bytes after it inside the filled area (a damaged size, or a flipped bit in a compressed
+    stream, mutation campaign seed 101447) the bytes after it are said as skipped, not dropped in silence."""
+    good = perfinfo(0x0E20, 1, struct.pack("<IIQQ", 0, 0x6B61654C, 8, 0x10))
+    marker = b"\xff" * 8
+    slots, _, problems = walk(chunk_of(good, marker + b"\xff" * 56))  # both inside the filled area
+    assert len(slots) == 1 and problems == []
+    after = pad8(good) + pad8(good)
+    slots, _, problems = walk(chunk_of(good, marker + after))
+    assert len(slots) == 1
+    assert problems == [(0, len(marker) + len(after), "end-of-buffer marker before the filled end, with data after it")]
+    recs, problems, _ = decode_headers(chunk_of(good, marker + after, good))
+    assert len(recs) == 1 and len(problems) == 1
+
+
 def test_wpp_message_record_is_stepped_over():
     msg = struct.pack("<HBB", 24, 0x00, 0x90) + b"\x00" * 20
     good = perfinfo(0x0E20, 1, struct.pack("<IIQQ", 0, 0x6B61654C, 8, 0x10))

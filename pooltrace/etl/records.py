@@ -57,6 +57,10 @@ BAD = np.int64(2**62 + 1)  # next-slot value of a slot that cannot start a recor
 NO_ID = 0xFFFFFFFF
 # why a buffer's record walk stopped before its filled end (the last bytes are then not read)
 NOT_VALID, RUNS_PAST = "record header not valid", "record runs past the buffer's filled end"
+# an end-of-buffer marker (0xFFFFFFFF) where a record should start, with bytes other than 0xFF after it inside
+# the filled area: no real trace (shipped or in etl-samples) has one; a damaged record (a size, or a flipped bit
+# in a compressed buffer's stream) made the walk land on it (mutation campaign seed 101447)
+DATA_AFTER_END = "end-of-buffer marker before the filled end, with data after it"
 
 _EXT_ITEM = struct.Struct("<HHHH")
 
@@ -228,6 +232,8 @@ def walk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str
         if p < e and q != END:
             reason = NOT_VALID if q == BAD else RUNS_PAST
             problems.append((k, (e - p) * 8, reason))
+        elif p < e and (chunk.data[p * 8:int(chunk.ends[k])] != 0xFF).any():
+            problems.append((k, int(chunk.ends[k]) - p * 8, DATA_AFTER_END))
     slots = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     return slots, owner, problems
