@@ -94,3 +94,40 @@ def test_blas_runs_single_threaded_unless_the_user_says(tmp_path, preset, expect
                          capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1].split() == ["blas", expected]
+
+
+TEARDOWN_PROBE = ("import atexit, sys, threading, time\n"
+                  "class Probe:\n"
+                  "    def __del__(self):\n"
+                  "        print('teardown', flush=True)\n"
+                  "probe = Probe()  # freed by the interpreter's teardown only\n"
+                  "atexit.register(lambda: print('handler', flush=True))\n"
+                  "if sys.argv.pop(1) == 'thread':\n"
+                  "    threading.Thread(target=lambda: time.sleep(0.5) or print('thread done', flush=True)).start()\n"
+                  "from pooltrace.cli import main\n"
+                  "main()\n")
+
+
+@pytest.mark.parametrize(("args", "code"), [(["pair", "{trace}", "-o", "{out}"], 0), (["pair", "{out}.etl"], 2),
+                                            (["--version"], 0)])
+def test_the_process_ends_without_teardown_once_the_command_is_done(tmp_path, args, code):
+    """After the command, the exit handlers run and the output is flushed, then the process ends without the
+    interpreter's teardown (0.1 s of a pair run): the exit code and every line are kept."""
+    argv = [a.format(trace=ROOT / "traces" / "sample-leak.etl", out=tmp_path / "ds") for a in args]
+    out = subprocess.run([sys.executable, "-c", TEARDOWN_PROBE, "main", *argv], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == code, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "handler" and "teardown" not in lines
+    if code == 0 and argv[0] == "pair":
+        assert lines[0].startswith(f"{tmp_path / 'ds'}: 5,150 allocations")
+    if code == 2:
+        assert out.stderr.startswith("pooltrace: error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_thread_still_running_is_joined_by_the_normal_exit(tmp_path):
+    """Skipping the teardown would cut off a thread that still runs: then the process exits normally."""
+    out = subprocess.run([sys.executable, "-c", TEARDOWN_PROBE, "thread", "--version"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert {"thread done", "handler", "teardown"} <= set(out.stdout.splitlines())

@@ -446,11 +446,10 @@ def test_pair_starts_the_workers_server_before_loading_the_pairing_code(tmp_path
             "        if name in ('numpy', 'pyarrow', 'pooltrace.dataset') and not seen:\n"
             "            seen.append((name, servers()))\n"
             "sys.meta_path.insert(0, Spy())\n"
+            "import atexit\n"
+            "atexit.register(lambda: print(seen))\n"
             "from pooltrace.cli import main\n"
-            "try:\n"
-            "    main()\n"
-            "finally:\n"
-            "    print(seen)\n")
+            "main()\n")
     trace = ROOT / "traces" / "sample-leak.etl"
     out = subprocess.run([sys.executable, "-c", code, "pair", str(trace), "-o", str(tmp_path / "ds"), "--jobs", "2"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)

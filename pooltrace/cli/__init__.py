@@ -7,9 +7,12 @@ pyarrow, numpy and rich are loaded only by the commands that use them.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import os
 import sys
+import threading
 
 import click
 
@@ -88,8 +91,28 @@ def main() -> None:
     encoding_fallbacks()
     try:
         cli(prog_name="pooltrace")
+    except SystemExit as done:  # click's way out of every command, whatever its exit code
+        _flush_quietly()
+        exit_without_teardown(done.code)  # returns when it cannot
+        raise
     finally:
         _flush_quietly()
+
+
+def exit_without_teardown(code) -> None:
+    """End the process at once when the command is over: the exit handlers run and the output is flushed as at
+    any exit, but the interpreter's teardown (freeing every object and unloading numpy and pyarrow: 0.1 s of a
+    `pair` run, 0.13-0.2 s of CPU) is skipped. Returns, for the normal exit, when that cannot be done safely:
+    another thread still runs (it would be cut off, not joined), the exit code is not a number, or this Python
+    has no way to run the exit handlers first."""
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_handlers is None or threading.active_count() > 1 or not (code is None or isinstance(code, int)):
+        return
+    run_handlers()
+    _flush_quietly()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def single_threaded_blas() -> None:
