@@ -87,18 +87,22 @@ def _buffers(data: bytes) -> list[int]:
     return scan_buffers(data, fast=False).offset.tolist()
 
 
+def _scanned(path, fast: bool = True) -> tuple:
+    """scan_buffers over a CountingFile of `path`: the index and the file, its reads counted."""
+    f = CountingFile(path)
+    try:
+        return scan_buffers(f, fast=fast), f
+    finally:
+        f.fh.close()
+
+
 def test_evenly_spaced_trace_is_read_without_walking_it(tmp_path):
     data = _trace()
     path = tmp_path / "t.etl"
     path.write_bytes(data)
-    f = CountingFile(path)
-    try:
-        idx = scan_buffers(f)
-        walked = CountingFile(path)
-        _same(idx, scan_buffers(walked, fast=False))
-        walked.fh.close()
-    finally:
-        f.fh.close()
+    idx, f = _scanned(path)
+    walked_idx, walked = _scanned(path, fast=False)
+    _same(idx, walked_idx)
     assert len(idx) > 100 and set(idx.size.tolist()) == {BUF}
     assert f.slices <= 3  # the header buffer, then a run of them all (the end of the file needs no read)
     assert walked.slices >= len(idx)
@@ -116,11 +120,7 @@ def test_compressed_buffers_are_read_once_each(tmp_path):
     stream gives 32 bytes from its first 328): one read per buffer, not two."""
     path = tmp_path / "c.etl"
     path.write_bytes(_trace(buffer_size=0x2000, records=6000, compressed=True))
-    f = CountingFile(path)
-    try:
-        idx = scan_buffers(f)
-    finally:
-        f.fh.close()
+    idx, f = _scanned(path)
     _same(idx, _both(path.read_bytes()))
     assert (idx.size[1:] > 0x48 + 512).all() and (idx.first_ts[1:] != np.iinfo(np.int64).min).all()
     assert f.slices <= len(idx) + 3
@@ -207,11 +207,7 @@ def test_spacing_that_keeps_changing_is_read_at_most_twice(tmp_path):
         parts += [small[s[k]:s[k + 2]], big[b[k]:b[k + 2]]]
     path = tmp_path / "pairs.etl"
     path.write_bytes(b"".join(parts))
-    f = CountingFile(path)
-    try:
-        idx = scan_buffers(f)
-    finally:
-        f.fh.close()
+    idx, f = _scanned(path)
     _same(idx, _both(path.read_bytes()))
     assert len(idx) == 81
     assert f.rows <= len(idx) + 32

@@ -266,24 +266,10 @@ def test_a_reader_that_stops_early_stops_the_workers(tmp_path, monkeypatch):
 def test_chunks_are_decoded_here_while_the_workers_start(tmp_path, monkeypatch, small_chunks):
     """Starting a worker waits for the workers' server; meanwhile the reader decodes the first chunks itself
     (here a server made slow on purpose): the dataset is the same."""
-    import time
 
     from pooltrace.etl import parallel
 
-    ctx = parallel.context()
-
-    class SlowStart:
-        def __getattr__(self, name):
-            return getattr(ctx, name)
-
-        def Pipe(self, duplex):  # noqa: N802 - the multiprocessing context's names
-            return ctx.Pipe(duplex=duplex)
-
-        def Process(self, **kw):  # noqa: N802
-            proc = ctx.Process(**kw)
-            start = proc.start
-            proc.start = lambda: time.sleep(0.3) or start()
-            return proc
+    SlowStart = _slow_start([], every=True)  # noqa: N806 - stands for the context class
 
     here = []
     decode = parallel.decode_buffers
@@ -304,21 +290,8 @@ def test_the_first_worker_gets_chunks_as_soon_as_it_runs(tmp_path, monkeypatch):
     from pooltrace.etl.chunks import decode_buffers, plan_chunks
     from pooltrace.etl.reader import EtlReader
 
-    ctx = parallel.context()
     started = []
-
-    class SlowSecondStart:
-        def __getattr__(self, name):
-            return getattr(ctx, name)
-
-        def Pipe(self, duplex):  # noqa: N802 - the multiprocessing context's names
-            return ctx.Pipe(duplex=duplex)
-
-        def Process(self, **kw):  # noqa: N802
-            if started:
-                time.sleep(0.3)
-            started.append(ctx.Process(**kw))
-            return started[-1]
+    SlowSecondStart = _slow_start(started)  # noqa: N806 - stands for the context class
 
     calls, here = [], []
     submit = parallel.Feed.submit
@@ -349,21 +322,8 @@ def test_a_reader_that_stops_while_decoding_itself_removes_the_workers_blocks(tm
     from pooltrace.etl.chunks import plan_chunks
     from pooltrace.etl.reader import EtlReader
 
-    ctx = parallel.context()
     started = []
-
-    class SlowSecondStart:
-        def __getattr__(self, name):
-            return getattr(ctx, name)
-
-        def Pipe(self, duplex):  # noqa: N802 - the multiprocessing context's names
-            return ctx.Pipe(duplex=duplex)
-
-        def Process(self, **kw):  # noqa: N802
-            if started:
-                time.sleep(0.3)
-            started.append(ctx.Process(**kw))
-            return started[-1]
+    SlowSecondStart = _slow_start(started)  # noqa: N806 - stands for the context class
 
     made, handed = [], []
     take, submit = parallel._take, parallel.Feed.submit
@@ -486,3 +446,26 @@ def test_pair_in_a_fresh_process_without_pyarrow_compute(samples, tmp_path):
                              timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert json.loads((tmp_path / name / "trace.json").read_text())["modules_with_pdb"] >= 0
+
+
+def _slow_start(started: list, every: bool = False):
+    """The workers' multiprocessing context with every worker start but the first (`every`: every one) delayed
+    by 0.3 s, as by a slow workers' server; the processes started are appended to `started`."""
+    from pooltrace.etl import parallel
+
+    ctx = parallel.context()
+
+    class SlowSecondStart:
+        def __getattr__(self, name):
+            return getattr(ctx, name)
+
+        def Pipe(self, duplex):  # noqa: N802 - the multiprocessing context's names
+            return ctx.Pipe(duplex=duplex)
+
+        def Process(self, **kw):  # noqa: N802
+            if started or every:
+                time.sleep(0.3)
+            started.append(ctx.Process(**kw))
+            return started[-1]
+
+    return SlowSecondStart
