@@ -304,7 +304,12 @@ def effective_end(ds: Dataset, window: Window) -> int:
     if dur is None:
         a = ds.rows["alloc_ns"]
         dur = int(a[a != NULL_NS].max()) if (a != NULL_NS).any() else window.start_ns
-    return max(window.start_ns + 1, min(window.end_ns, int(dur) + 1))
+    return end_within(window, dur)
+
+
+def end_within(window: Window, duration_ns: int) -> int:
+    """The window's end clipped to a trace lasting `duration_ns` (its last event inside)."""
+    return max(window.start_ns + 1, min(window.end_ns, int(duration_ns) + 1))
 
 
 def attach_growth(ds: Dataset, mask: np.ndarray, groups: list[Group], by: str, window: Window) -> list[int]:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,7 +51,8 @@ from pooltrace.pairoptions import DEFAULT_WINDOW_S
 from pooltrace.sidecar import load_sidecar, merge_pdb_identities, tag_counters
 from pooltrace.stackjoin import StackJoiner
 from pooltrace.summary import NAME as SUMMARY_NAME
-from pooltrace.summary import write_summary
+from pooltrace.summary import crc_read, write_summary
+from pooltrace.summaryscan import COLUMNS as SCAN_COLUMNS
 from pooltrace.summaryscan import RowScan
 from pooltrace.tags import format_tag
 from pooltrace.traceinfo import POOL_BIT, POOL_BIT_INDEX, events_by_kind
@@ -94,7 +94,7 @@ _GROUP_COLUMNS = {"tag": np.uint32, "pool_type": np.uint32, "paged": np.bool_, "
                   "alloc_ns": np.int64, "free_null": np.bool_, "free_ns": np.int64, "kind": np.int8, "pid": np.uint32,
                   "tid": np.uint32, "cpu": np.uint16, "alloc_stack": np.int64, "stack_null": np.bool_,
                   "free_stack": np.int64, "free_stack_null": np.bool_}
-SCANNED = ("alloc_ns", "free_ns", "size", "alloc_stack", "pid", "tag")  # pooltrace.summaryscan.COLUMNS
+SCANNED = tuple(SCAN_COLUMNS)
 
 
 class _RowWriter:
@@ -246,11 +246,7 @@ class _RowWriter:
     def _read_back(self) -> None:
         """Add the bytes written since the last call to the file's size and CRC-32 (a Parquet file is written
         front to back, its footer last)."""
-        buf = bytearray(1 << 22)
-        view = memoryview(buf)
-        while n := self._readback.readinto(buf):
-            self.crc = zlib.crc32(view[:n], self.crc)
-            self.size += n
+        self.size, self.crc = crc_read(self._readback, self.size, self.crc)
 
     def close(self) -> None:
         try:

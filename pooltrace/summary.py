@@ -66,15 +66,19 @@ class Damaged(Exception):
 
 
 def allocations_identity(path: Path) -> tuple[int, int]:
-    """(size, CRC-32) of a file, read in pieces into one buffer (not mapped: its pages would count in the
-    process's memory)."""
-    crc, size = 0, 0
+    """(size, CRC-32) of a file."""
+    with open(path, "rb", buffering=0) as f:
+        return crc_read(f)
+
+
+def crc_read(f, size: int = 0, crc: int = 0) -> tuple[int, int]:
+    """`size` and `crc` (CRC-32) carried on over what is left to read of the open file `f`, read in pieces
+    into one buffer (not mapped: its pages would count in the process's memory)."""
     buf = bytearray(1 << 22)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-            size += n
+    while n := f.readinto(buf):
+        crc = zlib.crc32(view[:n], crc)
+        size += n
     return size, crc
 
 
@@ -115,10 +119,16 @@ def _arrays(identity: tuple[int, int, int], stacks: int, window: tuple[int, int]
             nbytes: np.ndarray, pk: PerKey, bins: list[np.ndarray]) -> dict[str, np.ndarray]:
     """The file's arrays (ARRAYS, and the digest of the others): `identity` is allocations.parquet's [size,
     CRC-32, rows], `bins` the growth counts (up_w, up_c, down_w, down_c) of the keys of `pk`, in its order."""
-    arrays = {"version": _array("version", [VERSION]), "allocations": _array("allocations", identity),
-              "stacks": _array("stacks", [stacks]), **content(window, counts, nbytes, pk, bins)}
+    arrays = {**_naming(identity, stacks), **content(window, counts, nbytes, pk, bins)}
     arrays["digest"] = np.frombuffer(_digest(arrays), dtype=np.uint8)
     return arrays
+
+
+def _naming(identity: tuple[int, int, int], stacks: int) -> dict[str, np.ndarray]:
+    """The arrays that name the dataset's files: the version, allocations.parquet's [size, CRC-32, rows]
+    (`identity`) and the number of stacks."""
+    return {"version": _array("version", [VERSION]), "allocations": _array("allocations", identity),
+            "stacks": _array("stacks", [stacks])}
 
 
 def content(window: tuple[int, int], counts: np.ndarray, nbytes: np.ndarray, pk: PerKey,
@@ -171,8 +181,7 @@ class Partial:
                 np.lib.format.write_array(fid, a, allow_pickle=False)
 
     def finish(self, identity: tuple[int, int, int], stacks: int) -> None:
-        arrays = {"version": _array("version", [VERSION]), "allocations": _array("allocations", identity),
-                  "stacks": _array("stacks", [stacks])}
+        arrays = _naming(identity, stacks)
         arrays["digest"] = np.frombuffer(_digest({**self._arrays, **arrays}), dtype=np.uint8)
         try:
             self._write(arrays)

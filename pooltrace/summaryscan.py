@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pooltrace.analysis import AIFO, OUT_COLUMNS, _add_classes, lifetimes, parse_window, per_key
+from pooltrace.analysis import AIFO, OUT_COLUMNS, _add_classes, end_within, lifetimes, parse_window, per_key
 from pooltrace.datasetopen import NULL_NS, column_dtype
 from pooltrace.growth import GrowthCounts
 
@@ -96,7 +96,7 @@ class RowScan:
             if self._given_up:
                 return
             self._window = parse_window(None, duration_ns)  # as write_summary: the default window
-            self._end = max(self._window.start_ns + 1, min(self._window.end_ns, duration_ns + 1))  # effective_end
+            self._end = end_within(self._window, duration_ns)  # as analysis.effective_end
             self._growth = GrowthCounts(0, self._window.start_ns, self._end, NULL_NS)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="pooltrace-summary")
             self._done = [self._pool.submit(self._scan, at, cols) for at, cols in self._kept]
@@ -145,14 +145,12 @@ class RowScan:
     def write(self, rows: int, stacks: int, size: int, crc: int) -> bool:
         """Complete summary.npz for allocations.parquet of `rows` rows, `size` bytes and CRC-32 `crc`, and
         `stacks` stacks; False when this scan gave up (write_summary then reads the file)."""
-        from pooltrace.summary import Partial
-
         for done in self._done:
             done.result()  # a scan's error is raised here
         if self._window is None or self._given_up:
             return False
         if self._partial is None:  # the last row group was not known as such
-            self._partial = Partial(self._dir, self._content())
+            self._prepare()
         self._partial.finish((size, crc, rows), stacks)
         return True
 
